@@ -1,0 +1,83 @@
+"""The VMM's host-physical frame allocator (untrusted bookkeeping).
+
+A bitmap-free design: a sorted list of free extents, first fit with
+alignment. Allocation order is deterministic so runs are reproducible.
+"""
+import bisect
+
+PAGE = 4096
+
+
+class OutOfMemory(Exception):
+    pass
+
+
+class FrameAllocator:
+    def __init__(self, base, limit):
+        if base % PAGE or limit % PAGE or limit <= base:
+            raise ValueError("allocator range must be page aligned and non-empty")
+        self._starts = [base]       # sorted extent starts
+        self._ends = {base: limit}  # start -> end (exclusive)
+        self.base, self.limit = base, limit
+        self.allocated = 0
+
+    def alloc(self, n=1, align=PAGE):
+        size = n * PAGE
+        for i, s in enumerate(self._starts):
+            e = self._ends[s]
+            a = (s + align - 1) // align * align
+            if a + size <= e:
+                self._take(i, s, e, a, a + size)
+                self.allocated += n
+                return a
+        raise OutOfMemory(f"host memory exhausted: no {size // 1024} KiB run free "
+                          f"(use a larger --host-mem)")
+
+    def _take(self, i, s, e, a, b):
+        del self._starts[i]
+        del self._ends[s]
+        if s < a:
+            self._insert(s, a)
+        if b < e:
+            self._insert(b, e)
+
+    def _insert(self, s, e):
+        bisect.insort(self._starts, s)
+        self._ends[s] = e
+
+    def reserve(self, hpa, n=1):
+        """Take a specific range out of the free list (it must be free)."""
+        b = hpa + n * PAGE
+        for i, s in enumerate(self._starts):
+            e = self._ends[s]
+            if s <= hpa and b <= e:
+                self._take(i, s, e, hpa, b)
+                self.allocated += n
+                return hpa
+        raise OutOfMemory(f"range {hpa:#x}+{n} pages is not free")
+
+    def free(self, hpa, n=1):
+        s, e = hpa, hpa + n * PAGE
+        i = bisect.bisect_left(self._starts, s)
+        # merge with the previous and next extents
+        if i > 0:
+            ps = self._starts[i - 1]
+            if self._ends[ps] > s:
+                raise ValueError(f"double free of {hpa:#x}")
+            if self._ends[ps] == s:
+                s = ps
+                del self._starts[i - 1]
+                del self._ends[ps]
+                i -= 1
+        if i < len(self._starts):
+            ns = self._starts[i]
+            if ns < e:
+                raise ValueError(f"double free of {hpa:#x}")
+            if ns == e:
+                e = self._ends.pop(ns)
+                del self._starts[i]
+        self._insert(s, e)
+        self.allocated -= n
+
+    def free_pages(self):
+        return sum(self._ends[s] - s for s in self._starts) // PAGE

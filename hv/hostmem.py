@@ -1,0 +1,88 @@
+"""Host memory: one mmap'd buffer that stands for all of host-physical memory.
+
+Untouched pages cost nothing (MAP_NORESERVE, demand-zero). The buffer can be
+anonymous, backed by a file (`path`), or a memfd (`shared=True`) that another
+process (the PSP in its own process) maps too. The VMM can read and write
+every byte of it, NPT pages included: that is the threat model.
+"""
+import mmap
+import os
+import struct
+
+PAGE = 4096
+_Q = struct.Struct("<Q")
+
+
+def parse_size(text):
+    """'1G', '256M', '64k', '4096', '0x1000' -> bytes. Raises ValueError."""
+    t = str(text).strip().lower()
+    mult = 1
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    if t.endswith("ib"):
+        t = t[:-2]
+    elif t.endswith("b") and len(t) > 1 and t[-2] in units:
+        t = t[:-1]
+    if t and t[-1] in units:
+        mult = units[t[-1]]
+        t = t[:-1]
+    try:
+        n = int(t, 0)
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (use e.g. 256M, 1G)") from None
+    if n <= 0:
+        raise ValueError(f"size must be positive: {text!r}")
+    return n * mult
+
+
+class HostMemory:
+    def __init__(self, size=1 << 30, path=None, shared=False):
+        if size <= 0 or size % PAGE:
+            raise ValueError(f"host memory size must be a positive multiple of 4 KiB, not {size}")
+        self.size = size
+        self.path = path
+        self.fd = None
+        if path is not None:
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            os.ftruncate(self.fd, size)
+            self.buf = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED)
+        elif shared:
+            self.fd = os.memfd_create("hv-host-memory", 0)
+            os.ftruncate(self.fd, size)
+            self.buf = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED)
+        else:
+            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+            self.buf = mmap.mmap(-1, size, flags=flags)
+
+    def _check(self, hpa, n):
+        if hpa < 0 or n < 0 or hpa + n > self.size:
+            raise ValueError(f"host address range {hpa:#x}+{n:#x} is outside host memory "
+                             f"(size {self.size:#x})")
+
+    def read(self, hpa, n):
+        self._check(hpa, n)
+        return bytes(self.buf[hpa:hpa + n])
+
+    def write(self, hpa, data):
+        self._check(hpa, len(data))
+        self.buf[hpa:hpa + len(data)] = data
+
+    def read_u64(self, hpa):
+        self._check(hpa, 8)
+        return _Q.unpack_from(self.buf, hpa)[0]
+
+    def write_u64(self, hpa, value):
+        self._check(hpa, 8)
+        _Q.pack_into(self.buf, hpa, value & 0xFFFF_FFFF_FFFF_FFFF)
+
+    def zero(self, hpa, n):
+        self._check(hpa, n)
+        self.buf[hpa:hpa + n] = bytes(n)
+
+    def close(self):
+        try:
+            self.buf.close()
+        except BufferError:
+            pass   # an engine still exports a pointer to it; the mapping goes at exit
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None

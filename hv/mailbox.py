@@ -1,0 +1,20 @@
+"""Transports between the VMM and the PSP.
+
+A transport has one method, `call(cmd, buf) -> (status, out_bytes)`, and
+`close()`. The in-process transport calls the firmware's mailbox directly;
+`hv.psp_process` (a child process behind a shared-memory mailbox) has the
+same shape, so callers do not change when the PSP moves out of process.
+"""
+
+
+class InProcessTransport:
+    name = "inprocess"
+
+    def __init__(self, psp):
+        self._mailbox = psp.mailbox    # the only thing of the PSP the VMM holds
+
+    def call(self, cmd, buf):
+        return self._mailbox(int(cmd), bytes(buf))
+
+    def close(self):
+        pass

@@ -1,0 +1,103 @@
+"""The VMM's PSP driver: typed wrappers around the mailbox.
+
+No validation happens here: this is the untrusted side and may send any
+command with any arguments (`raw`, or the typed methods with any values).
+Every method returns a `Reply(status, fields)`; nothing raises on a refusal.
+"""
+from collections import namedtuple
+
+from psp_firmware.commands import Cmd, decode_out, encode, in_fields
+from psp_firmware.status import Status, status_name
+
+_Reply = namedtuple("Reply", "status fields")
+
+
+class Reply(_Reply):
+    @property
+    def ok(self):
+        return self.status == Status.SUCCESS
+
+    @property
+    def name(self):
+        return status_name(self.status)
+
+    def __getattr__(self, key):
+        try:
+            return self.fields[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+class PspClient:
+    def __init__(self, transport):
+        self.transport = transport
+        self.commands = 0
+        self.refused = 0
+        self.by_status = {}
+
+    def raw(self, cmd, buf):
+        """Send any command id with any bytes. Returns (status, out_bytes)."""
+        self.commands += 1
+        st, out = self.transport.call(cmd, buf)
+        if st != Status.SUCCESS:
+            self.refused += 1
+        self.by_status[st] = self.by_status.get(st, 0) + 1
+        return st, out
+
+    def call(self, cmd, **fields):
+        st, out = self.raw(cmd, encode(cmd, **fields))
+        try:
+            st = Status(st)
+        except ValueError:
+            pass
+        return Reply(st, decode_out(cmd, out, st))
+
+    # typed helpers (one per command; all arguments are passed through as is)
+    def platform_init(self, host_size, fw_base, fw_size):
+        return self.call(Cmd.PLATFORM_INIT, host_size=host_size, fw_base=fw_base, fw_size=fw_size)
+
+    def platform_status(self):
+        return self.call(Cmd.PLATFORM_STATUS)
+
+    def pool_add(self, hpa, npages):
+        return self.call(Cmd.POOL_ADD, hpa=hpa, npages=npages)
+
+    def launch_start(self, vmsa_hpa, policy=0):
+        return self.call(Cmd.LAUNCH_START, vmsa_hpa=vmsa_hpa, policy=policy)
+
+    def set_private_memory(self, handle, hpa, npages):
+        return self.call(Cmd.SET_PRIVATE_MEMORY, handle=handle, hpa=hpa, npages=npages)
+
+    def launch_update_data(self, handle, gpa, hpa, npages):
+        return self.call(Cmd.LAUNCH_UPDATE_DATA, handle=handle, gpa=gpa, hpa=hpa, npages=npages)
+
+    def launch_finish(self, handle):
+        return self.call(Cmd.LAUNCH_FINISH, handle=handle)
+
+    def update_npt(self, handle, gpa, hpa, level=1, attrs=3, npages=1):
+        return self.call(Cmd.UPDATE_NPT, handle=handle, level=level, gpa=gpa, hpa=hpa,
+                         attrs=attrs, npages=npages)
+
+    def unmap(self, handle, gpa, level=1, npages=1):
+        return self.call(Cmd.UNMAP, handle=handle, level=level, gpa=gpa, npages=npages)
+
+    def reclaim(self, handle, hpa, npages=1):
+        return self.call(Cmd.RECLAIM, handle=handle, hpa=hpa, npages=npages)
+
+    def verify(self, handle):
+        return self.call(Cmd.VERIFY, handle=handle)
+
+    def guest_status(self, handle):
+        return self.call(Cmd.GUEST_STATUS, handle=handle)
+
+    def decommission(self, handle):
+        return self.call(Cmd.DECOMMISSION, handle=handle)
+
+    def check_all(self):
+        return self.call(Cmd.CHECK_ALL)
+
+    def nop(self):
+        return self.call(Cmd.NOP)
+
+
+__all__ = ["PspClient", "Reply", "Cmd", "Status", "in_fields"]

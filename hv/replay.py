@@ -1,0 +1,102 @@
+"""Replay a fault trace through the VMM's NPF path.
+
+The hot loop is the engine's batch walk (C when built): it translates
+accesses until the first NPT miss, the VMM asks the PSP to map, and the walk
+resumes at the missing access. No Python object is made per access.
+"""
+import time
+from array import array
+
+from nptcore.bits import PF_FINAL, PF_U, PF_W, PF_ID, ACC_W, ACC_X
+
+from .vmm import VmStopped
+
+PAGE_MASK = ~0xFFF
+
+
+def expand_straddles(trace):
+    """(gpas, accesses, index_map): an access that crosses a page boundary
+    touches both pages, so it becomes two walks (the second at the next
+    page's base). index_map[k] is the trace row of walk k, or None when no
+    access straddles (the common case)."""
+    gpa, size, acc = trace.gpa, trace.size, trace.access
+    straddles = trace.straddling_rows() if hasattr(trace, "straddling_rows") else [
+        i for i in range(len(gpa)) if (gpa[i] & 0xFFF) + size[i] > 0x1000]
+    if not straddles:
+        return gpa, acc, None
+    g2, a2, m = array("Q"), array("B"), array("I")
+    prev = 0
+    for i in straddles:
+        g2.extend(gpa[prev:i + 1])
+        a2.extend(acc[prev:i + 1])
+        m.extend(range(prev, i + 1))
+        last_page = (gpa[i] + size[i] - 1) & PAGE_MASK
+        p = (gpa[i] & PAGE_MASK) + 0x1000
+        while p <= last_page:
+            g2.append(p)
+            a2.append(acc[i])
+            m.append(i)
+            p += 0x1000
+        prev = i + 1
+    g2.extend(gpa[prev:])
+    a2.extend(acc[prev:])
+    m.extend(range(prev, len(gpa)))
+    return g2, a2, m
+
+
+def npf_errcode(access):
+    e = PF_U | PF_FINAL
+    if access == ACC_W:
+        e |= PF_W
+    elif access == ACC_X:
+        e |= PF_ID
+    return e
+
+
+class ReplayResult(dict):
+    pass
+
+
+def replay(vmm, vm, trace, progress=None, chunk=1 << 16):
+    """Replay `trace` into `vm`. Returns a dict of counters.
+
+    `progress(done, total)` is called now and then when given."""
+    gpas, accs, index_map = expand_straddles(trace)
+    n = len(gpas)
+    out = array("Q", bytes(8 * n)) if n else array("Q")
+    gv, av, ov = memoryview(gpas), memoryview(accs), memoryview(out)
+    eng = vmm.engine
+    rips = getattr(trace, "rip", None)
+    insns = getattr(trace, "insn", None)
+    i = 0
+    stopped = None
+    t0 = time.perf_counter()
+    next_report = chunk
+    while i < n:
+        end = min(n, i + chunk) if progress else n
+        k, miss = eng.walk_batch(vmm.npt_root(vm), gv[i:end], av[i:end], ov[i:end])
+        i += k
+        if progress and i >= next_report:
+            progress(i, n)
+            next_report = i + chunk
+        if miss is None:
+            continue
+        row = index_map[i] if index_map is not None else i
+        rip = rips[row] if rips else None
+        insn = insns[row] if insns else None
+        try:
+            vmm.handle_npf(vm, gpas[i], accs[i], miss.errcode, rip=rip, insn=insn)
+        except VmStopped as e:
+            stopped = e
+            break
+    if progress:
+        progress(i, n)
+    elapsed = time.perf_counter() - t0
+    return ReplayResult(
+        accesses=len(trace),
+        walks=i,
+        npf=vm.npf,
+        pages_mapped=vm.pages_mapped,
+        elapsed_s=elapsed,
+        stopped=stopped,
+    )

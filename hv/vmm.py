@@ -1,0 +1,231 @@
+"""The (untrusted) VMM: host memory, frame allocator, PSP driver, NPF path.
+
+The VMM never writes an NPT entry itself: on a nested page fault it picks a
+GPA range and an HPA range and asks the PSP (UPDATE_NPT) to install them.
+"""
+import logging
+from dataclasses import dataclass, field
+
+from nptcore import get_engine
+from nptcore.bits import ACC_R, ACC_W, ACC_X, GPA_LIMIT, PF_P
+from psp_firmware import Psp, Status
+from psp_firmware.commands import ATTR_RWX
+
+from .alloc import FrameAllocator, OutOfMemory
+from .errors import BadInput
+from .hostmem import PAGE, HostMemory
+from .mailbox import InProcessTransport
+from .psp_client import PspClient
+
+log = logging.getLogger("hv.npf")
+
+HUGE = 2 << 20
+ACCESS_NAMES = {ACC_R: "r", ACC_W: "w", ACC_X: "x"}
+DEFAULT_FW_SIZE = 16 << 20
+POOL_CHUNK = 64
+
+
+class VmStopped(Exception):
+    """The PSP stopped the VM (tamper detected) or refused its NPF."""
+
+    def __init__(self, status, msg):
+        super().__init__(msg)
+        self.status = status
+
+
+@dataclass
+class Vm:
+    handle: int
+    vmsa: int
+    ram_size: int = None            # None: any GPA below 2^48 (trace replay)
+    fault_around: int = 1
+    huge: bool = False
+    mapped: set = field(default_factory=set)      # 4 KiB GPA page numbers (VMM's view)
+    huge_blocks: set = field(default_factory=set)  # 2 MiB block numbers mapped huge
+    small_per_block: dict = field(default_factory=dict)
+    npf: int = 0
+    pages_mapped: int = 0
+    hpa_of: dict = field(default_factory=dict)    # first GPA page of a range -> (hpa, npages, level)
+    on_npt_change: list = field(default_factory=list)   # callbacks (TLB flush)
+    fatal: Status = None
+
+
+class Vmm:
+    """Owns host memory and the PSP transport. Several VMs at once."""
+
+    def __init__(self, host_mem=1 << 30, host_mem_path=None, backend=None, integrity=None,
+                 psp="inprocess", fw_size=DEFAULT_FW_SIZE, psp_timeout=5.0):
+        if host_mem < 64 << 20:
+            raise BadInput(f"--host-mem must be at least 64M, not {host_mem}")
+        self.mem = HostMemory(host_mem, host_mem_path, shared=(psp == "process"))
+        self.engine = get_engine(self.mem.buf, backend)
+        self.backend = self.engine.name
+        fw_base = host_mem - fw_size
+        # HPA 0..1 MiB stays the VMM's own (never handed out), the top is PSP memory
+        self.alloc = FrameAllocator(1 << 20, fw_base)
+        self.fw_base, self.fw_size = fw_base, fw_size
+        self.psp_kind = psp
+        self.transport = self._make_transport(psp, backend, integrity, psp_timeout)
+        self.psp = PspClient(self.transport)
+        r = self.psp.platform_init(host_mem, fw_base, fw_size)
+        if not r.ok:
+            raise RuntimeError(f"PSP platform init failed: {r.name}")
+        self.vms = []
+        self._donate_pool(POOL_CHUNK)
+
+    def _make_transport(self, psp, backend, integrity, timeout):
+        if psp == "inprocess":
+            kw = {} if integrity is None else {"integrity": integrity}
+            self._psp_obj = Psp(self.mem.buf, backend=backend, **kw)
+            return InProcessTransport(self._psp_obj)
+        if psp == "process":
+            from .psp_process import ProcessTransport
+            return ProcessTransport(self.mem, backend=backend, integrity=integrity, timeout=timeout)
+        raise BadInput(f"unknown --psp {psp!r} (inprocess or process)")
+
+    def close(self):
+        self.transport.close()
+
+    # -- PSP table pool ------------------------------------------------------
+    def _donate_pool(self, n):
+        hpa = self.alloc.alloc(n)
+        r = self.psp.pool_add(hpa, n)
+        if not r.ok:
+            self.alloc.free(hpa, n)
+            raise RuntimeError(f"PSP refused POOL_ADD: {r.name}")
+
+    def _psp_retry_pool(self, fn):
+        r = fn()
+        while r.status == Status.RESOURCE_EXHAUSTED:
+            self._donate_pool(POOL_CHUNK)
+            r = fn()
+        return r
+
+    # -- VMs -----------------------------------------------------------------
+    def create_vm(self, ram_size=None, fault_around=1, huge=False):
+        if fault_around < 1 or fault_around > 512:
+            raise BadInput(f"--fault-around must be 1..512, not {fault_around}")
+        vmsa = self.alloc.alloc(1)
+        r = self._psp_retry_pool(lambda: self.psp.launch_start(vmsa))
+        if not r.ok:
+            self.alloc.free(vmsa)
+            raise RuntimeError(f"PSP refused LAUNCH_START: {r.name}")
+        vm = Vm(r.handle, vmsa, ram_size, fault_around, huge)
+        self.vms.append(vm)
+        return vm
+
+    def npt_root(self, vm):
+        """The root the CPU walks: nCR3 as it is in the VM's control page."""
+        return self.mem.read_u64(vm.vmsa) & 0x000F_FFFF_FFFF_F000
+
+    def load_page(self, vm, gpa, data):
+        """Launch: copy image bytes into a fresh frame, have the PSP measure and map it."""
+        hpa = self.alloc.alloc(1)
+        self.mem.write(hpa, data.ljust(PAGE, b"\0"))
+        r = self._psp_retry_pool(lambda: self.psp.launch_update_data(vm.handle, gpa, hpa, 1))
+        if not r.ok:
+            self.alloc.free(hpa)
+            raise BadInput(f"PSP refused to load image page at GPA {gpa:#x}: {r.name}")
+        self._record(vm, gpa >> 12, 1, hpa, 1)
+        return hpa
+
+    def launch_finish(self, vm):
+        r = self.psp.launch_finish(vm.handle)
+        if not r.ok:
+            raise RuntimeError(f"PSP refused LAUNCH_FINISH: {r.name}")
+        return r.measurement
+
+    def _record(self, vm, first_page, npages, hpa, level):
+        vm.hpa_of[first_page] = (hpa, npages, level)
+        if level == 2:
+            vm.huge_blocks.add(first_page >> 9)
+        else:
+            for p in range(first_page, first_page + npages):
+                vm.mapped.add(p)
+                b = p >> 9
+                vm.small_per_block[b] = vm.small_per_block.get(b, 0) + 1
+        vm.pages_mapped += npages if level == 1 else 512
+        for cb in vm.on_npt_change:
+            cb()
+
+    def is_mapped(self, vm, gpa):
+        p = gpa >> 12
+        return p in vm.mapped or (p >> 9) in vm.huge_blocks
+
+    # -- the NPF path --------------------------------------------------------
+    def _choose_range(self, vm, gpa):
+        """(gpa, npages, level): what to map for a fault at gpa."""
+        page = gpa >> 12
+        limit = (vm.ram_size >> 12) if vm.ram_size else (GPA_LIMIT >> 12)
+        if vm.huge:
+            block = page >> 9
+            if not vm.small_per_block.get(block) and (block + 1) << 9 <= limit:
+                return block << 21, 1, 2
+        n = vm.fault_around
+        if n == 1:
+            return page << 12, 1, 1
+        lo = page - page % n
+        hi = min(lo + n, limit)
+        start = page
+        while start > lo and (start - 1) not in vm.mapped and ((start - 1) >> 9) not in vm.huge_blocks:
+            start -= 1
+        end = page + 1
+        while end < hi and end not in vm.mapped and (end >> 9) not in vm.huge_blocks:
+            end += 1
+        return start << 12, end - start, 1
+
+    def handle_npf(self, vm, gpa, access=ACC_R, errcode=0, rip=None, insn=None, mode=64):
+        """Handle one nested page fault. Returns the PSP status (SUCCESS: resume).
+
+        Raises VmStopped when the PSP refuses: the guest cannot make progress."""
+        vm.npf += 1
+        if vm.fatal is not None:
+            raise VmStopped(vm.fatal, f"guest {vm.handle} is stopped ({vm.fatal.name})")
+        if errcode & PF_P:
+            raise VmStopped(Status.BAD_PAGE_STATE,
+                            f"protection NPF at GPA {gpa:#x} (error code {errcode:#x}): "
+                            f"the PSP maps every page RWX, so the table was changed")
+        if vm.ram_size is not None and gpa >= vm.ram_size:
+            raise VmStopped(Status.OUT_OF_RANGE,
+                            f"guest accessed GPA {gpa:#x} beyond its RAM ({vm.ram_size:#x})")
+        g, npages, level = self._choose_range(vm, gpa)
+        size = PAGE if level == 1 else HUGE
+        try:
+            hpa = self.alloc.alloc(npages if level == 1 else 512, align=size)
+        except OutOfMemory as e:
+            raise VmStopped(Status.RESOURCE_EXHAUSTED, str(e)) from None
+        r = self._psp_retry_pool(
+            lambda: self.psp.update_npt(vm.handle, g, hpa, level, ATTR_RWX, npages))
+        if log.isEnabledFor(logging.INFO):
+            log.info("npf gpa=%#x access=%s err=%#x level=%s hpa=%#x npages=%d status=%s%s",
+                     gpa, ACCESS_NAMES.get(access, access), errcode, "2M" if level == 2 else "4K",
+                     hpa, npages, r.name, _insn_text(insn, rip, mode))
+        if not r.ok:
+            self.alloc.free(hpa, npages if level == 1 else 512)
+            if r.status in (Status.INTEGRITY_FAILURE, Status.GUEST_STOPPED):
+                vm.fatal = r.status
+            raise VmStopped(r.status, f"PSP refused UPDATE_NPT for GPA {gpa:#x}: {r.name}")
+        self._record(vm, g >> 12, npages, hpa, level)
+        return r.status
+
+    def touch(self, vm, gpa, access=ACC_R):
+        """Access one GPA as the guest would: walk, take an NPF on a miss.
+
+        Returns the HPA it translates to. Raises VmStopped if the PSP refuses."""
+        for _ in range(3):
+            r = self.engine.walk(self.npt_root(vm), gpa, access)
+            if r.ok:
+                return r.hpa
+            self.handle_npf(vm, gpa, access, r.errcode)
+        raise VmStopped(Status.INTERNAL_ERROR, f"GPA {gpa:#x} still unmapped after its NPF")
+
+    def guest_digest(self, vm):
+        r = self.psp.guest_status(vm.handle)
+        return r.fields.get("digest", b"")
+
+
+def _insn_text(insn, rip, mode):
+    if not insn:
+        return ""
+    from .disasm import disasm_one
+    return " insn=" + disasm_one(insn, rip or 0, mode)

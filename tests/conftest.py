@@ -1,0 +1,36 @@
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from nptcore import available_backends  # noqa: E402
+
+BACKENDS = ["c", "python"]
+PSP_TRANSPORTS = ["inprocess"]
+
+
+def _backend_param(name):
+    marks = [] if name in available_backends() else [pytest.mark.skip(reason=f"{name} backend not built")]
+    return pytest.param(name, marks=marks, id=name)
+
+
+@pytest.fixture(params=[_backend_param(b) for b in BACKENDS])
+def backend(request):
+    return request.param
+
+
+@pytest.fixture(params=PSP_TRANSPORTS)
+def psp_transport(request):
+    return request.param
+
+
+@pytest.fixture
+def vmm(backend, psp_transport):
+    from hv import Vmm
+    v = Vmm(host_mem=128 << 20, backend=backend, psp=psp_transport)
+    yield v
+    v.close()
