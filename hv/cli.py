@@ -90,8 +90,9 @@ def _setup_logging(verbose):
     if verbose >= 1:
         level = logging.INFO
     logging.basicConfig(stream=sys.stderr, level=level, format="%(name)s: %(message)s")
-    if verbose < 2:
-        logging.getLogger("psp").setLevel(max(level, logging.WARNING))
+    # the PSP's own log (tamper reports, -vv: every command) is reported by
+    # the commands themselves; show it raw only when asked
+    logging.getLogger("psp").setLevel(logging.INFO if verbose >= 2 else logging.ERROR)
 
 
 def _progress(enabled):

@@ -389,10 +389,11 @@ class Psp:
             return Status.INTEGRITY_FAILURE, self._mismatch_out(Cmd.VERIFY, mm)
         return Status.SUCCESS, encode_out(Cmd.VERIFY, ok=1)
 
-    def cmd_check_all(self):
-        """The periodic check (patent claim 5): verify every live guest."""
-        self._need_platform()
-        first = None
+    def _check_all_guests(self):
+        """Verify every live guest; stop the tampered ones. Caller holds the lock.
+
+        Returns (checked, [(handle, Mismatch), ...])."""
+        stopped = []
         checked = 0
         for g in list(self._guests.values()):
             if g.state == G_STOPPED:
@@ -401,14 +402,45 @@ class Psp:
             mm = g.integrity.verify_all()
             if mm is not None:
                 self._stop_guest(g, mm)
-                if first is None:
-                    first = (g.handle, mm)
-        if first is None:
+                stopped.append((g.handle, mm))
+        return checked, stopped
+
+    def cmd_check_all(self):
+        """The periodic check (patent claim 5): verify every live guest."""
+        self._need_platform()
+        checked, stopped = self._check_all_guests()
+        if not stopped:
             return Status.SUCCESS, encode_out(Cmd.CHECK_ALL, checked=checked)
-        h, mm = first
+        h, mm = stopped[0]
         return Status.INTEGRITY_FAILURE, encode_out(
             Cmd.CHECK_ALL, checked=checked, stopped_handle=h, page_hpa=mm.page_hpa,
-            index=mm.index, expected=mm.expected, found=mm.found)
+            entry_index=mm.index, expected=mm.expected, found=mm.found)
+
+    # ------------------------------------------------------------------
+    # the wall-time periodic checker (psp_firmware/periodic.py): a PSP-internal
+    # timer, not a mailbox command, so the VMM cannot skip or delay a check.
+    def periodic_check(self):
+        """One tick of the periodic checker: CHECK_ALL under the mailbox lock.
+
+        Returns (checked, [(handle, Mismatch), ...]); (0, []) before PLATFORM_INIT."""
+        with self._lock:
+            if self._platform != PLATFORM_INIT:
+                return 0, []
+            return self._check_all_guests()
+
+    def start_periodic_check(self, interval_ms, on_stop=None):
+        """Start (or restart) the wall-time checker thread; returns it."""
+        from .periodic import PeriodicChecker
+        self.stop_periodic_check()
+        self._periodic = PeriodicChecker(self, interval_ms, on_stop=on_stop)
+        self._periodic.start()
+        return self._periodic
+
+    def stop_periodic_check(self):
+        pc = getattr(self, "_periodic", None)
+        if pc is not None:
+            pc.stop()
+            self._periodic = None
 
     def cmd_guest_status(self, handle):
         g = self._guest(handle, (G_LAUNCHING, G_RUNNING, G_STOPPED))

@@ -567,8 +567,8 @@ def near_miss(draw, fmt, ncols):
     if draw(st.booleans()):
         parts += ["vcpu ", draw(st.one_of(NUMISH, st.integers(0, 70000).map(str))), " rip ",
                   draw(st.one_of(NUMISH, HEX)), " "]
-    parts += [draw(st.sampled_from(["address ", "address", "addr "])), draw(st.one_of(NUMISH, HEX)),
-              draw(st.sampled_from([" error_code ", " error_code", "error_code "])),
+    parts += [draw(st.sampled_from(["address "] * 6 + ["address", "addr "])), draw(st.one_of(NUMISH, HEX)),
+              draw(st.sampled_from([" error_code "] * 6 + [" error_code", "error_code "])),
               draw(st.one_of(NUMISH, HEX))]
     pre = draw(st.sampled_from(["", " q-1 [000] .... 1.0: ", "x:", "x", "\t"]))
     return pre + "kvm_page_fault:" + "".join(parts)
