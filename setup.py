@@ -13,10 +13,13 @@ from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-CFFI_MODULES = ["csrc/build_npt.py:ffibuilder"]
-# the trace parser's builder (hv._trace_c), when present in the tree
-if os.path.exists(os.path.join(HERE, "csrc", "build_trace.py")):
-    CFFI_MODULES.append("csrc/build_trace.py:ffibuilder")
+# nptcore._npt_c first, then every other cffi builder in csrc/ (build_*.py
+# defining `ffibuilder`: hv._trace_c, hv._vcpu_c, ...)
+CFFI_MODULES = ["csrc/build_npt.py:ffibuilder"] + [
+    "csrc/%s:ffibuilder" % name
+    for name in sorted(os.listdir(os.path.join(HERE, "csrc")))
+    if name.startswith("build_") and name.endswith(".py") and name != "build_npt.py"
+]
 
 
 def _warn(what, exc):
@@ -30,6 +33,10 @@ class OptionalBuildExt(build_ext):
     """build_ext whose failures are warnings, not errors."""
 
     def run(self):
+        for ext in self.extensions:
+            # distutils then turns a compile failure into a warning, and
+            # setuptools skips the missing file when copying in place
+            ext.optional = True
         try:
             super().run()
         except Exception as exc:          # no compiler, bad toolchain, ...

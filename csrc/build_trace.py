@@ -36,6 +36,8 @@ int trace_parse_ftrace(const char *buf, size_t len, uint64_t first_line,
                        uint16_t *vcpu, size_t cap, trace_result *res);
 int64_t trace_pages(const uint64_t *gpa, const uint32_t *size, size_t n,
                     uint64_t *out, size_t cap);
+int64_t trace_straddles(const uint64_t *gpa, const uint32_t *size, size_t n,
+                        uint64_t *out, size_t cap);
 """
 
 ffibuilder = FFI()

@@ -116,22 +116,31 @@ walk_fail(npt_walk_result *r, int level, uint64_t entry, uint64_t bits, int acce
     return 0;
 }
 
+INLINE int is_pow2(uint64_t x) { return (x & (x - 1)) == 0; }
+
 /* The walk without A/D updates, for a valid root and gpa < GPA_LIMIT:
- * fills *r, and on a hit *path.  */
+ * fills *r, and on a hit path->andb, plus path->off/n when `record`.
+ * `record` and `pow2` are constants at each call site: the batch loop does
+ * not record (its hits store nothing); when mem_size is a power of two the
+ * "points outside memory" test of table pointers and 4 KiB leaves merges
+ * into the present/reserved mask test (both faults are PF_P|PF_RSV, so the
+ * result is the same). */
 INLINE int walk_body(const uint8_t *mem, uint64_t mem_size, uint64_t root,
                      uint64_t gpa, int access, npt_walk_result *r,
-                     npt_path *path)
+                     npt_path *path, int record, int pow2)
 {
     uint64_t table = root, andb = ~0ULL, orb = 0, e = 0, size = 4096;
     uint64_t lim = mem_size - 4096;
+    uint64_t chk = P | RSVD_HI | (pow2 ? (ADDR_MASK & ~(mem_size - 1)) : 0);
     int level = 4;
 
 #pragma GCC unroll 4
     for (level = 4; level >= 1; level--) {
         uint64_t off = table + ((gpa >> (9 * level)) & 0xFF8);
         e = ld64(mem + off);
-        path->off[4 - level] = off;
-        if (unlikely((e & (P | RSVD_HI)) != P))
+        if (record)
+            path->off[4 - level] = off;
+        if (unlikely((e & chk) != P))
             return walk_fail(r, level, e, (e & P) ? (PF_P | PF_RSV) : 0, access);
         andb &= e;
         orb |= e;
@@ -154,15 +163,18 @@ INLINE int walk_body(const uint8_t *mem, uint64_t mem_size, uint64_t root,
             break;
         }
         table = e & ADDR_MASK;
-        if (unlikely(table > lim))
+        if (!pow2 && unlikely(table > lim))
             return walk_fail(r, level, e, PF_P | PF_RSV, access);
     }
     {
         uint64_t base = e & ADDR_MASK & ~(size - 1);
-        uint64_t need = U | (access == ACC_W ? W : 0);
-        if (unlikely(size > mem_size || base > mem_size - size))
+        /* branch-free (the access kinds of a batch are not predictable) */
+        uint64_t need = U | ((uint64_t)(access == ACC_W) << 1);
+        uint64_t nx_hit = orb & ((uint64_t)(access == ACC_X) << 63);
+        if ((!pow2 || size > 4096)
+            && unlikely(size > mem_size || base > mem_size - size))
             return walk_fail(r, level, e, PF_P | PF_RSV, access);
-        if (unlikely((andb & need) != need || (access == ACC_X && (orb & NX))))
+        if (unlikely(((andb & need) ^ need) | nx_hit))
             return walk_fail(r, level, e, PF_P, access);
         path->n = 5 - level;
         path->andb = andb;
@@ -182,7 +194,9 @@ INLINE int walk_core(const uint8_t *mem, uint64_t mem_size, uint64_t root,
 {
     if (unlikely(gpa >= GPA_LIMIT || !root_ok(root, mem_size)))
         return walk_fail(r, 4, 0, PF_RSV, access);
-    return walk_body(mem, mem_size, root, gpa, access, r, path);
+    if (is_pow2(mem_size))
+        return walk_body(mem, mem_size, root, gpa, access, r, path, 1, 1);
+    return walk_body(mem, mem_size, root, gpa, access, r, path, 1, 0);
 }
 
 static __attribute__((noinline)) void
@@ -232,51 +246,57 @@ npt_walk_result npt_walk_v(uint8_t *mem, uint64_t mem_size, uint64_t root,
     return r;
 }
 
+INLINE uint64_t batch_loop(uint8_t *mem, uint64_t mem_size, uint64_t root,
+                           const uint64_t *gpas, const uint8_t *accesses,
+                           uint64_t *out_hpas, uint64_t n,
+                           npt_walk_result *miss, int set_ad, int pow2)
+{
+    uint64_t i;
+    npt_path path;
+    npt_walk_result r;
+    path.andb = 0;
+    for (i = 0; i < n; i++) {
+        int acc = accesses[i];
+        uint64_t gpa = gpas[i];
+        if (unlikely(gpa >= GPA_LIMIT)) {
+            walk_fail(miss, 4, 0, PF_RSV, acc);
+            return i;
+        }
+        if (unlikely(!walk_body(mem, mem_size, root, gpa, acc, &r, &path, 0, pow2))) {
+            *miss = r;
+            return i;
+        }
+        if (set_ad && unlikely(!ad_done(&path, r.entry, acc == ACC_W))) {
+            /* rare: walk again recording the path, then set A/D */
+            npt_path rec;
+            npt_walk_result r2;
+            if (walk_body(mem, mem_size, root, gpa, acc, &r2, &rec, 1, pow2))
+                apply_ad_slow(mem, &rec, acc == ACC_W);
+        }
+        out_hpas[i] = r.hpa;
+    }
+    return n;
+}
+
 uint64_t npt_walk_batch(uint8_t *mem, uint64_t mem_size, uint64_t root,
                         const uint64_t *gpas, const uint8_t *accesses,
                         uint64_t *out_hpas, uint64_t n, int set_ad,
                         npt_walk_result *miss)
 {
-    uint64_t i;
-    npt_path path;
-    npt_walk_result r;
     if (n == 0)
         return 0;
     if (unlikely(!root_ok(root, mem_size))) {
         walk_fail(miss, 4, 0, PF_RSV, accesses[0]);
         return 0;
     }
-    if (set_ad) {
-        for (i = 0; i < n; i++) {
-            int acc = accesses[i];
-            uint64_t gpa = gpas[i];
-            if (unlikely(gpa >= GPA_LIMIT)) {
-                walk_fail(miss, 4, 0, PF_RSV, acc);
-                return i;
-            }
-            if (unlikely(!walk_body(mem, mem_size, root, gpa, acc, &r, &path))) {
-                *miss = r;
-                return i;
-            }
-            apply_ad(mem, &path, r.entry, acc == ACC_W);
-            out_hpas[i] = r.hpa;
-        }
-    } else {
-        for (i = 0; i < n; i++) {
-            int acc = accesses[i];
-            uint64_t gpa = gpas[i];
-            if (unlikely(gpa >= GPA_LIMIT)) {
-                walk_fail(miss, 4, 0, PF_RSV, acc);
-                return i;
-            }
-            if (unlikely(!walk_body(mem, mem_size, root, gpa, acc, &r, &path))) {
-                *miss = r;
-                return i;
-            }
-            out_hpas[i] = r.hpa;
-        }
+    if (is_pow2(mem_size)) {
+        if (set_ad)
+            return batch_loop(mem, mem_size, root, gpas, accesses, out_hpas, n, miss, 1, 1);
+        return batch_loop(mem, mem_size, root, gpas, accesses, out_hpas, n, miss, 0, 1);
     }
-    return n;
+    if (set_ad)
+        return batch_loop(mem, mem_size, root, gpas, accesses, out_hpas, n, miss, 1, 0);
+    return batch_loop(mem, mem_size, root, gpas, accesses, out_hpas, n, miss, 0, 0);
 }
 
 uint64_t npt_floor_walk_batch(const uint8_t *mem, uint64_t root,

@@ -408,3 +408,19 @@ int64_t trace_pages(const uint64_t *gpa, const uint32_t *size, size_t n,
         if (out[i] != out[k - 1]) out[k++] = out[i];
     return (int64_t)k;
 }
+
+/* Rows whose access crosses a 4 KiB page boundary ((gpa & 0xFFF) + size >
+ * 0x1000): writes up to cap of their indices to out and returns how many
+ * there are in all (call again with a bigger array when that exceeds cap). */
+int64_t trace_straddles(const uint64_t *gpa, const uint32_t *size, size_t n,
+                        uint64_t *out, size_t cap)
+{
+    size_t m = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (__builtin_expect((gpa[i] & 0xFFF) + (uint64_t)size[i] > 0x1000, 0)) {
+            if (m < cap) out[m] = i;
+            m++;
+        }
+    }
+    return (int64_t)m;
+}

@@ -11,7 +11,7 @@ Guest-physical layout (see guests/README.md):
     0x1000          boot GDT (both kinds)              \\
     0x2000          PML4 of the boot identity map       |  BOOT_AREA_END
     0x3000          PDPT                                |  = 0x8000: no
-    0x4000-0x7fff   up to 4 PDs (2 MiB pages, 4 GiB)    /   segment here
+    0x4000-0x7fff   4 PDs (2 MiB pages, 4 GiB)          /   segment here
     0x9000          multiboot info (multiboot only)
     0x9100          multiboot memory map
     0x9200          boot loader name "hv"
@@ -20,7 +20,7 @@ Guest-physical layout (see guests/README.md):
     0x100000        where the guests are linked (1 MiB)
 
 ELF64 toy ABI: entered in 64-bit long mode at ``e_entry``, paging on with
-CR3 = 0x2000 (identity map of [0, RAM rounded up to 2 MiB) with 2 MiB pages),
+CR3 = 0x2000 (identity map of the first 4 GiB with 2 MiB pages),
 rdi = RAM size, rsp = RAM size.  Multiboot: 32-bit protected mode, paging
 off, flat segments, eax = 0x2BADB002, ebx = 0x9000.
 """
@@ -185,14 +185,17 @@ def boot_gdt() -> bytes:
 
 
 def boot_tables(ram_size: int) -> list:
-    """Identity map of [0, ram_size rounded up to 2 MiB) with 2 MiB pages.
+    """Identity map of the first 4 GiB with 2 MiB pages.
 
-    Returns ``[(gpa, bytes(4096))]``: PML4 at 0x2000, PDPT at 0x3000, one PD
-    per GiB from 0x4000.  Entries are P|W (+A, +D|PS on leaves), no U, no NX.
+    Returns ``[(gpa, bytes(4096))]``: PML4 at 0x2000, PDPT at 0x3000, four
+    PDs at 0x4000-0x7fff.  The map covers all of [0, 4 GiB) whatever the RAM
+    size, as firmware identity maps do: a guest access beyond its RAM then
+    passes the guest's own walk and reaches the NPT as a nested page fault
+    (which the VMM refuses), instead of being a guest #PF.  Entries are P|W
+    (+A, +D|PS on leaves), no U, no NX.  ``ram_size`` is validated only.
     """
     _check_ram(ram_size)
-    n_2m = (ram_size + (2 << 20) - 1) >> 21
-    n_pd = (n_2m + 511) // 512
+    n_pd = MAX_RAM >> 30
     pml4 = bytearray(PAGE)
     struct.pack_into("<Q", pml4, 0, BOOT_PDPT | _P | _W | _A)
     pdpt = bytearray(PAGE)
@@ -200,7 +203,7 @@ def boot_tables(ram_size: int) -> list:
     for i in range(n_pd):
         struct.pack_into("<Q", pdpt, 8 * i, (BOOT_PD + i * PAGE) | _P | _W | _A)
         pd = bytearray(PAGE)
-        for j in range(min(512, n_2m - 512 * i)):
+        for j in range(512):
             pa = ((512 * i + j) << 21)
             struct.pack_into("<Q", pd, 8 * j, pa | _P | _W | _A | _D | _PS)
         pds.append(bytes(pd))

@@ -74,7 +74,7 @@ import re
 import zlib
 from typing import NamedTuple, Optional
 
-from hv.errors import BadInput, TraceError
+from hv.errors import TraceError
 
 try:  # the C fast path, built with cffi from csrc/trace.c
     from hv import _trace_c
@@ -188,7 +188,8 @@ class Trace:
         boundary touches both pages.
         """
         n = len(self)
-        if _trace_c is not None and n:
+        if (_trace_c is not None and n and self.gpa.typecode == "Q"
+                and self.size.typecode == "I"):
             ffi, lib = _trace_c.ffi, _trace_c.lib
             cap = 2 * n
             out = array.array("Q", [0]) * cap
@@ -686,7 +687,9 @@ def _c_parse(fmt, data, first_line, names):
     if fmt == "ftrace" and not res.has_rip:
         rip = vcpu = None
     ins_list = None
-    if insn is not None:
+    if insn is not None and insn_len.count(0, 0, n) == n:
+        ins_list = [b""] * n
+    elif insn is not None:
         mv = memoryview(insn)
         ins_list = [bytes(mv[i * MAX_INSN_LEN:i * MAX_INSN_LEN + insn_len[i]]) for i in range(n)]
     return Trace(acc, gpa, size, rip, vcpu, ins_list, format=fmt)

@@ -28,9 +28,10 @@ POOL_CHUNK = 64
 class VmStopped(Exception):
     """The PSP stopped the VM (tamper detected) or refused its NPF."""
 
-    def __init__(self, status, msg):
+    def __init__(self, status, msg, fields=None):
         super().__init__(msg)
         self.status = status
+        self.fields = fields or {}      # the PSP's reply fields (where a tamper is)
 
 
 @dataclass
@@ -204,7 +205,8 @@ class Vmm:
             self.alloc.free(hpa, npages if level == 1 else 512)
             if r.status in (Status.INTEGRITY_FAILURE, Status.GUEST_STOPPED):
                 vm.fatal = r.status
-            raise VmStopped(r.status, f"PSP refused UPDATE_NPT for GPA {gpa:#x}: {r.name}")
+            raise VmStopped(r.status, f"PSP refused UPDATE_NPT for GPA {gpa:#x}: {r.name}",
+                            fields=r.fields)
         self._record(vm, g >> 12, npages, hpa, level)
         return r.status
 
@@ -225,6 +227,8 @@ class Vmm:
 
 
 def _insn_text(insn, rip, mode):
+    if callable(insn):          # bytes read lazily (only when logging)
+        insn = insn()
     if not insn:
         return ""
     from .disasm import disasm_one

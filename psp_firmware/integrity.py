@@ -168,7 +168,7 @@ class FullIntegrity:
             return None
         return self.locate() or Mismatch(0, 0, 0, 0, "digest")
 
-    def check_before_update(self, gpa=None, level=None):
+    def check_before_update(self, gpa=None, level=None, npages=1):
         """Patent step 3: recompute and compare before touching the table."""
         return self.verify_all()
 

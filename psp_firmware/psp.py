@@ -41,6 +41,12 @@ def register_integrity_mode(cls):
     return cls
 
 
+from .merkle import MerkleIntegrity  # noqa: E402  (incremental hash tree, the default)
+
+register_integrity_mode(MerkleIntegrity)
+DEFAULT_INTEGRITY = "merkle"
+
+
 class _Refuse(Exception):
     """Raised by validation helpers; carries the status to return."""
 
@@ -64,7 +70,7 @@ class Guest:
 
 
 class Psp:
-    def __init__(self, membuf, backend=None, integrity="full"):
+    def __init__(self, membuf, backend=None, integrity=DEFAULT_INTEGRITY):
         if integrity not in INTEGRITY_MODES:
             raise ValueError(f"unknown integrity mode {integrity!r} (have {sorted(INTEGRITY_MODES)})")
         self._mem = membuf
@@ -164,9 +170,9 @@ class Psp:
             raise _Refuse(Status.MISALIGNED)
         self._check(self._frames.check_range(hpa, nbytes))
 
-    def _verify_or_stop(self, g, gpa=None, level=None):
+    def _verify_or_stop(self, g, gpa=None, level=None, npages=1):
         """Patent step 3; on a mismatch the guest becomes fatal."""
-        mm = g.integrity.check_before_update(gpa, level)
+        mm = g.integrity.check_before_update(gpa, level, npages)
         if mm is not None:
             self._stop_guest(g, mm)
             raise _Refuse(Status.INTEGRITY_FAILURE, self._mismatch_out(Cmd.VERIFY, mm))
@@ -308,7 +314,7 @@ class Psp:
         self._check_gpa_range(gpa, total, size)
         self._check_hpa_range(hpa, total, size)
         self._check(self._frames.check_assignable(hpa, total, g.handle))
-        self._verify_or_stop(g, gpa, level)
+        self._verify_or_stop(g, gpa, level, npages)
         return self._plan(g, gpa, hpa, level, attrs, npages)
 
     def _commit_map(self, g, gpa, hpa, level, npages, writes, new_levels, scrub):
@@ -353,7 +359,7 @@ class Psp:
         self._check_npages(npages)
         size = level_size(level)
         self._check_gpa_range(gpa, npages * size, size)
-        self._verify_or_stop(g, gpa, level)
+        self._verify_or_stop(g, gpa, level, npages)
         leaves = []
         for i in range(npages):
             t, idx, e, lvl = g.npt.leaf(gpa + i * size)

@@ -10,7 +10,7 @@ if ROOT not in sys.path:
 from nptcore import available_backends  # noqa: E402
 
 BACKENDS = ["c", "python"]
-PSP_TRANSPORTS = ["inprocess"]
+PSP_TRANSPORTS = ["inprocess", "process"]
 
 
 def _backend_param(name):

@@ -12,6 +12,7 @@ from hv.loader import load_image
 from guests import build as gbuild
 
 MiB = 1 << 20
+BOOT_PDS = [L.BOOT_PD + i * L.PAGE for i in range(4)]
 RAM = 64 * MiB
 
 
@@ -138,7 +139,7 @@ def test_elf64_guests(guests, name):
     assert img.cpu["cr0"] & L.CR0_PG and img.cpu["efer"] & L.EFER_LMA
     assert img.cpu["cs"] == L.SEL_CODE64
     gpas = [g for g, _ in img.extra_pages]
-    assert gpas == [L.BOOT_GDT, L.BOOT_PML4, L.BOOT_PDPT, L.BOOT_PD]
+    assert gpas == [L.BOOT_GDT, L.BOOT_PML4, L.BOOT_PDPT] + BOOT_PDS
     assert all(len(d) == L.PAGE for _, d in img.extra_pages)
     assert max(g for g, _ in img.extra_pages) + L.PAGE <= L.BOOT_AREA_END
     assert img.min_ram == img.image_end + L.STACK_HEADROOM <= RAM
@@ -152,20 +153,18 @@ def test_compute_has_bss(guests):
     assert g1 == 0x101000 and len(d1) == 0 and m1 >= 1000000
     pages = img.initial_pages()
     # pure-bss pages are demand-faulted, not preloaded
-    assert [g for g, _ in pages] == [L.BOOT_GDT, L.BOOT_PML4, L.BOOT_PDPT, L.BOOT_PD, 0x100000]
+    assert [g for g, _ in pages] == [L.BOOT_GDT, L.BOOT_PML4, L.BOOT_PDPT] + BOOT_PDS + [0x100000]
     assert pages[-1][1][:len(d0)] == d0 and pages[-1][1][len(d0):] == bytes(L.PAGE - len(d0))
     allp = img.initial_pages(include_zero=True)
-    assert len(allp) == 5 + (m1 + L.PAGE - 1) // L.PAGE
+    assert len(allp) == 8 + (m1 + L.PAGE - 1) // L.PAGE
 
 
-def test_jump_unmapped_far_segment(guests):
+def test_jump_unmapped_single_segment(guests):
+    # it jumps beyond its RAM (an instruction-fetch NPF under hv), so its
+    # image is one ordinary segment and small RAM sizes load
     img = load_image(guests["jump_unmapped"], RAM)
-    assert [g for g, _, _ in img.segments] == [0x100000, 0x900000]
-    assert img.seg_flags[1] & L.PF_X
-    assert img.segments[0][2] <= 0x800000      # nothing between the two pages
-    with pytest.raises(BadInput, match="too small"):
-        load_image(guests["jump_unmapped"], 8 * MiB)
-    load_image(guests["jump_unmapped"], 0x901000 + L.STACK_HEADROOM)
+    assert [g for g, _, _ in img.segments] == [0x100000]
+    load_image(guests["jump_unmapped"], 2 * MiB)
 
 
 def test_multiboot_guest(guests):
@@ -215,12 +214,16 @@ def _walk(pages, va):
 
 @pytest.mark.parametrize("ram", [2 * MiB, 3 * MiB, RAM, (1 << 30) + 4096, 4 << 30])
 def test_boot_tables_identity_map(ram):
+    # the first 4 GiB are identity mapped whatever the RAM size (accesses
+    # beyond RAM reach the NPT as nested page faults, not guest #PFs)
     pages = dict(L.boot_tables(ram))
+    assert sorted(pages) == [L.BOOT_PML4, L.BOOT_PDPT] + BOOT_PDS
     assert all(L.BOOT_PML4 <= g < L.BOOT_AREA_END for g in pages)
-    top = (ram + 2 * MiB - 1) & ~(2 * MiB - 1)
-    for va in (0, 0xB8000, 0x100000, ram - 1, top - 1, ram // 2 + 12345):
-        assert _walk(pages, va) == va
-    assert _walk(pages, top) is None
+    for va in (0, 0xB8000, 0x100000, ram - 1, ram, ram + 0x201000, ram // 2 + 12345,
+               (3 << 30) + 5, (4 << 30) - 1):
+        if va < 4 << 30:
+            assert _walk(pages, va) == va
+    assert _walk(pages, 4 << 30) is None
     for g in pages:
         for i in range(512):
             e, = struct.unpack_from("<Q", pages[g], 8 * i)
@@ -405,9 +408,16 @@ EXPECT = {
     "memtouch": (0, b"memtouch: touched 16111 pages\nmemtouch: OK\n"),
     "compute": (0, b"compute: primes below 1000000: 78498, sum 37550402023"),
     "paging": (0, b"paging: OK\n"),
-    "jump_unmapped": (0, b"far code ran\n"),
     "mb_hello": (0, b"mem_lower=640KB mem_upper=64512KB\n"),
 }
+
+
+@pytestmark_unicorn
+def test_flat_unicorn_jump_unmapped(guests):
+    # flat Unicorn maps only RAM: the jump beyond it is a fetch fault there
+    r = run_flat_unicorn(load_image(guests["jump_unmapped"], RAM), RAM, 1_000_000)
+    assert r.reason == "fault", r
+    assert b"jump_unmapped: jumping to 0x4001000 (beyond RAM)\n" in r.serial
 
 
 @pytestmark_unicorn

@@ -238,6 +238,36 @@ def test_entries_outside_memory(env):
         assert r == WalkResult(False, 0, 4, 0, PF_RSV | PF_W | PF_U | PF_FINAL)
 
 
+def test_memory_size_not_power_of_two(engine):
+    size = MEM - 0x3000
+    env = Env(engine, size=size)
+    last = size - 0x1000
+    env.install(0x1000, DATA)
+    pdpte = env.entry_addr(0x1000, 3)
+    v = env.u64(pdpte)
+    env.put64(pdpte, (v & ~ADDR_MASK) | last)          # the last page: fine
+    r = env.eng.walk(ROOT, 0x1000, ACC_R)
+    assert (r.ok, r.level, r.errcode) == (False, 2, PF_U | PF_FINAL)
+    env.put64(pdpte, (v & ~ADDR_MASK) | size)          # just past the end
+    r = env.eng.walk(ROOT, 0x1000, ACC_R)
+    assert (r.ok, r.level, r.errcode) == (False, 3, PF_P | PF_RSV | PF_U | PF_FINAL)
+    env.put64(pdpte, v)
+    pte = env.entry_addr(0x1000, 1)
+    env.put64(pte, last | LEAF)
+    assert env.eng.walk(ROOT, 0x1000, ACC_R).hpa == last
+    env.put64(pte, (last + 0x1000) | LEAF)
+    assert env.eng.walk(ROOT, 0x1000, ACC_R).errcode == PF_P | PF_RSV | PF_U | PF_FINAL
+    env.install(0x20_0000, 12 << 20, level=2)
+    assert env.eng.walk(ROOT, 0x3F_FFFF, ACC_R).hpa == (14 << 20) - 1
+    assert env.eng.install(ROOT, 0x40_0000, 14 << 20, 2, LEAF2M, []) == (INST_BAD_ARG, 0)
+    env.put64(env.entry_addr(0x20_0000, 2), (14 << 20) | LEAF2M)
+    r = env.eng.walk(ROOT, 0x20_0000, ACC_R)
+    assert (r.ok, r.level, r.errcode) == (False, 2, PF_P | PF_RSV | PF_U | PF_FINAL)
+    assert env.eng.canon_page(last) == bytes(4096)
+    with pytest.raises(ValueError):
+        env.eng.canon_page(size)
+
+
 @pytest.mark.parametrize("level", [4, 3, 2, 1])
 def test_permission_faults_on_path(env, level):
     gpa = 0x1_2345_6000
@@ -973,12 +1003,15 @@ def test_differential_random_sequences(seq):
 @needs_both
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 511), st.integers(1, 4), u64s), max_size=12),
-       st.lists(st.tuples(st.integers(0, (1 << 48) - 1), st.sampled_from([0, 1, 2])),
+       st.lists(st.tuples(st.integers(0, (1 << 48) - 1) | st.sampled_from(GPA_POOL),
+                          st.sampled_from([0, 1, 2])),
                 min_size=1, max_size=30),
-       st.booleans())
-def test_differential_corrupt_tables(pokes, walks, set_ad):
-    """Arbitrary entry values in a populated tree: walks, batches, traversals."""
-    bufs = [mmap.mmap(-1, DIFF_MEM), mmap.mmap(-1, DIFF_MEM)]
+       st.booleans(),
+       st.sampled_from([DIFF_MEM, DIFF_MEM - 0x3000, DIFF_MEM + 0x5000]))
+def test_differential_corrupt_tables(pokes, walks, set_ad, size):
+    """Arbitrary entry values in a populated tree: walks, batches, traversals
+    (memory sizes that are and are not powers of two)."""
+    bufs = [mmap.mmap(-1, size), mmap.mmap(-1, size)]
     engs = [get_engine(bufs[0], "c"), get_engine(bufs[1], "python")]
     res = []
     for eng, mem in zip(engs, bufs):

@@ -1,0 +1,208 @@
+/*
+ * vCPU fast path: Unicorn TLB-fill hook (the hardware walker) and a block
+ * hook counting instructions.  See vcpu.h.
+ */
+#include <stdbool.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "npt.h"
+#include "vcpu.h"
+
+/* nptcore/bits.py */
+#define ACC_R 0
+#define ACC_W 1
+#define ACC_X 2
+#define K_OK 0
+#define K_NPF 1
+#define K_GUEST_PF 2
+#define MODE_NONE 0
+#define MODE_32 2
+#define MODE_PAE 3
+#define MODE_LONG4 4
+#define NPT_ADDR_MASK 0x000FFFFFFFFFF000ULL
+
+/* unicorn constants */
+#define UC_MEM_READ 16
+#define UC_MEM_WRITE 17
+#define UC_MEM_FETCH 18
+#define UC_PROT_READ 1
+#define UC_PROT_WRITE 2
+#define UC_PROT_EXEC 4
+#define UC_X86_REG_CR0 50
+#define UC_X86_REG_CR3 53
+#define UC_X86_REG_CR4 54
+#define UC_X86_REG_MSR 248
+#define MSR_EFER 0xC0000080u
+
+#define CR0_PG (1ULL << 31)
+#define CR4_PAE (1ULL << 5)
+#define EFER_LMA (1ULL << 10)
+
+typedef struct {
+    uint64_t paddr;
+    uint32_t perms;
+} uc_tlb_entry_t;
+
+typedef struct {
+    uint32_t rid;
+    uint64_t value;
+} uc_x86_msr_t;
+
+typedef int (*reg_read_t)(void *uc, int regid, void *value);
+
+#define MAX_TRIES 8
+
+static uint64_t rd(vcpu_ctx *c, int reg)
+{
+    uint64_t v = 0;
+    ((reg_read_t)c->reg_read)(c->uc, reg, &v);
+    return v;
+}
+
+int vcpu_mode(vcpu_ctx *c)
+{
+    uc_x86_msr_t msr;
+    c->cr0 = rd(c, UC_X86_REG_CR0);
+    c->cr3 = rd(c, UC_X86_REG_CR3);
+    c->cr4 = rd(c, UC_X86_REG_CR4);
+    msr.rid = MSR_EFER;
+    msr.value = 0;
+    ((reg_read_t)c->reg_read)(c->uc, UC_X86_REG_MSR, &msr);
+    c->efer = msr.value;
+    if (!(c->cr0 & CR0_PG))
+        return MODE_NONE;
+    if (c->efer & EFER_LMA)
+        return MODE_LONG4;
+    if (c->cr4 & CR4_PAE)
+        return MODE_PAE;
+    return MODE_32;
+}
+
+static uint32_t perms_for(int access)
+{
+    if (access == ACC_W)
+        return UC_PROT_READ | UC_PROT_WRITE;
+    if (access == ACC_X)
+        return UC_PROT_READ | UC_PROT_EXEC;
+    return UC_PROT_READ;
+}
+
+static bool tlb_fill(void *uc, uint64_t va, int type, uc_tlb_entry_t *e, void *user)
+{
+    vcpu_ctx *c = (vcpu_ctx *)user;
+    int access = type == UC_MEM_WRITE ? ACC_W : (type == UC_MEM_FETCH ? ACC_X : ACC_R);
+    int mode, tries;
+    (void)uc;
+
+    c->fills++;
+    if (access == ACC_X && va == c->sentinel_page) {
+        /* Unicorn looks at the page of emu_start's `until` after hlt. */
+        c->halted = 1;
+        e->paddr = c->sentinel_hpa;
+        e->perms = UC_PROT_READ | UC_PROT_EXEC;
+        return true;
+    }
+    if (c->stop)
+        return false;
+    mode = vcpu_mode(c);
+    for (tries = 0; tries < MAX_TRIES; tries++) {
+        uint64_t root, gpa, err;
+        c->walks++;
+        if (c->vmsa + 8 > c->mem_size)
+            root = 0;
+        else {
+            memcpy(&root, c->mem + c->vmsa, 8);
+            root &= NPT_ADDR_MASK;
+        }
+        if (mode == MODE_NONE) {
+            npt_walk_result r;
+            gpa = (c->efer & EFER_LMA) ? va : (va & 0xFFFFFFFFULL);
+            if (npt_walk(c->mem, c->mem_size, root, gpa, access, 1, &r) > 0) {
+                e->paddr = r.hpa & ~0xFFFULL;
+                e->perms = perms_for(access);
+                return true;
+            }
+            err = r.errcode;
+        } else {
+            npt_walk2d_result r;
+            int rc = npt_walk2d(c->mem, c->mem_size, root, c->cr3, va, access, mode, 1, &r);
+            if (rc > 0) {
+                e->paddr = r.hpa & ~0xFFFULL;
+                e->perms = perms_for(access);
+                return true;
+            }
+            if (rc < 0 || r.kind == K_GUEST_PF) {
+                c->f_va = va;
+                c->f_gpa = 0;
+                c->f_err = rc < 0 ? 0 : r.errcode;
+                c->f_access = access;
+                c->f_kind = K_GUEST_PF;
+                c->f_mode = mode;
+                c->f_rip = rd(c, c->pc_reg);
+                c->stop = 2;
+                return false;           /* Unicorn stops: Python injects the #PF */
+            }
+            gpa = r.gpa;
+            err = r.errcode;
+        }
+        c->f_va = va;
+        c->f_gpa = gpa;
+        c->f_err = err;
+        c->f_access = access;
+        c->f_kind = K_NPF;
+        c->f_mode = mode;
+        c->f_rip = rd(c, c->pc_reg);
+        c->npf_calls++;
+        if (vcpu_py_npf(c) != 0) {
+            c->stop = 1;
+            return false;
+        }
+    }
+    c->stop = 3;
+    return false;
+}
+
+static void block_hook(void *uc, uint64_t addr, uint32_t size, void *user)
+{
+    vcpu_ctx *c = (vcpu_ctx *)user;
+    uint64_t h = (addr ^ (addr >> 17) ^ ((uint64_t)size << 7)) * 0x9E3779B97F4A7C15ULL;
+    uint32_t mask = (1u << VCPU_BLK_BITS) - 1, i = (uint32_t)(h >> (64 - VCPU_BLK_BITS)), n;
+    vcpu_blk *b;
+    (void)uc;
+    for (;;) {
+        b = &c->blocks[i];
+        if (b->ninsns == 0)
+            break;
+        if (b->addr == addr && b->size == size) {
+            n = b->ninsns;
+            goto found;
+        }
+        i = (i + 1) & mask;
+    }
+    n = vcpu_py_block(c, addr, size);
+    if (n == 0)
+        n = 1;
+    if (c->nblocks < (mask >> 1)) {        /* keep the table at most half full */
+        b->addr = addr;
+        b->size = size;
+        b->ninsns = n;
+        c->nblocks++;
+    } else
+        c->blk_full = 1;
+found:
+    c->insns += n;
+    c->last_addr = addr;
+    c->last_size = size;
+    c->last_n = n;
+}
+
+uint64_t vcpu_tlb_fill_addr(void)
+{
+    return (uint64_t)(uintptr_t)&tlb_fill;
+}
+
+uint64_t vcpu_block_addr(void)
+{
+    return (uint64_t)(uintptr_t)&block_hook;
+}

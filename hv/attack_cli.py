@@ -1,0 +1,127 @@
+"""`hv attack [NAME ...|--all] [--json]`: run the malicious-hypervisor suite.
+
+Exit code 0 when no scenario failed (no `undetected`, no `false_positive`
+for the benign scenario, no `error`), 1 otherwise, 2 on bad usage.
+"""
+import json
+
+from .errors import BadInput
+
+
+def add_parser(sub, common):
+    p = sub.add_parser(
+        "attack", help="run malicious-hypervisor attack scenarios against the PSP",
+        description="Each scenario acts as a malicious VMM (host-memory writes, crafted PSP "
+                    "commands, racing threads) and reports refused / detected (with the "
+                    "exposure before detection) / not_flagged (benign A/D updates) / undetected.")
+    p.add_argument("names", nargs="*", metavar="NAME",
+                   help="scenarios to run (default with --all or none given: all); "
+                        "a category name (e.g. race, alias) selects its scenarios")
+    p.add_argument("--all", action="store_true", help="run every scenario")
+    p.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    p.add_argument("--check-insns", type=int, default=None, metavar="N",
+                   help="periodic check every N guest instructions (guest driver) / "
+                        "accesses (trace driver); default 256 accesses, 20000 instructions")
+    p.add_argument("--check-ms", type=float, default=None, metavar="MS",
+                   help="interval of the PSP's wall-time checker in the wall-clock scenarios "
+                        "(default 10)")
+    p.add_argument("--driver", choices=["auto", "trace", "guest"], default="auto",
+                   help="guest: scenarios that can run a real toy guest do so (needs hv.boot "
+                        "and the guest images); trace: a synthetic access loop; auto: guest "
+                        "variants are added when available")
+    common(p)
+    p.set_defaults(func=cmd_attack)
+    return p
+
+
+def _select(names, want_all):
+    from .attacks import SCENARIOS
+    if want_all or not names:
+        return list(SCENARIOS)
+    out = []
+    cats = {s.category for s in SCENARIOS.values()}
+    for n in names:
+        if n in SCENARIOS:
+            out.append(n)
+        elif n in cats:
+            out.extend(k for k, s in SCENARIOS.items() if s.category == n)
+        else:
+            raise BadInput(f"unknown attack scenario {n!r} (hv attack --list)")
+    return list(dict.fromkeys(out))
+
+
+def cmd_attack(args):
+    from . import attacks
+    if args.check_insns is not None and args.check_insns < 1:
+        raise BadInput("--check-insns must be >= 1")
+    if args.check_ms is not None and not args.check_ms > 0:
+        raise BadInput("--check-ms must be > 0")
+    if args.integrity is not None:
+        from psp_firmware import INTEGRITY_MODES
+        if args.integrity not in INTEGRITY_MODES:
+            raise BadInput(f"unknown --integrity {args.integrity!r} "
+                           f"(have {', '.join(sorted(INTEGRITY_MODES))})")
+    if not args.verbose:   # every detection stops a guest: the PSP's warning is expected here
+        import logging
+        logging.getLogger("psp").setLevel(logging.ERROR)
+    attacks.load_guest_scenarios(args.driver)
+    if args.list:
+        for n, s in attacks.SCENARIOS.items():
+            print(f"{n:32s} {s.category:22s} expect {s.expected:12s} {s.doc}")
+        return 0
+    names = _select(args.names, args.all)
+    cfg = attacks.AttackConfig(backend=args.backend, host_mem=args.host_mem,
+                               host_mem_path=args.host_mem_file, integrity=args.integrity,
+                               psp=getattr(args, "psp", "inprocess"),
+                               psp_timeout=getattr(args, "psp_timeout", 5.0), driver=args.driver)
+    if args.check_insns is not None:
+        cfg.check_every = args.check_insns
+        cfg.guest_check_insns = args.check_insns
+    if args.check_ms is not None:
+        cfg.wall_ms = args.check_ms
+    results = attacks.run_scenarios(names, cfg)
+    failed = [r for r in results if not r.ok]
+    if args.json:
+        print(json.dumps({
+            "scenarios": [r.to_json() for r in results],
+            "summary": attacks.summarize(results),
+            "integrity": args.integrity or "default",
+            "backend": args.backend or "default",
+        }))
+    else:
+        _table(results, args.verbose)
+    return 1 if failed else 0
+
+
+_STYLE = {"refused": "green", "detected": "green", "not_flagged": "green", "skipped": "yellow",
+          "undetected": "bold red", "false_positive": "bold red", "error": "bold red"}
+
+
+def _table(results, verbose=0):
+    from rich.console import Console
+    from rich.table import Table
+
+    from .attacks import summarize
+    t = Table(title="hv attack", show_lines=bool(verbose))
+    t.add_column("scenario", no_wrap=True)
+    t.add_column("class", no_wrap=True)
+    t.add_column("outcome", no_wrap=True)
+    t.add_column("exposure", justify="right", no_wrap=True)
+    t.add_column("caught by", no_wrap=True)
+    t.add_column("detail (-v)" if not verbose else "detail", overflow="fold")
+    for r in results:
+        exp = "-" if r.exposure_insns is None else f"{r.exposure_insns} {r.exposure_unit}"
+        style = _STYLE.get(r.outcome, "")
+        if verbose or r.outcome not in ("refused", "detected", "not_flagged"):
+            detail = r.detail
+        elif r.where:
+            detail = f"entry {r.where['entry_index']} of {r.where['page_hpa']}"
+        else:
+            detail = ",".join(s.split(":")[-1] for s in r.statuses[:3]) + (
+                ",..." if len(r.statuses) > 3 else "")
+        t.add_row(r.name, r.category, f"[{style}]{r.outcome}[/]", exp, r.detected_by or "",
+                  detail)
+    c = Console()
+    c.print(t)
+    s = summarize(results)
+    c.print(" ".join(f"{k}={v}" for k, v in s.items()))

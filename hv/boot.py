@@ -1,0 +1,337 @@
+"""Boot a guest image on the emulated vCPU through the PSP-managed NPT.
+
+    from hv.vmm import Vmm
+    from hv.boot import Boot
+    vmm = Vmm(host_mem=256 << 20)
+    b = Boot(vmm, "guests/build/hello", mem=16 << 20)
+    res = b.run()                 # BootResult
+    print(res.exit_reason, res.exit_code, res.serial, res.npf)
+
+Launch: every page of the image (segment data, boot GDT, boot page tables,
+multiboot info) goes in through the PSP's launch commands (LAUNCH_UPDATE_DATA
+via ``vmm.load_page``: load and measure), then LAUNCH_FINISH returns the
+SHA-256 launch measurement.  Those pages are mapped before the first
+instruction, so they never fault: ``launch_pages`` counts them, ``npf``
+counts the demand faults of the run (one per distinct guest-physical page
+the guest touched that was not loaded at launch, its own page-table pages
+included).
+
+Integrity checks during the run: ``check_insns=N`` runs the guest in slices
+of N instructions and sends the PSP's CHECK_ALL between slices
+(deterministic); ``check_ms=N`` checks between short slices whenever N ms
+of wall time have passed.  A tamper (CHECK_ALL, or an UPDATE_NPT refused
+with INTEGRITY_FAILURE / GUEST_STOPPED) ends the run with exit_reason
+``psp_stopped`` (exit code 3) and ``tamper`` saying what differed.
+
+``on_slice(boot, insns_so_far)`` is called between slices (before the
+check), so an attack can change host memory mid-run; the emulator's TLB is
+flushed after it (the VMM can always do that).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+from .devices import VGA_BASE, VGA_BYTES, Devices, vga_rows
+from .errors import BadInput
+from .loader import load_image
+from .vcpu import ACCESS_WORDS, UnicornVcpu, available_hooks
+
+__all__ = ["Boot", "BootResult", "EXIT_REASONS", "exit_code_for"]
+
+EXIT_REASONS = ("exit_port", "hlt", "triple_fault", "insn_limit", "psp_stopped", "error")
+DEFAULT_MEM = 256 << 20
+CHECK_MS_SLICE = 100_000        # instructions per slice with --check-ms
+ON_SLICE_DEFAULT = 100_000      # slice length when only on_slice is given
+_TAMPER_STATUSES = ("INTEGRITY_FAILURE", "GUEST_STOPPED")
+
+
+@dataclass
+class BootResult:
+    """What `hv boot --json` prints (to_dict())."""
+    image: str
+    kind: str                    # "elf64" | "multiboot"
+    exit_reason: str             # one of EXIT_REASONS
+    exit_code: int               # the process exit code hv boot returns
+    reason: str                  # one line: why the run ended
+    serial: str
+    npf: int                     # demand NPFs during the run
+    instructions: int
+    pages_mapped: int            # 4 KiB pages mapped in the NPT (launch + NPF)
+    launch_pages: int            # pages loaded and measured at launch (mapped before the run)
+    measurement: str             # SHA-256 launch measurement, hex
+    mem: int
+    hook: str
+    engine: str
+    elapsed_s: float
+    insns_per_s: int | None
+    checks: int = 0              # CHECK_ALL commands sent
+    guest_exit_code: int | None = None   # byte written to port 0xF4 (or 0 for hlt)
+    vga: list | None = None
+    tamper: dict | None = None
+    fault: dict | None = None    # the NPF / exception that ended a failed run
+    registers: dict | None = None
+    last_insns: list | None = None
+    guest_pf: int = 0            # guest #PFs injected
+    exceptions: list = field(default_factory=list)
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def exit_code_for(reason, guest_code=None):
+    if reason == "exit_port":
+        return guest_code
+    if reason in ("hlt", "insn_limit"):
+        return 0
+    if reason == "psp_stopped":
+        return 3
+    return 1
+
+
+class Boot:
+    """Load `image_path` into a new VM of `vmm` and run it.
+
+    mem: guest RAM bytes.  hook (alias backend): vCPU TLB-fill hook, "c"
+    (default when built) or "python".  check_insns / check_ms: periodic
+    CHECK_ALL (see module doc).  on_slice(boot, insns): called between
+    slices.  record: path of a CSV fault trace to write (or a
+    CsvTraceWriter).  serial_sink(bytes): called as the guest writes to
+    COM1.  vga: dump the text screen into the result."""
+
+    def __init__(self, vmm, image_path, mem=DEFAULT_MEM, backend=None, hook=None,
+                 check_insns=None, check_ms=None, on_slice=None, record=None,
+                 serial_sink=None, vga=False, slice_insns=None):
+        hook = hook or backend or available_hooks()[0]
+        if hook not in ("c", "python"):
+            raise BadInput(f"unknown vCPU hook {hook!r} (c or python)")
+        if hook not in available_hooks():
+            raise BadInput("the C vCPU hook is not built (hv._vcpu_c); use --hook python")
+        for name, v in (("--check-insns", check_insns), ("--check-ms", check_ms)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+                raise BadInput(f"{name} must be a positive integer, not {v!r}")
+        self.vmm = vmm
+        self.hook = hook
+        self.mem = mem
+        self.check_insns, self.check_ms = check_insns, check_ms
+        self.on_slice = on_slice
+        self.slice_insns = slice_insns
+        self.want_vga = vga
+        self.image = load_image(image_path, mem)
+        usable = vmm.fw_base - (1 << 20)
+        if mem > usable:
+            raise BadInput(f"--mem {mem >> 20} MiB does not fit in host memory "
+                           f"({vmm.mem.size >> 20} MiB, {usable >> 20} MiB usable); raise --host-mem")
+        self._own_record = False
+        if isinstance(record, (str, bytes)) or hasattr(record, "__fspath__"):
+            from .trace import CsvTraceWriter
+            try:
+                record = CsvTraceWriter(record, columns=("access", "gpa", "rip", "insn"),
+                                        comment=f"hv boot {self.image.path} --mem {mem}: one row per NPF")
+            except OSError as e:
+                raise BadInput(f"cannot write trace {record}: {e.strerror or e}") from None
+            self._own_record = True
+        self.record = record
+        self.vm = vmm.create_vm(ram_size=mem)
+        pages = self.image.initial_pages()
+        for gpa, data in pages:
+            vmm.load_page(self.vm, gpa, data)
+        self.launch_pages = {gpa >> 12 for gpa, _ in pages}
+        self.measurement = vmm.launch_finish(self.vm).hex()
+        self.devices = Devices(serial_sink)
+        self.vcpu = UnicornVcpu(vmm, self.vm, self.image, hook=hook, devices=self.devices,
+                                record=record)
+        self.checks = 0
+        self.result = None
+
+    # ------------------------------------------------------------------
+    @property
+    def instructions(self):
+        return self.vcpu.instructions
+
+    def _check(self):
+        """CHECK_ALL; returns the tamper dict if this guest is stopped."""
+        psp, h = self.vmm.psp, self.vm.handle
+        r = psp.check_all()
+        self.checks += 1
+        if r.name != "INTEGRITY_FAILURE":
+            return None
+        f = dict(r.fields)
+        if f.get("stopped_handle") != h:
+            v = psp.verify(h)
+            if v.name not in _TAMPER_STATUSES:
+                return None
+            f = dict(v.fields)
+            return _tamper(v.name, f, "VERIFY after CHECK_ALL")
+        return _tamper("INTEGRITY_FAILURE", f, "CHECK_ALL")
+
+    def run(self, max_insns=None):
+        """Run to the end (or max_insns instructions).  Returns a BootResult."""
+        if max_insns is not None and max_insns <= 0:
+            raise BadInput(f"--max-insns must be positive, not {max_insns}")
+        vc = self.vcpu
+        slice_n = self.check_insns or (CHECK_MS_SLICE if self.check_ms else None)
+        if slice_n is None and self.on_slice is not None:
+            slice_n = self.slice_insns or ON_SLICE_DEFAULT
+        if self.check_ms and self.check_insns is None:
+            slice_n = min(slice_n, max(1000, CHECK_MS_SLICE))
+        t0 = time.perf_counter()
+        last_check = t0
+        tamper = None
+        stop = None
+        start = vc.instructions
+        while True:
+            n = slice_n
+            if max_insns is not None:
+                left = max_insns - (vc.instructions - start)
+                n = left if n is None else min(n, left)
+            stop = vc.run(n)
+            if stop.kind != "limit":
+                break
+            if max_insns is not None and vc.instructions - start >= max_insns:
+                break
+            if self.on_slice is not None:
+                self.on_slice(self, vc.instructions)
+                vc.flush_tlb()
+            due = self.check_insns is not None
+            if self.check_ms:
+                now = time.perf_counter()
+                if (now - last_check) * 1000 >= self.check_ms:
+                    due, last_check = True, now
+            if due:
+                tamper = self._check()
+                if tamper:
+                    break
+        elapsed = time.perf_counter() - t0
+        self.result = self._result(stop, tamper, elapsed)
+        if self._own_record:
+            self.record.close()
+        return self.result
+
+    # ------------------------------------------------------------------
+    def _result(self, stop, tamper, elapsed):
+        vc, vm = self.vcpu, self.vm
+        fault = None
+        guest_code = None
+        if tamper:
+            reason_kind = "psp_stopped"
+            reason = (f"PSP stopped the VM ({tamper['detected_by']}): NPT page {tamper['page_hpa']:#x} "
+                      f"entry {tamper['entry_index']} expected {tamper['expected']:#x} "
+                      f"found {tamper['found']:#x}")
+        elif stop.kind == "exit_port":
+            reason_kind, guest_code = "exit_port", stop.exit_code
+            reason = f"guest wrote {stop.exit_code} to port 0xf4"
+        elif stop.kind == "hlt":
+            reason_kind, guest_code = "hlt", 0
+            reason = "guest executed hlt"
+        elif stop.kind == "limit":
+            reason_kind = "insn_limit"
+            reason = f"instruction budget used up at rip {vc.pc:#x}"
+        elif stop.kind == "triple_fault":
+            reason_kind = "triple_fault"
+            reason = f"triple fault: {stop.detail}"
+        elif stop.kind == "vm_stopped":
+            e = stop.stopped
+            f = stop.fault or {}
+            fault = _fault_dict(f, e)
+            st = getattr(e.status, "name", str(e.status))
+            if st in _TAMPER_STATUSES:
+                reason_kind = "psp_stopped"
+                tamper = _tamper(st, e.fields, "UPDATE_NPT")
+                reason = f"PSP stopped the VM: {e}"
+                if tamper.get("page_hpa") is not None:
+                    reason += (f" (NPT page {tamper['page_hpa']:#x} entry {tamper['entry_index']} "
+                               f"expected {tamper['expected']:#x} found {tamper['found']:#x})")
+            else:
+                reason_kind = "error"
+                where = ""
+                if f:
+                    where = (f"{ACCESS_WORDS.get(f['access'], '?')} NPF at GPA {f['gpa']:#x} "
+                             f"(rip {f['rip']:#x}, error code {f['errcode']:#x}"
+                             f"{', during the guest page walk' if f.get('walk') else ''}): ")
+                reason = f"{where}{e}"
+        else:
+            reason_kind = "error"
+            reason = stop.detail or "emulator error"
+        code = exit_code_for(reason_kind, guest_code)
+        res = BootResult(
+            image=self.image.path, kind=self.image.kind, exit_reason=reason_kind, exit_code=code,
+            reason=reason, serial=self.devices.serial.text(), npf=vm.npf,
+            instructions=vc.instructions, pages_mapped=vm.pages_mapped,
+            launch_pages=len(self.launch_pages), measurement=self.measurement, mem=self.mem,
+            hook=self.hook, engine=self.vmm.backend, elapsed_s=round(elapsed, 6),
+            insns_per_s=int(vc.instructions / elapsed) if elapsed > 0 else None,
+            checks=self.checks, guest_exit_code=guest_code, tamper=tamper, fault=fault,
+            guest_pf=vc.gpf_count, exceptions=[[v, r] for v, r in vc.injected])
+        if self.want_vga:
+            res.vga = vga_rows(vc.read_gpa(VGA_BASE, VGA_BYTES))
+        if reason_kind in ("triple_fault", "error", "psp_stopped"):
+            try:
+                res.registers = vc.registers()
+                res.last_insns = vc.last_insns()
+            except Exception:       # noqa: BLE001 - the report is best effort
+                pass
+        return res
+
+    def close(self):
+        self.vcpu.close()
+
+
+def _tamper(status, fields, detected_by):
+    fields = fields or {}
+    out = {"status": status, "detected_by": detected_by}
+    for k in ("page_hpa", "entry_index", "expected", "found"):
+        out[k] = fields.get(k)
+    if "stopped_handle" in fields:
+        out["handle"] = fields["stopped_handle"]
+    return out
+
+
+def _fault_dict(f, e):
+    if not f:
+        return {"status": getattr(e.status, "name", str(e.status)), "message": str(e)}
+    return {"gpa": f["gpa"], "va": f["va"], "rip": f["rip"], "errcode": f["errcode"],
+            "access": ACCESS_WORDS.get(f["access"], "?"), "walk": f.get("walk", False),
+            "status": getattr(e.status, "name", str(e.status)), "message": str(e)}
+
+
+def format_report(res):
+    """Human-readable report (hv boot without --json)."""
+    lines = [f"hv boot {res.image}: {res.exit_reason}, exit code {res.exit_code} ({res.reason})",
+             f"  {res.instructions} instructions in {res.elapsed_s:.3f} s"
+             + (f" ({res.insns_per_s / 1e6:.1f} M/s)" if res.insns_per_s else "")
+             + f", hook {res.hook}, engine {res.engine}",
+             f"  {res.npf} NPFs (demand faults during the run); {res.launch_pages} pages loaded and "
+             f"measured at launch (mapped before the run, not counted as NPFs); "
+             f"{res.pages_mapped} pages mapped",
+             f"  launch measurement {res.measurement}"]
+    if res.checks:
+        lines.append(f"  {res.checks} integrity checks (CHECK_ALL)")
+    if res.tamper:
+        t = res.tamper
+        if t.get("page_hpa") is not None:
+            lines.append(f"  TAMPER: NPT table page {t['page_hpa']:#x}, entry {t['entry_index']}: "
+                         f"expected {t['expected']:#x}, found {t['found']:#x} "
+                         f"(detected by {t['detected_by']})")
+        else:
+            lines.append(f"  TAMPER: {t['status']} (detected by {t['detected_by']})")
+    if res.fault and "gpa" in res.fault:
+        f = res.fault
+        lines.append(f"  fault: {f['access']} at GPA {f['gpa']:#x} (va {f['va']:#x}, rip {f['rip']:#x}, "
+                     f"error code {f['errcode']:#x})")
+    if res.last_insns:
+        lines.append("  last instructions:")
+        for addr, hx, text in res.last_insns:
+            lines.append(f"    {addr:#x}: {hx:<24} {text}")
+    if res.registers:
+        regs = res.registers
+        items = [f"{k}={v:#x}" for k, v in regs.items()]
+        for i in range(0, len(items), 6):
+            lines.append("  " + " ".join(items[i:i + 6]))
+    if res.vga is not None:
+        lines.append("  --- VGA text (80x25) ---")
+        rows = list(res.vga)
+        while rows and not rows[-1]:
+            rows.pop()
+        lines += ["  |" + r for r in rows]
+    return "\n".join(lines)

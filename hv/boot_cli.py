@@ -1,0 +1,104 @@
+"""`hv boot IMAGE`: run a guest image on the emulated vCPU through the PSP-managed NPT.
+
+Without --json the guest's serial output streams to stdout as it is
+written, and the report (exit reason, NPFs, launch measurement, ...) goes
+to stderr.  With --json one object is printed on stdout.  Exit code: the
+guest's own (port 0xF4; 0 for hlt or an exhausted --max-insns), 1 when the
+guest failed (triple fault, access outside its RAM, emulator error), 2 for
+bad input, 3 when the PSP stopped the VM (tamper detected).
+"""
+import argparse
+import json
+import sys
+
+from .errors import BadInput
+
+
+def _size(text):
+    from .hostmem import parse_size
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _pos_int(text):
+    try:
+        v = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return v
+
+
+def add_parser(sub, common):
+    from .vcpu import available_hooks
+    p = sub.add_parser("boot", help="boot a guest image (ELF64 toy or Multiboot) through the PSP-managed NPT")
+    p.add_argument("image", help="ELF64 toy guest or Multiboot v1 kernel")
+    p.add_argument("--mem", type=_size, default=256 << 20, metavar="SIZE",
+                   help="guest RAM (default 256M)")
+    p.add_argument("--vga", action="store_true", help="dump the VGA text screen (0xB8000) at exit")
+    p.add_argument("--record", metavar="TRACE.csv",
+                   help="write the fault trace (one row per NPF, with rip and instruction bytes)")
+    p.add_argument("--max-insns", type=_pos_int, default=None, metavar="N",
+                   help="stop after N instructions (exit_reason insn_limit)")
+    p.add_argument("--serial", metavar="FILE", help="also write the serial output to FILE")
+    p.add_argument("--check-insns", type=_pos_int, default=None, metavar="N",
+                   help="PSP integrity check (CHECK_ALL) every N instructions")
+    p.add_argument("--check-ms", type=_pos_int, default=None, metavar="MS",
+                   help="PSP integrity check (CHECK_ALL) every MS milliseconds of wall time")
+    hooks = available_hooks()
+    p.add_argument("--hook", choices=["c", "python"], default=hooks[0],
+                   help="vCPU TLB-fill hook (default %s; available: %s)" % (hooks[0], ",".join(hooks)))
+    common(p)
+    p.set_defaults(func=cmd_boot)
+    return p
+
+
+def cmd_boot(args):
+    from .boot import Boot, format_report
+    from .cli import make_vmm
+
+    serial_file = None
+    if args.serial:
+        try:
+            serial_file = open(args.serial, "wb")
+        except OSError as e:
+            raise BadInput(f"cannot write serial output to {args.serial}: {e.strerror or e}") from None
+
+    out = sys.stdout
+    stream = not args.json
+
+    def sink(b):
+        if serial_file is not None:
+            serial_file.write(b)
+        if stream:
+            out.write(b.decode("latin-1"))
+            if b == b"\n":
+                out.flush()
+
+    vmm = make_vmm(args)
+    boot = None
+    try:
+        boot = Boot(vmm, args.image, mem=args.mem, hook=args.hook, check_insns=args.check_insns,
+                    check_ms=args.check_ms, record=args.record, serial_sink=sink, vga=args.vga)
+        res = boot.run(args.max_insns)
+        if args.json:
+            d = res.to_dict()
+            if not args.vga:
+                d.pop("vga", None)
+            print(json.dumps(d))
+        else:
+            out.flush()
+            if res.serial and not res.serial.endswith("\n"):
+                out.write("\n")
+                out.flush()
+            print(format_report(res), file=sys.stderr)
+        return res.exit_code
+    finally:
+        if serial_file is not None:
+            serial_file.close()
+        if boot is not None:
+            boot.close()
+        vmm.close()

@@ -1,0 +1,455 @@
+"""The PSP in its own process, behind a shared-memory mailbox (`--psp process`).
+
+A secure processor's private memory is out of the hypervisor's reach because
+it is a different chip. Here the firmware runs in a child process started
+with a fresh interpreter (`python -m psp_firmware.server`, never a fork of
+the VMM), so that its frame table, digests and measurements exist only in
+that process: nothing in the VMM process, whatever it imports, holds a
+reference to them. The VMM shares two things with it: host memory (the
+memfd of `HostMemory(shared=True)`) and the mailbox region
+(`psp_firmware.mailbox_layout`, its own memfd), plus two eventfd doorbells
+and a "life pipe" whose EOF tells the child that the VMM is gone.
+
+`ProcessTransport.call(cmd, buf) -> (status, out)` and
+`call_batch([(cmd, buf), ...]) -> [(status, out), ...]` (the CSV-style
+ring: one doorbell for the whole batch, one status per entry) have the
+same shape as `hv.mailbox.InProcessTransport`.
+
+Faults: if the child crashes, is killed, or does not answer within
+`timeout` seconds, the transport kills it (SIGKILL), reaps it (no zombie)
+and raises `PspDead` (`.status == Status.PSP_DEAD`); callers map that to
+exit_reason psp_dead / exit code 1. Every later call raises PspDead at once.
+"""
+import os
+import select
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import weakref
+
+from psp_firmware import mailbox_layout as L
+from psp_firmware.status import Status
+
+_ONE = (1).to_bytes(8, "little")
+_U32_MAX = 0xFFFF_FFFF
+
+
+class PspDead(Exception):
+    """The PSP process crashed, was killed, or stopped answering."""
+
+    status = Status.PSP_DEAD
+    exit_reason = "psp_dead"
+
+    def __init__(self, msg, returncode=None):
+        super().__init__(msg)
+        self.status = Status.PSP_DEAD
+        self.returncode = returncode
+
+
+def _default_spin_us():
+    # spinning only helps when the child has a CPU of its own
+    try:
+        ncpu = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        ncpu = os.cpu_count() or 1
+    return 50.0 if ncpu > 1 else 0.0
+
+
+def _describe_exit(rc):
+    if rc is None:
+        return "still running"
+    if rc < 0:
+        try:
+            return f"killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"killed by signal {-rc}"
+    return f"exited with code {rc}"
+
+
+def _shutdown(state):
+    """Finalizer (also close()): stop the child, reap it, release everything.
+
+    Holds no reference to the transport, so it can run from weakref/atexit."""
+    proc = state.get("proc")
+    life_w = state.pop("life_w", None)
+    if proc is not None and proc.returncode is None:
+        if life_w is not None:
+            try:
+                os.close(life_w)         # EOF on the life pipe: the child exits
+                life_w = None
+            except OSError:
+                pass
+        try:
+            os.write(state["req"], _ONE)
+        except (OSError, KeyError):
+            pass
+        try:
+            proc.wait(timeout=state.get("grace", 1.0))
+        except subprocess.TimeoutExpired:
+            pass
+        if proc.returncode is None:
+            try:
+                proc.kill()
+            except OSError:
+                pass
+            try:
+                proc.wait(timeout=5.0)
+            except subprocess.TimeoutExpired:
+                pass
+    if life_w is not None:
+        try:
+            os.close(life_w)
+        except OSError:
+            pass
+    for key in ("req", "resp", "pidfd"):
+        fd = state.pop(key, None)
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    for v in state.pop("views", ()):
+        v.release()
+    mm = state.pop("mm", None)
+    if mm is not None:
+        try:
+            mm.close()
+        except (BufferError, ValueError):
+            pass
+
+
+class ProcessTransport:
+    name = "process"
+
+    def __init__(self, mem, backend=None, integrity=None, timeout=5.0, spin_us=None,
+                 psp_spin_us=200.0, slice_ms=10.0, periodic_ms=None, startup_timeout=None,
+                 python=None):
+        import mmap
+        if mem.fd is None:
+            raise ValueError("the PSP process needs shareable host memory (HostMemory(shared=True))")
+        timeout = float(timeout)
+        if not timeout > 0:
+            raise ValueError(f"--psp-timeout must be > 0, not {timeout}")
+        self.timeout = timeout
+        self.spin_s = (_default_spin_us() if spin_us is None else float(spin_us)) * 1e-6
+        self.slice_s = slice_ms / 1000.0
+        self._seq = 0
+        self._dead = None
+        self._lock = threading.Lock()      # commands are serialized, as the mailbox does
+        st = self._state = {"grace": 1.0}
+        self._finalizer = weakref.finalize(self, _shutdown, st)
+
+        mbox_fd = os.memfd_create("hv-psp-mailbox", os.MFD_CLOEXEC)
+        life_r = None
+        try:
+            os.ftruncate(mbox_fd, L.REGION_SIZE)
+            mm = st["mm"] = mmap.mmap(mbox_fd, L.REGION_SIZE, flags=mmap.MAP_SHARED)
+            L.U32.pack_into(mm, L.OFF_MAGIC, L.MAGIC)
+            L.U32.pack_into(mm, L.OFF_VERSION, L.VERSION)
+            self._mm = mm
+            self._w32, self._w64 = st["views"] = L.views(mm)
+            req = st["req"] = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            resp = st["resp"] = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            life_r, life_w = os.pipe()
+            st["life_w"] = life_w
+            self._req, self._resp = req, resp
+            pdeathsig = threading.current_thread() is threading.main_thread()
+            argv = [python or sys.executable, "-m", "psp_firmware.server",
+                    "--mem-fd", str(mem.fd), "--mbox-fd", str(mbox_fd),
+                    "--req-fd", str(req), "--resp-fd", str(resp), "--life-fd", str(life_r),
+                    "--parent-pid", str(os.getpid()), "--spin-us", str(psp_spin_us)]
+            if pdeathsig:
+                argv.append("--pdeathsig")   # tied to the creating thread: main thread only
+            if backend:
+                argv += ["--backend", str(backend)]
+            if integrity:
+                argv += ["--integrity", str(integrity)]
+            if periodic_ms:
+                argv += ["--periodic-ms", str(periodic_ms)]
+            env = dict(os.environ)
+            root = os.path.dirname(os.path.dirname(os.path.abspath(L.__file__)))
+            env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+            proc = st["proc"] = subprocess.Popen(
+                argv, pass_fds=(mem.fd, mbox_fd, req, resp, life_r), close_fds=True,
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env,
+                start_new_session=True)
+        except BaseException:
+            if life_r is not None:
+                os.close(life_r)
+            os.close(mbox_fd)
+            self._finalizer()
+            raise
+        os.close(life_r)
+        os.close(mbox_fd)
+        self.proc = proc
+        self.pid = proc.pid
+        self._poller = select.poll()
+        self._poller.register(resp, select.POLLIN)
+        self._pidfd = None
+        try:
+            self._pidfd = st["pidfd"] = os.pidfd_open(proc.pid)
+            self._poller.register(self._pidfd, select.POLLIN)
+        except (AttributeError, OSError):
+            pass
+        self._wait_ready(max(self.timeout, 30.0) if startup_timeout is None else startup_timeout)
+
+    # -- lifecycle ------------------------------------------------------------
+    def _wait_ready(self, limit):
+        deadline = time.monotonic() + limit
+        w32 = self._w32
+        while w32[L.I_PSP_STATE] != L.STATE_READY:
+            now = time.monotonic()
+            if now >= deadline:
+                self._die(f"PSP process did not start within {limit:g} s")
+            for fd, _ in self._poller.poll(min(deadline - now, self.slice_s) * 1000):
+                if fd == self._resp:
+                    self._drain()
+            if self.proc.poll() is not None and w32[L.I_PSP_STATE] != L.STATE_READY:
+                self._die(f"PSP process failed to start ({_describe_exit(self.proc.returncode)})")
+
+    def _die(self, msg):
+        """Kill and reap the child, release the transport, raise PspDead."""
+        proc = self.proc if hasattr(self, "proc") else self._state.get("proc")
+        if proc is not None and proc.returncode is None:
+            try:
+                proc.kill()
+            except OSError:
+                pass
+        rc = None
+        if proc is not None:
+            try:
+                rc = proc.wait(timeout=5.0)
+            except subprocess.TimeoutExpired:
+                pass
+        self._dead = msg
+        self._finalizer()
+        raise PspDead(msg, rc)
+
+    def _check_alive(self):
+        if self._dead is not None:
+            raise PspDead(self._dead)
+
+    def close(self):
+        if self._dead is None:
+            self._dead = "the PSP transport is closed"
+        self._finalizer()
+
+    @property
+    def alive(self):
+        return self._dead is None and self.proc.poll() is None
+
+    # -- waiting --------------------------------------------------------------
+    def _drain(self):
+        try:
+            os.read(self._resp, 8)
+        except BlockingIOError:
+            pass
+
+    def _wait(self, seq):
+        w64 = self._w64
+        q = L.Q_DONE_SEQ
+        if w64[q] == seq:
+            return
+        if self.spin_s:
+            clock = time.perf_counter
+            end = clock() + self.spin_s
+            while True:
+                if w64[q] == seq:
+                    return
+                if clock() > end:
+                    break
+        self._block(seq)
+
+    def _block(self, seq):
+        w32, w64 = self._w32, self._w64
+        w32[L.I_VMM_SLEEPING] = 1
+        try:
+            progress = w32[L.I_RING_DONE]
+            deadline = time.monotonic() + self.timeout
+            while True:
+                if w64[L.Q_DONE_SEQ] == seq:
+                    return
+                now = time.monotonic()
+                p = w32[L.I_RING_DONE]
+                if p != progress:           # a long ring is making progress
+                    progress, deadline = p, now + self.timeout
+                if now >= deadline:
+                    self._die(f"PSP process did not answer within {self.timeout:g} s (killed)")
+                gone = False
+                for fd, _ in self._poller.poll(min(deadline - now, self.slice_s) * 1000):
+                    if fd == self._resp:
+                        self._drain()
+                    else:
+                        gone = True
+                if gone or (self._pidfd is None and self.proc.poll() is not None):
+                    if w64[L.Q_DONE_SEQ] == seq:
+                        return
+                    rc = self.proc.wait()
+                    self._die(f"PSP process died ({_describe_exit(rc)})")
+        finally:
+            if self._dead is None:
+                w32[L.I_VMM_SLEEPING] = 0
+
+    def _submit(self, op, count):
+        mm = self._mm
+        L.OP_HDR.pack_into(mm, L.OFF_OP, op, count)
+        seq = self._seq = self._seq + 1
+        self._w64[L.Q_REQ_SEQ] = seq                   # last: publishes the request
+        if self._w32[L.I_PSP_SLEEPING]:
+            os.write(self._req, _ONE)                # doorbell
+        self._wait(seq)
+
+    # -- the mailbox ----------------------------------------------------------
+    def call(self, cmd, buf):
+        buf = bytes(buf)
+        cmd = int(cmd)
+        with self._lock:
+            self._check_alive()
+            mm = self._mm
+            if not 0 <= cmd <= _U32_MAX:
+                cmd = _U32_MAX                 # no such command either way
+            n = len(buf)
+            L.CMD_HDR.pack_into(mm, L.OFF_CMD, cmd, min(n, _U32_MAX))
+            if n:
+                k = min(n, L.CMD_BUF_SIZE)     # the PSP refuses in_len > buffer itself
+                mm[L.CMD_BUF:L.CMD_BUF + k] = buf[:k] if k < n else buf
+            self._submit(L.OP_CMD, 0)
+            word, out_len = L.STATUS_HDR.unpack_from(mm, L.OFF_STATUS)
+            out = mm[L.OUT_BUF:L.OUT_BUF + min(out_len, L.OUT_BUF_SIZE)] if out_len else b""
+            return word & L.STATUS_MASK, out
+
+    def call_batch(self, items):
+        """Ring mode: queue many commands, one doorbell, one status per entry."""
+        items = [(int(c), bytes(b)) for c, b in items]
+        res = []
+        with self._lock:
+            self._check_alive()
+            mm = self._mm
+            for start in range(0, len(items), L.RING_ENTRIES):
+                chunk = items[start:start + L.RING_ENTRIES]
+                e = L.RING_OFF
+                for cmd, buf in chunk:
+                    if not 0 <= cmd <= _U32_MAX:
+                        cmd = _U32_MAX
+                    n = len(buf)
+                    L.ENTRY_HDR.pack_into(mm, e, cmd, min(n, _U32_MAX))
+                    L.ENTRY_RESULT.pack_into(mm, e + L.RE_STATUS, 0, 0)
+                    if n:
+                        k = min(n, L.RE_IN_SIZE)
+                        mm[e + L.RE_IN:e + L.RE_IN + k] = buf[:k] if k < n else buf
+                    e += L.RING_ENTRY_SIZE
+                self._submit(L.OP_RING, len(chunk))
+                word = L.U32.unpack_from(mm, L.OFF_STATUS)[0] & L.STATUS_MASK
+                e = L.RING_OFF
+                for _ in chunk:
+                    st, out_len = L.ENTRY_RESULT.unpack_from(mm, e + L.RE_STATUS)
+                    if word != Status.SUCCESS:
+                        res.append((word, b""))
+                    elif not st & L.DONE:
+                        res.append((int(Status.INTERNAL_ERROR), b""))
+                    else:
+                        o = e + L.RE_OUT
+                        res.append((st & L.STATUS_MASK,
+                                    mm[o:o + min(out_len, L.RE_OUT_SIZE)] if out_len else b""))
+                    e += L.RING_ENTRY_SIZE
+        return res
+
+    def psp_commands(self):
+        """Commands the PSP process has executed (from its status line)."""
+        return self._w64[L.Q_COMMANDS]
+
+
+# -- measurement (for `hv bench`) ---------------------------------------------
+def _pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def measure_roundtrip(kind, n=5000, batch=256, rounds=8, backend=None, integrity=None,
+                      host_mem=256 << 20):
+    """Time the mailbox of one transport kind ("process" or "inprocess").
+
+    Returns a dict (all times in microseconds):
+      roundtrip_us_median / _p99 / _mean: one empty command (NOP), `n` times;
+      ring_us_per_cmd (median over `rounds` batches of `batch` UPDATE_NPT
+        commands through call_batch, each mapping a fresh 4 KiB page),
+      ring_nop_us_per_cmd: the same ring of NOPs (the transport's own share),
+      update_us_per_cmd: the same UPDATE_NPT batches one call() at a time.
+    """
+    from psp_firmware.commands import ATTR_RWX, Cmd, encode
+    from .vmm import Vmm
+    vmm = Vmm(host_mem=host_mem, backend=backend, integrity=integrity, psp=kind)
+    try:
+        t = vmm.transport
+        call = t.call
+        clock = time.perf_counter_ns
+        nop = int(Cmd.NOP)
+        for _ in range(min(n, 500)):          # warm up (spin paths, caches)
+            call(nop, b"")
+        lat = []
+        for _ in range(n):
+            t0 = clock()
+            call(nop, b"")
+            lat.append(clock() - t0)
+        lat = [x / 1000.0 for x in lat]
+
+        vm = vmm.create_vm()
+        need = (rounds * 2 + 1) * batch
+        vmm._donate_pool(max(64, need // 256 + 16))
+        gpa = [0x1000_0000]
+
+        def updates():
+            hpa = vmm.alloc.alloc(batch)
+            cmds = []
+            for i in range(batch):
+                cmds.append((int(Cmd.UPDATE_NPT),
+                             encode(Cmd.UPDATE_NPT, handle=vm.handle, level=1, gpa=gpa[0],
+                                    hpa=hpa + i * 4096, attrs=ATTR_RWX, npages=1)))
+                gpa[0] += 4096
+            return cmds
+
+        ring, single, ring_nop = [], [], []
+        nops = [(nop, b"")] * batch
+        for _ in range(rounds):
+            cmds = updates()
+            t0 = clock()
+            out = t.call_batch(cmds)
+            ring.append((clock() - t0) / 1000.0 / batch)
+            if any(st != 0 for st, _ in out):
+                raise RuntimeError(f"ring UPDATE_NPT refused: {sorted({st for st, _ in out})}")
+            cmds = updates()
+            t0 = clock()
+            for c, b in cmds:
+                call(c, b)
+            single.append((clock() - t0) / 1000.0 / batch)
+            t0 = clock()
+            t.call_batch(nops)
+            ring_nop.append((clock() - t0) / 1000.0 / batch)
+        return {
+            "kind": kind,
+            "n": n,
+            "roundtrip_us_median": round(statistics.median(lat), 3),
+            "roundtrip_us_p99": round(_pct(lat, 0.99), 3),
+            "roundtrip_us_mean": round(statistics.fmean(lat), 3),
+            "ring_batch": batch,
+            "ring_us_per_cmd": round(statistics.median(ring), 3),
+            "ring_nop_us_per_cmd": round(statistics.median(ring_nop), 3),
+            "update_us_per_cmd": round(statistics.median(single), 3),
+            "backend": vmm.backend,
+        }
+    finally:
+        vmm.close()
+
+
+def main(argv=None):
+    """`python -m hv.psp_process [n]`: print both transports' figures as JSON."""
+    import json
+    n = int(argv[0]) if argv else 5000
+    print(json.dumps({k: measure_roundtrip(k, n=n) for k in ("inprocess", "process")}, indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

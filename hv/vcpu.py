@@ -1,0 +1,788 @@
+"""The emulated vCPU: Unicorn 2.1 with the PSP-managed NPT as its MMU.
+
+Host memory (``vmm.mem.buf``) is mapped once into Unicorn's physical space
+at 0, so a TLB entry's physical address is the HPA.  Unicorn runs with
+``UC_TLB_VIRTUAL`` and a TLB-fill hook that plays the hardware walker:
+
+- paging off (CR0.PG=0): the linear address is the GPA, walked through the
+  NPT (1D walk);
+- paging on: the 2D walk (``MODE_LONG4`` when EFER.LMA, ``MODE_PAE`` when
+  CR4.PAE, else ``MODE_32``): the guest's own tables, each of their reads
+  translated through the NPT.
+
+The mode is read from CR0/CR4/EFER at every fill, so guests that switch
+paging are honoured; the emulator's TLB is flushed after every NPT change
+(``vm.on_npt_change``) and whenever the guest reloads CR3 or changes mode
+(Unicorn flushes its own TLB then).  TLB hits never leave the emulator.  A
+miss in the NPT is an NPF: the hook fills in AMD's error code (``PF_WALK``
+during the guest's table walk, ``PF_FINAL`` on the final address, ``PF_ID``
+for a fetch, ``PF_W`` for a write), calls the VMM (``vmm.handle_npf``: it
+asks the PSP), and retries the walk.  A not-present guest PTE is a guest
+#PF: the fill fails, Unicorn stops, and the #PF is injected through the
+guest's IDT here (no usable IDT: #DF, then triple fault).
+
+Two hook backends with the same behaviour: ``"c"`` (``hv._vcpu_c``, built
+from csrc/vcpu.c and registered straight with libunicorn's ``uc_hook_add``;
+Python is entered only for an NPF and for the first sight of a basic
+block) and ``"python"`` (a Python TLB-fill hook using ``vmm.engine``; it
+also records every GPA page the walker translated, guest table pages
+included, for cross-checks).
+
+Instructions are counted with a basic-block hook (C when built): each new
+block is decoded once with capstone; the block a run stops in is counted up
+to the stop address.  Unicorn specifics handled here: after ``hlt`` Unicorn
+probes the page of emu_start's ``until`` address (a fetch fill we answer with
+a scratch frame and take as "the guest halted"); ``ud2`` surfaces as
+UC_ERR_INSN_INVALID (-> #UD); other exceptions arrive through UC_HOOK_INTR;
+an exception raised in a hook is recorded and re-raised after emu_start.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import struct
+from dataclasses import dataclass, field
+
+from unicorn import (UC_ARCH_X86, UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_ERR_INSN_INVALID,
+                     UC_HOOK_BLOCK, UC_HOOK_INSN, UC_HOOK_INTR, UC_HOOK_TLB_FILL, UC_MODE_32,
+                     UC_MODE_64, UC_PROT_ALL, UC_TLB_VIRTUAL, Uc, UcError)
+from unicorn import x86_const as X
+
+from nptcore.bits import (ACC_R, ACC_W, ACC_X, GUEST_ADDR_MASK, K_GUEST_PF, K_NPF,
+                          MODE_32, MODE_LONG4, MODE_PAE, PF_FINAL, PF_ID, PF_W, PF_WALK)
+
+from .vmm import VmStopped
+
+try:
+    from unicorn.unicorn_py3.unicorn import uclib as _uclib
+except ImportError:          # pragma: no cover - other binding layouts
+    _uclib = None
+
+try:
+    from ._vcpu_c import ffi as _ffi, lib as _lib
+except ImportError:          # pragma: no cover - C module not built
+    _ffi = _lib = None
+
+log = logging.getLogger("hv.vcpu")
+
+MSR_EFER = 0xC0000080
+CR0_PE, CR0_PG = 1, 1 << 31
+CR4_PAE = 0x20
+EFER_LMA = 0x400
+MODE_NONE = 0
+UC_PROT_R, UC_PROT_W, UC_PROT_X = 1, 2, 4
+_PERMS = {ACC_R: UC_PROT_R, ACC_W: UC_PROT_R | UC_PROT_W, ACC_X: UC_PROT_R | UC_PROT_X}
+_UC_ACC = {16: ACC_R, 17: ACC_W, 18: ACC_X}
+ACCESS_WORDS = {ACC_R: "read", ACC_W: "write", ACC_X: "instruction fetch"}
+MODE_NAMES = {MODE_NONE: "no paging", MODE_32: "32-bit paging", MODE_PAE: "PAE paging",
+              MODE_LONG4: "4-level paging"}
+VEC_NAMES = {0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM",
+             8: "#DF", 10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF",
+             17: "#AC", 18: "#MC", 19: "#XM"}
+_ERRCODE_VECTORS = {8, 10, 11, 12, 13, 14, 17}
+_CONTRIBUTORY = {0, 10, 11, 12, 13}
+
+
+def available_hooks():
+    """Hook backends usable here, default first."""
+    return (["c"] if _lib is not None and _uclib is not None else []) + ["python"]
+
+
+def vec_name(v):
+    return VEC_NAMES.get(v, f"vector {v}")
+
+
+@dataclass
+class StopInfo:
+    """Why vcpu.run() returned.
+
+    kind: "exit_port" (exit_code), "hlt", "limit" (instruction budget used),
+    "vm_stopped" (the VMM could not resolve an NPF: ``stopped`` is the
+    VmStopped, ``fault`` the NPF), "triple_fault", "error"."""
+    kind: str
+    exit_code: int | None = None
+    detail: str = ""
+    stopped: VmStopped | None = None
+    fault: dict = field(default_factory=dict)
+
+
+class _GuestFault(Exception):
+    def __init__(self, vector, errcode=None, cr2=None):
+        super().__init__(vector)
+        self.vector, self.errcode, self.cr2 = vector, errcode, cr2
+
+
+class _Halt(Exception):
+    pass
+
+
+_registry = {}
+
+if _ffi is not None:
+    @_ffi.def_extern()
+    def vcpu_py_npf(ctx):
+        v = _registry.get(ctx.handle)
+        if v is None:
+            return 1
+        try:
+            return v._npf(ctx.f_va, ctx.f_gpa, ctx.f_access, ctx.f_err, ctx.f_rip, ctx.f_mode)
+        except BaseException as e:       # noqa: BLE001 - re-raised after emu_start
+            v._exc = e
+            return 1
+
+    @_ffi.def_extern()
+    def vcpu_py_block(ctx, addr, size):
+        v = _registry.get(ctx.handle)
+        if v is None:
+            return 1
+        try:
+            return v._block_ninsns(addr, size)
+        except BaseException as e:       # noqa: BLE001
+            v._exc = e
+            return 1
+
+
+class UnicornVcpu:
+    """One vCPU of a VM, on Unicorn.  See the module docstring."""
+
+    def __init__(self, vmm, vm, image, hook="c", devices=None, record=None):
+        if hook not in ("c", "python"):
+            raise ValueError(f"unknown vCPU hook backend {hook!r} (c or python)")
+        if hook == "c" and "c" not in available_hooks():
+            raise RuntimeError("the C vCPU hook (hv._vcpu_c) is not built")
+        self.vmm, self.vm, self.image = vmm, vm, image
+        self.hook = hook
+        self.eng = vmm.engine
+        self.mem = vmm.mem
+        self.devices = devices
+        self.record = record
+        self.touched = set()          # python hook: GPA pages the walker translated
+        self.npf_log = []             # (gpa, access, errcode, rip) of every NPF
+        self.gpf_count = 0
+        self.injected = []            # (vector, rip) of exceptions delivered
+        self._exc = None
+        self._stopped = None          # VmStopped from an NPF
+        self._stop_fault = {}
+        self._pending_intr = None
+        self._halted = False
+        self._pyfault = None
+        self._stop_flag = 0
+        self._blocks = {}
+        self._adjust = 0              # instructions not executed in stopped blocks
+        self._py_insns = 0
+        self._py_last = (0, 0, 0)
+        self._closed = False
+        self._exit_pc = None
+
+        self.bits = 64 if image.mode == 64 else 32
+        self.uc = uc = Uc(UC_ARCH_X86, UC_MODE_64 if image.mode == 64 else UC_MODE_32)
+        self._pc_reg = X.UC_X86_REG_RIP if image.mode == 64 else X.UC_X86_REG_EIP
+        self._until = (1 << 64) - 1 if image.mode == 64 else (1 << 32) - 1
+        self._sentinel_page = self._until & ~0xFFF
+        self._sentinel_hpa = vmm.alloc.alloc(1)
+        vmm.mem.write(self._sentinel_hpa, b"\xf4" * 4096)      # hlt, should it ever run
+        self._host = ctypes.c_char.from_buffer(vmm.mem.buf)
+        uc.mem_map_ptr(0, vmm.mem.size, UC_PROT_ALL, ctypes.addressof(self._host))
+        uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
+
+        self._ctx = None
+        self._hh = []
+        if hook == "c" or (_lib is not None and _uclib is not None):
+            self._setup_c(fill=(hook == "c"))
+        if hook == "python":
+            uc.hook_add(UC_HOOK_TLB_FILL, self._py_fill)
+        if self._ctx is None:
+            uc.hook_add(UC_HOOK_BLOCK, self._py_block)
+        uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT)
+        uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN)
+        uc.hook_add(UC_HOOK_INTR, self._on_intr)
+        vm.on_npt_change.append(self.flush_tlb)
+        self._set_boot_state(image)
+
+    # -- setup ---------------------------------------------------------------
+    def _setup_c(self, fill):
+        ctx = _ffi.new("vcpu_ctx *")
+        self._blk_table = _ffi.new("vcpu_blk[]", 1 << 16)
+        self._cmem = _ffi.from_buffer("uint8_t[]", self.mem.buf, require_writable=True)
+        ctx.mem = self._cmem
+        ctx.mem_size = self.mem.size
+        ctx.vmsa = self.vm.vmsa
+        ctx.uc = _ffi.cast("void *", self.uc._uch.value)
+        ctx.reg_read = _ffi.cast("void *", ctypes.cast(_uclib.uc_reg_read, ctypes.c_void_p).value)
+        ctx.sentinel_page = self._sentinel_page
+        ctx.sentinel_hpa = self._sentinel_hpa
+        ctx.handle = id(self)
+        ctx.pc_reg = self._pc_reg
+        ctx.blocks = self._blk_table
+        self._ctx = ctx
+        _registry[id(self)] = self
+        ud = ctypes.c_void_p(int(_ffi.cast("uintptr_t", ctx)))
+        kinds = [(UC_HOOK_BLOCK, _lib.vcpu_block_addr())]
+        if fill:
+            kinds.insert(0, (UC_HOOK_TLB_FILL, _lib.vcpu_tlb_fill_addr()))
+        for htype, addr in kinds:
+            h = ctypes.c_size_t()
+            err = _uclib.uc_hook_add(self.uc._uch, ctypes.byref(h), htype,
+                                     ctypes.c_void_p(addr), ud, 1, 0)
+            if err:
+                raise UcError(err)
+            self._hh.append(h)
+
+    def _set_boot_state(self, image):
+        uc, cpu = self.uc, image.cpu
+        uc.reg_write(X.UC_X86_REG_GDTR, (0, cpu["gdt_base"], cpu["gdt_limit"], 0))
+        if image.mode == 64:
+            uc.reg_write(X.UC_X86_REG_CR3, cpu["cr3"])
+            uc.reg_write(X.UC_X86_REG_CR4, cpu["cr4"])
+            uc.msr_write(MSR_EFER, cpu["efer"])
+        uc.reg_write(X.UC_X86_REG_CR0, cpu["cr0"])
+        # segment loads read the boot GDT through the walker (launch pages)
+        for name in ("cs", "ds", "es", "fs", "gs", "ss"):
+            uc.reg_write(getattr(X, "UC_X86_REG_" + name.upper()), cpu[name])
+        regs = {"rip": X.UC_X86_REG_RIP, "rdi": X.UC_X86_REG_RDI, "rsp": X.UC_X86_REG_RSP,
+                "rflags": X.UC_X86_REG_RFLAGS, "eip": X.UC_X86_REG_EIP,
+                "eax": X.UC_X86_REG_EAX, "ebx": X.UC_X86_REG_EBX, "esp": X.UC_X86_REG_ESP,
+                "eflags": X.UC_X86_REG_EFLAGS}
+        for name, value in image.initial_regs.items():
+            if name in regs:
+                uc.reg_write(regs[name], value)
+        self._stop_flag = 0
+        if self._ctx is not None:
+            self._ctx.stop = 0
+
+    def close(self):
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.vm.on_npt_change.remove(self.flush_tlb)
+        except ValueError:
+            pass
+        _registry.pop(id(self), None)
+        self.uc = None
+
+    # -- CPU state -----------------------------------------------------------
+    def flush_tlb(self):
+        if self.uc is not None:
+            self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+
+    @property
+    def pc(self):
+        return self.uc.reg_read(self._pc_reg)
+
+    def cpu_mode(self):
+        """(paging mode, cr3, lma)"""
+        uc = self.uc
+        cr0 = uc.reg_read(X.UC_X86_REG_CR0)
+        efer = uc.msr_read(MSR_EFER)
+        lma = bool(efer & EFER_LMA)
+        if not cr0 & CR0_PG:
+            return MODE_NONE, 0, lma
+        cr3 = uc.reg_read(X.UC_X86_REG_CR3)
+        if lma:
+            return MODE_LONG4, cr3, lma
+        if uc.reg_read(X.UC_X86_REG_CR4) & CR4_PAE:
+            return MODE_PAE, cr3, lma
+        return MODE_32, cr3, lma
+
+    def code_bits(self):
+        """16/32/64: decoding mode from the CPU state (long mode is taken as
+        64-bit code; compatibility mode is not modelled)."""
+        uc = self.uc
+        if uc.msr_read(MSR_EFER) & EFER_LMA:
+            return 64
+        return 32 if uc.reg_read(X.UC_X86_REG_CR0) & CR0_PE else 16
+
+    def registers(self):
+        uc = self.uc
+        if self.code_bits() == 64:
+            names = ["rip", "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
+                     "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rflags"]
+        else:
+            names = ["eip", "eax", "ebx", "ecx", "edx", "esi", "edi", "ebp", "esp", "eflags"]
+        out = {n: uc.reg_read(getattr(X, "UC_X86_REG_" + n.upper())) for n in names}
+        for n in ("cr0", "cr2", "cr3", "cr4"):
+            out[n] = uc.reg_read(getattr(X, "UC_X86_REG_" + n.upper()))
+        out["efer"] = uc.msr_read(MSR_EFER)
+        out["cs"] = uc.reg_read(X.UC_X86_REG_CS)
+        out["ss"] = uc.reg_read(X.UC_X86_REG_SS)
+        return out
+
+    # -- guest memory as the VMM sees it --------------------------------------
+    def translate(self, va, access=ACC_R, fault=False):
+        """HPA of linear address va (None if unmapped and not `fault`).
+
+        With fault=True this is the CPU's own access (exception delivery):
+        NPFs are taken (the VMM maps), A/D are set, a guest #PF raises
+        _GuestFault(14)."""
+        mode, cr3, lma = self.cpu_mode()
+        for _ in range(8):
+            root = self.vmm.npt_root(self.vm)
+            if mode == MODE_NONE:
+                gpa = va if lma else va & 0xFFFFFFFF
+                r = self.eng.walk(root, gpa, access, set_ad=fault)
+                if r.ok:
+                    return r.hpa
+                err = r.errcode
+            else:
+                r = self.eng.walk2d(root, cr3, va, access, mode, set_ad=fault)
+                if r.ok:
+                    return r.hpa
+                if r.kind == K_GUEST_PF:
+                    if fault:
+                        raise _GuestFault(14, r.errcode, va)
+                    return None
+                gpa, err = r.gpa, r.errcode
+            if not fault:
+                return None
+            if self._npf(va, gpa, access, err, self.pc, mode):
+                raise _Halt()
+        raise _Halt()
+
+    def read_virt(self, va, n, fault=False):
+        out = bytearray()
+        while len(out) < n:
+            a = va + len(out)
+            k = min(n - len(out), 4096 - (a & 0xFFF))
+            hpa = self.translate(a, ACC_R, fault)
+            if hpa is None:
+                break
+            out += self.mem.read(hpa, k)
+        return bytes(out)
+
+    def write_virt(self, va, data):
+        off = 0
+        hpas = []
+        while off < len(data):      # translate everything first (as a CPU would fault)
+            a = va + off
+            k = min(len(data) - off, 4096 - (a & 0xFFF))
+            hpas.append((self.translate(a, ACC_W, True), off, k))
+            off += k
+        for hpa, o, k in hpas:
+            self.mem.write(hpa, data[o:o + k])
+
+    def read_gpa(self, gpa, n):
+        """Bytes at guest-physical gpa as mapped now (zeros where unmapped);
+        no NPF, no A/D update."""
+        out = bytearray()
+        while len(out) < n:
+            a = gpa + len(out)
+            k = min(n - len(out), 4096 - (a & 0xFFF))
+            r = self.eng.walk(self.vmm.npt_root(self.vm), a, ACC_R, set_ad=False)
+            out += self.mem.read(r.hpa, k) if r.ok else bytes(k)
+        return bytes(out)
+
+    def insn_bytes(self, rip, n=15):
+        return self.read_virt(rip, n)
+
+    # -- the NPF path (both hooks) -------------------------------------------
+    def _npf(self, va, gpa, access, err, rip, mode):
+        """Resolve one NPF through the VMM.  Returns 0 to retry the walk, 1 to stop."""
+        kind = ACC_X if err & PF_ID else (ACC_W if err & PF_W else ACC_R)
+        bits = 64 if mode == MODE_LONG4 else (32 if self.bits == 32 or mode else self.bits)
+        cache = {}
+
+        def insn():
+            if "b" not in cache:
+                cache["b"] = self.insn_bytes(rip)
+            return cache["b"]
+
+        self.npf_log.append((gpa, kind, err, rip))
+        try:
+            self.vmm.handle_npf(self.vm, gpa, kind, err, rip=rip, insn=insn, mode=bits)
+        except VmStopped as e:
+            self._stopped = e
+            self._stop_fault = {"va": va, "gpa": gpa, "access": kind, "errcode": err, "rip": rip,
+                                "walk": bool(err & PF_WALK), "final": bool(err & PF_FINAL)}
+            if self.record is not None:
+                self.record.write(kind, gpa, rip=rip, insn=insn())
+            return 1
+        if self.record is not None:
+            self.record.write(kind, gpa, rip=rip, insn=insn())
+        return 0
+
+    # -- the Python TLB-fill hook ---------------------------------------------
+    def _py_fill(self, uc, va, typ, entry, _ud):
+        try:
+            access = _UC_ACC.get(typ, ACC_R)
+            if access == ACC_X and va == self._sentinel_page:
+                self._halted = True
+                entry.paddr = self._sentinel_hpa
+                entry.perms = UC_PROT_R | UC_PROT_X
+                return True
+            if self._stop_flag:
+                return False
+            mode, cr3, lma = self.cpu_mode()
+            eng, vm = self.eng, self.vm
+            for _ in range(8):
+                root = self.vmm.npt_root(vm)
+                if mode == MODE_NONE:
+                    gpa = va if lma else va & 0xFFFFFFFF
+                    r = eng.walk(root, gpa, access)
+                    if r.ok:
+                        self.touched.add(gpa >> 12)
+                        entry.paddr = r.hpa & ~0xFFF
+                        entry.perms = _PERMS[access]
+                        return True
+                    err = r.errcode
+                else:
+                    r = eng.walk2d(root, cr3, va, access, mode)
+                    if r.ok:
+                        self.touched.add(r.gpa >> 12)
+                        self.touched.update(self._table_pages(root, cr3, va, mode))
+                        entry.paddr = r.hpa & ~0xFFF
+                        entry.perms = _PERMS[access]
+                        return True
+                    if r.kind == K_GUEST_PF:
+                        self.touched.update(self._table_pages(root, cr3, va, mode))
+                        self._pyfault = (va, r.errcode, uc.reg_read(self._pc_reg))
+                        self._stop_flag = 2
+                        return False
+                    gpa, err = r.gpa, r.errcode
+                if self._npf(va, gpa, access, err, uc.reg_read(self._pc_reg), mode):
+                    self._stop_flag = 1
+                    return False
+            self._stop_flag = 3
+            return False
+        except BaseException as e:     # noqa: BLE001 - re-raised after emu_start
+            self._exc = e
+            self._stop_flag = 1
+            return False
+
+    def _table_pages(self, root, cr3, va, mode):
+        """GPA pages of the guest table entries a 2D walk of va reads (for the
+        Python hook's record of touched pages)."""
+        pages = []
+        if mode == MODE_LONG4:
+            table, levels, esz = cr3 & GUEST_ADDR_MASK, 4, 8
+        elif mode == MODE_PAE:
+            table, levels, esz = cr3 & 0xFFFFFFE0, 3, 8
+        else:
+            table, levels, esz = cr3 & 0xFFFFF000, 2, 4
+        for L in range(levels, 0, -1):
+            if mode == MODE_32:
+                eg = table + (((va >> (2 + 10 * L)) & 1023) << 2)
+            elif mode == MODE_PAE and L == 3:
+                eg = table + (((va >> 30) & 3) << 3)
+            else:
+                eg = table + ((va >> (9 * L)) & 0xFF8)
+            pages.append(eg >> 12)
+            r = self.eng.walk(root, eg, ACC_R, set_ad=False)
+            if not r.ok:
+                break
+            e = int.from_bytes(self.mem.read(r.hpa, esz), "little")
+            if not e & 1:
+                break
+            if L == 1 or (e & 0x80 and not (mode == MODE_PAE and L == 3) and L != 4):
+                break
+            table = (e & 0xFFFFF000) if mode == MODE_32 else (e & GUEST_ADDR_MASK)
+        return pages
+
+    # -- instruction counting ---------------------------------------------------
+    def _block_ninsns(self, addr, size):
+        key = (addr, size)
+        n = self._blocks.get(key)
+        if n is None:
+            n = len(self._decode(addr, size)) or 1
+            self._blocks[key] = n
+        return n
+
+    def _decode(self, addr, size):
+        from .disasm import _cs
+        code = self.read_virt(addr, size) if size else b""
+        return [(a, s) for a, s, _, _ in _cs(self.code_bits()).disasm_lite(code, addr)]
+
+    def _py_block(self, uc, addr, size, _ud):
+        try:
+            n = self._block_ninsns(addr, size)
+            self._py_insns += n
+            self._py_last = (addr, size, n)
+        except BaseException as e:    # noqa: BLE001
+            self._exc = e
+            uc.emu_stop()
+
+    @property
+    def instructions(self):
+        base = self._ctx.insns if self._ctx is not None else self._py_insns
+        return base + self._adjust
+
+    def _last_block(self):
+        if self._ctx is not None:
+            return self._ctx.last_addr, self._ctx.last_size, self._ctx.last_n
+        return self._py_last
+
+    def _clear_last(self):
+        if self._ctx is not None:
+            self._ctx.last_n = 0
+        else:
+            self._py_last = (0, 0, 0)
+
+    def _account(self, pc):
+        """The block the run stopped in ran only up to pc: uncount the rest."""
+        addr, size, n = self._last_block()
+        if n:
+            self._last_seen = (addr, size)
+        if n and addr <= pc < addr + size:
+            done = sum(1 for a, _ in self._decode(addr, size) if a < pc)
+            self._adjust -= max(0, n - done)
+        self._clear_last()
+
+    def last_insns(self, limit=16):
+        """[(addr, hex bytes, text)]: the last block run, up to and including
+        the instruction at the current pc (for failure reports)."""
+        from .disasm import disasm_many
+        pc = self.pc
+        bits = self.code_bits()
+        addr, size = getattr(self, "_last_seen", (pc, 0))
+        out = []
+        if addr <= pc < addr + size or addr == pc:
+            code = self.read_virt(addr, (pc - addr) + 15)
+            for a, hx, text in disasm_many(code, addr, bits, count=64):
+                out.append((a, hx, text))
+                if a >= pc:
+                    break
+        else:
+            if size:
+                out += list(disasm_many(self.read_virt(addr, size), addr, bits, count=64))
+            out += list(disasm_many(self.read_virt(pc, 15), pc, bits, count=1))
+        return [list(x) for x in out[-limit:]]
+
+    # -- devices and exceptions ----------------------------------------------
+    def _on_out(self, uc, port, size, value, _ud):
+        try:
+            if self.devices is not None and self.devices.port_out(port, size, value):
+                # Unicorn finishes the block after emu_stop: the run ends here
+                self._exit_pc = uc.reg_read(self._pc_reg)
+                uc.emu_stop()
+        except BaseException as e:    # noqa: BLE001
+            self._exc = e
+            uc.emu_stop()
+
+    def _on_in(self, uc, port, size, _ud):
+        try:
+            return self.devices.port_in(port, size) if self.devices is not None else 0xFF
+        except BaseException as e:    # noqa: BLE001
+            self._exc = e
+            uc.emu_stop()
+            return 0
+
+    def _on_intr(self, uc, intno, _ud):
+        self._pending_intr = intno
+        uc.emu_stop()
+
+    def _deliver(self, vector, errcode=None, cr2=None):
+        """Deliver an exception through the guest's IDT (same privilege level,
+        interrupt/trap gates).  Returns None, or the triple-fault story."""
+        chain = []
+        uc = self.uc
+        while True:
+            chain.append(vec_name(vector))
+            try:
+                self._deliver_one(vector, errcode, cr2)
+                self.injected.append((vector, self.pc))
+                return None
+            except _Halt:
+                raise
+            except _GuestFault as f:
+                why = f"{vec_name(f.vector)} while delivering it"
+            except _DeliveryError as d:
+                why = str(d)
+            chain[-1] += f" ({why})"
+            if vector == 8:
+                return " -> ".join(chain) + " -> triple fault (shutdown)"
+            vector = 8 if (vector in _CONTRIBUTORY or vector == 14) else 13
+            errcode, cr2 = 0, None
+            _ = uc
+
+    def _deliver_one(self, vector, errcode, cr2):
+        uc = self.uc
+        if cr2 is not None:
+            uc.reg_write(X.UC_X86_REG_CR2, cr2)
+        _sel, base, limit, _fl = uc.reg_read(X.UC_X86_REG_IDTR)
+        long_mode = self.code_bits() == 64
+        gsz = 16 if long_mode else 8
+        if vector * gsz + gsz - 1 > limit:
+            raise _DeliveryError(f"IDT limit {limit:#x}" if limit else "no IDT")
+        gate = self.read_virt(base + vector * gsz, gsz, fault=True)
+        if len(gate) < gsz:
+            raise _DeliveryError("IDT not readable")
+        off_lo, sel, ist, attr, off_mid = struct.unpack_from("<HHBBH", gate)
+        gtype = attr & 0xF
+        if not attr & 0x80:
+            raise _DeliveryError("gate not present")
+        if gtype not in (0xE, 0xF):
+            raise _DeliveryError(f"gate type {gtype:#x} not supported")
+        if vector in _ERRCODE_VECTORS and errcode is None:
+            errcode = 0
+        rip = self.pc
+        if long_mode:
+            (off_hi,) = struct.unpack_from("<I", gate, 8)
+            target = off_lo | (off_mid << 16) | (off_hi << 32)
+            rsp = uc.reg_read(X.UC_X86_REG_RSP)
+            flags = uc.reg_read(X.UC_X86_REG_RFLAGS)
+            frame = [uc.reg_read(X.UC_X86_REG_SS), rsp, flags, uc.reg_read(X.UC_X86_REG_CS), rip]
+            if vector in _ERRCODE_VECTORS:
+                frame.append(errcode)
+            new_rsp = (rsp & ~0xF) - 8 * len(frame)
+            self.write_virt(new_rsp, struct.pack(f"<{len(frame)}Q", *reversed(frame)))
+            uc.reg_write(X.UC_X86_REG_RSP, new_rsp)
+            uc.reg_write(X.UC_X86_REG_CS, sel)
+            uc.reg_write(X.UC_X86_REG_RFLAGS, flags & ~(0x100 | (0x200 if gtype == 0xE else 0)))
+            uc.reg_write(X.UC_X86_REG_RIP, target)
+        else:
+            target = off_lo | (off_mid << 16)
+            esp = uc.reg_read(X.UC_X86_REG_ESP)
+            flags = uc.reg_read(X.UC_X86_REG_EFLAGS)
+            frame = [flags, uc.reg_read(X.UC_X86_REG_CS), rip]
+            if vector in _ERRCODE_VECTORS:
+                frame.append(errcode)
+            new_esp = (esp - 4 * len(frame)) & 0xFFFFFFFF
+            self.write_virt(new_esp, struct.pack(f"<{len(frame)}I", *[v & 0xFFFFFFFF for v in reversed(frame)]))
+            uc.reg_write(X.UC_X86_REG_ESP, new_esp)
+            uc.reg_write(X.UC_X86_REG_CS, sel)
+            uc.reg_write(X.UC_X86_REG_EFLAGS, flags & ~(0x100 | (0x200 if gtype == 0xE else 0)))
+            uc.reg_write(X.UC_X86_REG_EIP, target)
+
+    def _exact_cr2(self, page, rip, ecode):
+        """The faulting linear address for CR2.  Unicorn hands the TLB-fill
+        hook only the page; the exact address comes from decoding the
+        instruction at rip (its memory operands, or the implicit stack slot)."""
+        if ecode & 0x10:                                     # fetch
+            return rip if rip >> 12 == page >> 12 else page
+        try:
+            import capstone
+            from capstone import x86 as cx
+            bits = self.code_bits()
+            md = capstone.Cs(capstone.CS_ARCH_X86, {64: capstone.CS_MODE_64, 32: capstone.CS_MODE_32,
+                                                     16: capstone.CS_MODE_16}[bits])
+            md.detail = True
+            code = self.read_virt(rip, 15)
+            insn = next(md.disasm(code, rip, 1))
+            uc, cands = self.uc, []
+            mask = (1 << bits) - 1
+
+            def reg(r):
+                if not r:
+                    return 0
+                name = insn.reg_name(r)
+                if name in ("rip", "eip"):
+                    return rip + insn.size
+                return uc.reg_read(getattr(X, "UC_X86_REG_" + name.upper()))
+
+            for op in insn.operands:
+                if op.type == cx.X86_OP_MEM:
+                    m = op.mem
+                    ea = (reg(m.base) + reg(m.index) * m.scale + m.disp) & mask
+                    if m.segment and insn.reg_name(m.segment) in ("fs", "gs"):
+                        ea += uc.reg_read(X.UC_X86_REG_FS_BASE if insn.reg_name(m.segment) == "fs"
+                                          else X.UC_X86_REG_GS_BASE)
+                    cands.append((ea, op.size or 1))
+            sp = uc.reg_read(X.UC_X86_REG_RSP if bits == 64 else X.UC_X86_REG_ESP)
+            w = bits // 8
+            cands += [((sp - w) & mask, w), (sp, w)]
+            for ea, size in cands:
+                if ea >> 12 == page >> 12:
+                    return ea
+                if ea < page < ea + size:
+                    return page
+        except Exception:        # noqa: BLE001 - fall back to the page address
+            pass
+        return page
+
+    # -- running ---------------------------------------------------------------
+    def _reset_flags(self):
+        self._exc = None
+        self._stopped = None
+        self._pending_intr = None
+        self._halted = False
+        self._pyfault = None
+        self._stop_flag = 0
+        self._exit_pc = None
+        if self._ctx is not None:
+            self._ctx.stop = 0
+            self._ctx.halted = 0
+        self._clear_last()
+
+    def run(self, count=None):
+        """Run until a stop event, or until `count` more instructions retired.
+
+        Returns a StopInfo.  Guest exceptions are delivered through the IDT
+        on the way (a triple fault ends the run)."""
+        start = self.instructions
+        uc = self.uc
+        while True:
+            budget = 0
+            if count is not None:
+                budget = count - (self.instructions - start)
+                if budget <= 0:
+                    return StopInfo("limit")
+            self._reset_flags()
+            err = None
+            try:
+                uc.emu_start(self.pc, self._until, count=budget)
+            except UcError as e:
+                err = e
+            pc = self.pc
+            if self._exit_pc is not None:
+                # count up to and including the OUT that ended the run
+                self._account(self._exit_pc + 1)
+            else:
+                self._account(pc)
+            ctx = self._ctx
+            halted = self._halted or (ctx is not None and ctx.halted)
+            if ctx is not None and self.hook == "c":
+                flag = ctx.stop
+                gpf = (ctx.f_va, ctx.f_err, ctx.f_rip) if flag == 2 else None
+            else:
+                flag, gpf = self._stop_flag, self._pyfault
+            if self._exc is not None:
+                e, self._exc = self._exc, None
+                raise e
+            if self.devices is not None and self.devices.exit_code is not None:
+                return StopInfo("exit_port", exit_code=self.devices.exit_code)
+            if self._stopped is not None:
+                return StopInfo("vm_stopped", stopped=self._stopped, fault=self._stop_fault)
+            try:
+                if flag == 2:
+                    va, ecode, _rip = gpf
+                    va = self._exact_cr2(va, pc, ecode)
+                    self.gpf_count += 1
+                    story = self._deliver(14, ecode, va)
+                    if story:
+                        return StopInfo("triple_fault", detail=f"{story}; #PF at rip {pc:#x}, cr2 {va:#x}, "
+                                        f"error code {ecode:#x}")
+                    continue
+                if flag == 3:
+                    return StopInfo("error", detail=f"NPF at rip {pc:#x} still unresolved after retries")
+                if self._pending_intr is not None:
+                    vec = self._pending_intr
+                    story = self._deliver(vec)
+                    if story:
+                        return StopInfo("triple_fault", detail=f"{story}; first {vec_name(vec)} at rip {pc:#x}")
+                    continue
+                if err is not None:
+                    if err.errno == UC_ERR_INSN_INVALID:
+                        story = self._deliver(6)
+                        if story:
+                            return StopInfo("triple_fault",
+                                            detail=f"{story}; first #UD at rip {pc:#x}")
+                        continue
+                    return StopInfo("error", detail=f"emulator error at rip {pc:#x}: {err}")
+            except _Halt:
+                if self._exc is not None:
+                    e, self._exc = self._exc, None
+                    raise e
+                return StopInfo("vm_stopped", stopped=self._stopped, fault=self._stop_fault)
+            if count is not None and self.instructions - start >= count:
+                return StopInfo("limit")
+            # (Unicorn probes the `until` page after hlt, but after a count
+            # stop too: the byte before pc tells)
+            if err is None and self.read_virt(pc - 1, 1) == b"\xf4":
+                return StopInfo("hlt", exit_code=0)
+            if count is None:
+                return StopInfo("error", detail=f"emulator stopped at rip {pc:#x} for no known reason")
+            # emu_start ended by its count: go round, the budget check decides
+
+
+class _DeliveryError(Exception):
+    pass

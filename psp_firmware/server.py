@@ -1,0 +1,249 @@
+"""The PSP firmware in its own process: `python -m psp_firmware.server`.
+
+Started by the VMM (`hv.psp_process.ProcessTransport`) with a fresh
+interpreter (never forked from the VMM), so it holds none of the VMM's
+Python objects, and the VMM holds none of its own: the frame table, the
+digests and the measurements exist only here. It imports `psp_firmware`
+and `nptcore`, never `hv`.
+
+File descriptors it is handed (pass_fds):
+  --mem-fd   host memory (a memfd; the whole of it is mapped shared)
+  --mbox-fd  the mailbox region (psp_firmware.mailbox_layout)
+  --req-fd   eventfd, VMM -> PSP doorbell
+  --resp-fd  eventfd, PSP -> VMM doorbell
+  --life-fd  read end of a pipe whose write end only the VMM holds: EOF
+             means the VMM is gone (or closed the transport), and we exit
+
+Hardening: PR_SET_DUMPABLE 0 (no ptrace or /proc/PID/mem access from an
+unprivileged VMM of the same uid), PR_SET_PDEATHSIG SIGKILL (optional),
+SIGINT ignored (Ctrl-C is the VMM's business).
+
+Test hooks (environment, read at start):
+  HV_PSP_TEST_CRASH_AFTER=N   die by SIGSEGV on receiving command N+1
+  HV_PSP_TEST_HANG_AFTER=N    stop answering (sleep) on command N+1
+"""
+import argparse
+import gc
+import mmap
+import os
+import select
+import signal
+import sys
+import time
+
+from . import mailbox_layout as L
+from .status import Status
+
+_ONE = (1).to_bytes(8, "little")
+PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
+
+
+def _prctl(option, arg):
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(option, arg, 0, 0, 0) == 0
+    except Exception:
+        return False
+
+
+def _load_integrity_modes():
+    """Import every firmware module so that any registered integrity mode exists."""
+    import importlib
+    import pkgutil
+    import psp_firmware
+    for m in pkgutil.iter_modules(psp_firmware.__path__):
+        if m.name not in ("server",):
+            try:
+                importlib.import_module(f"psp_firmware.{m.name}")
+            except Exception:
+                pass
+
+
+class Server:
+    def __init__(self, mbox, psp, req_fd, resp_fd, life_fd, spin_s=200e-6, slice_s=0.05):
+        self.mm = mbox
+        self.psp = psp
+        self.req_fd, self.resp_fd, self.life_fd = req_fd, resp_fd, life_fd
+        self.spin_s = spin_s
+        self.slice_ms = max(1, int(slice_s * 1000))
+        self.commands = 0
+        self.crash_after = _env_int("HV_PSP_TEST_CRASH_AFTER")
+        self.hang_after = _env_int("HV_PSP_TEST_HANG_AFTER")
+        self.poller = select.poll()
+        self.poller.register(req_fd, select.POLLIN)
+        self.poller.register(life_fd, select.POLLIN)
+        self.w32, self.w64 = L.views(mbox)
+        # read before READY is published: a request may arrive right after it
+        self.last = self.w64[L.Q_REQ_SEQ]
+
+    # -- one request ----------------------------------------------------------
+    def _test_hooks(self):
+        if self.crash_after is not None and self.commands >= self.crash_after:
+            os.kill(os.getpid(), signal.SIGSEGV)
+            os._exit(139)
+        if self.hang_after is not None and self.commands >= self.hang_after:
+            while True:
+                time.sleep(3600)
+
+    def _one(self, cmd, buf_off, in_len, cap, out_off, out_cap):
+        """Run one command whose buffer sits in shared memory; returns (status, out)."""
+        self._test_hooks()
+        self.commands += 1
+        if in_len > cap:
+            return int(Status.INVALID_LENGTH), b""
+        buf = self.mm[buf_off:buf_off + in_len]      # copy out first: the VMM may race us
+        st, out = self.psp.mailbox(cmd, buf)
+        if len(out) > out_cap:
+            return int(Status.INTERNAL_ERROR), b""
+        return st, out
+
+    def handle(self, seq):
+        mm = self.mm
+        op, ring_count = L.OP_HDR.unpack_from(mm, L.OFF_OP)
+        if op == L.OP_CMD:
+            cmd, in_len = L.CMD_HDR.unpack_from(mm, L.OFF_CMD)
+            st, out = self._one(cmd, L.CMD_BUF, in_len, L.CMD_BUF_SIZE, L.OUT_BUF, L.OUT_BUF_SIZE)
+            if out:
+                mm[L.OUT_BUF:L.OUT_BUF + len(out)] = out
+            L.STATUS_HDR.pack_into(mm, L.OFF_STATUS, (st & L.STATUS_MASK) | L.DONE, len(out))
+        elif op == L.OP_RING:
+            if ring_count > L.RING_ENTRIES:
+                L.STATUS_HDR.pack_into(mm, L.OFF_STATUS, int(Status.INVALID_LENGTH) | L.DONE, 0)
+            else:
+                self._ring(ring_count)
+                L.STATUS_HDR.pack_into(mm, L.OFF_STATUS, int(Status.SUCCESS) | L.DONE, 0)
+        elif op == L.OP_SHUTDOWN:
+            L.STATUS_HDR.pack_into(mm, L.OFF_STATUS, int(Status.SUCCESS) | L.DONE, 0)
+            self._answer(seq)
+            return False
+        else:
+            L.STATUS_HDR.pack_into(mm, L.OFF_STATUS, int(Status.INVALID_COMMAND) | L.DONE, 0)
+        self._answer(seq)
+        return True
+
+    def _ring(self, n):
+        mm = self.mm
+        w32 = self.w32
+        w32[L.I_RING_DONE] = 0
+        for i in range(n):
+            e = L.RING_OFF + i * L.RING_ENTRY_SIZE
+            cmd, in_len = L.ENTRY_HDR.unpack_from(mm, e)
+            st, out = self._one(cmd, e + L.RE_IN, in_len, L.RE_IN_SIZE, e + L.RE_OUT, L.RE_OUT_SIZE)
+            if out:
+                mm[e + L.RE_OUT:e + L.RE_OUT + len(out)] = out
+            L.ENTRY_RESULT.pack_into(mm, e + L.RE_STATUS, (st & L.STATUS_MASK) | L.DONE, len(out))
+            w32[L.I_RING_DONE] = i + 1     # progress: the VMM's timeout restarts
+
+    def _answer(self, seq):
+        w64 = self.w64
+        w64[L.Q_COMMANDS] = self.commands
+        w64[L.Q_DONE_SEQ] = seq                      # last: publishes the answer
+        if self.w32[L.I_VMM_SLEEPING]:
+            os.write(self.resp_fd, _ONE)
+
+    # -- the loop -------------------------------------------------------------
+    def serve(self):
+        w32, w64 = self.w32, self.w64
+        q_req, i_sleep = L.Q_REQ_SEQ, L.I_PSP_SLEEPING
+        last = self.last
+        clock = time.perf_counter
+        while True:
+            seq = w64[q_req]
+            if seq == last:
+                # bounded spin on the request sequence word
+                deadline = clock() + self.spin_s
+                while seq == last and clock() < deadline:
+                    seq = w64[q_req]
+            if seq == last:
+                # block on the doorbell (bounded slice: a lost doorbell costs one slice)
+                w32[i_sleep] = 1
+                seq = w64[q_req]
+                if seq == last:
+                    for fd, _ev in self.poller.poll(self.slice_ms):
+                        if fd == self.life_fd:
+                            return "vmm gone"
+                        try:
+                            os.read(self.req_fd, 8)
+                        except BlockingIOError:
+                            pass
+                w32[i_sleep] = 0
+                continue
+            last = seq
+            if not self.handle(seq):
+                return "shutdown"
+
+
+def _env_int(name):
+    v = os.environ.get(name)
+    if v is None or v == "":
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        return None
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="psp_firmware.server")
+    ap.add_argument("--mem-fd", type=int, required=True)
+    ap.add_argument("--mbox-fd", type=int, required=True)
+    ap.add_argument("--req-fd", type=int, required=True)
+    ap.add_argument("--resp-fd", type=int, required=True)
+    ap.add_argument("--life-fd", type=int, required=True)
+    ap.add_argument("--parent-pid", type=int, default=None)
+    ap.add_argument("--pdeathsig", action="store_true")
+    ap.add_argument("--backend", default=None)
+    ap.add_argument("--integrity", default=None)
+    ap.add_argument("--spin-us", type=float, default=200.0)
+    ap.add_argument("--slice-ms", type=float, default=50.0)
+    ap.add_argument("--periodic-ms", type=float, default=None)
+    args = ap.parse_args(argv)
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _prctl(PR_SET_DUMPABLE, 0)
+    if args.pdeathsig:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if args.parent_pid is not None and os.getppid() != args.parent_pid:
+        return 0                      # the VMM died before we got here
+
+    try:
+        size = os.fstat(args.mem_fd).st_size
+        mem = mmap.mmap(args.mem_fd, size, flags=mmap.MAP_SHARED)
+        mbox = mmap.mmap(args.mbox_fd, L.REGION_SIZE, flags=mmap.MAP_SHARED)
+        os.close(args.mem_fd)
+        os.close(args.mbox_fd)
+        if L.U32.unpack_from(mbox, L.OFF_MAGIC)[0] != L.MAGIC or \
+                L.U32.unpack_from(mbox, L.OFF_VERSION)[0] != L.VERSION:
+            raise ValueError("mailbox region has a bad magic or version")
+        from .psp import INTEGRITY_MODES, Psp
+        if args.integrity is not None and args.integrity not in INTEGRITY_MODES:
+            _load_integrity_modes()
+        kw = {} if args.integrity is None else {"integrity": args.integrity}
+        psp = Psp(mem, backend=args.backend, **kw)
+        if args.periodic_ms:
+            psp.start_periodic_check(args.periodic_ms)
+    except Exception as e:
+        print(f"psp: cannot start: {e.__class__.__name__}: {e}", file=sys.stderr)
+        return 2
+
+    srv = Server(mbox, psp, args.req_fd, args.resp_fd, args.life_fd,
+                 spin_s=args.spin_us * 1e-6, slice_s=args.slice_ms / 1000.0)
+    gc.collect()
+    gc.freeze()
+    L.U32.pack_into(mbox, L.OFF_PSP_PID, os.getpid())
+    srv.w32[L.I_PSP_STATE] = L.STATE_READY
+    os.write(args.resp_fd, _ONE)
+    try:
+        srv.serve()
+    finally:
+        try:
+            srv.w32[L.I_PSP_STATE] = L.STATE_EXITING
+        except Exception:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
