@@ -50,7 +50,7 @@ GUESTS = {
     "paging": (64, ["crt0_64.S", "lib.c", "paging.c"],
                "own 4-level page tables with 4K/2M aliases, exits 0/1"),
     "jump_unmapped": (64, ["crt0_64.S", "lib.c", "jump_unmapped.c"],
-                      "calls code in a far PT_LOAD at 0x900000, exits 0"),
+                      "jumps beyond its RAM: an instruction-fetch NPF the VMM cannot back, exit 1"),
     "triple_fault": (64, ["crt0_64.S", "lib.c", "triple_fault.c"],
                      "empty IDT + ud2: triple fault"),
     "mb_hello": (32, ["mb_boot.S", "lib.c", "mb_hello.c"],

@@ -194,7 +194,16 @@ def cmd_inspect(args):
     return EXIT_OK
 
 
+def _psp_dead(args, e):
+    """hv.psp_process.PspDead: the PSP process crashed, hung or was killed."""
+    if getattr(args, "json", False):
+        print(json.dumps({"exit_reason": "psp_dead", "exit_code": EXIT_GUEST, "error": str(e)}))
+    print(f"hv: PSP dead: {e}", file=sys.stderr)
+    return EXIT_GUEST
+
+
 def main(argv=None):
+    args = None
     try:
         ap = build_parser()
         args = ap.parse_args(argv)
@@ -212,6 +221,8 @@ def main(argv=None):
     except BrokenPipeError:
         return EXIT_OK
     except Exception as e:   # never a traceback on the terminal
+        if getattr(e, "exit_reason", None) == "psp_dead":
+            return _psp_dead(args, e)
         logging.getLogger("hv").debug("internal error", exc_info=True)
         print(f"hv: internal error: {e.__class__.__name__}: {e} (run with HV_DEBUG=1 for a traceback)",
               file=sys.stderr)

@@ -23,7 +23,6 @@ exit_reason psp_dead / exit code 1. Every later call raises PspDead at once.
 import os
 import select
 import signal
-import statistics
 import subprocess
 import sys
 import threading
@@ -33,19 +32,23 @@ import weakref
 from psp_firmware import mailbox_layout as L
 from psp_firmware.status import Status
 
+from .vmm import VmStopped
+
 _ONE = (1).to_bytes(8, "little")
 _U32_MAX = 0xFFFF_FFFF
 
 
-class PspDead(Exception):
-    """The PSP process crashed, was killed, or stopped answering."""
+class PspDead(VmStopped):
+    """The PSP process crashed, was killed, or stopped answering.
 
-    status = Status.PSP_DEAD
+    A VmStopped (the VM cannot go on) with status PSP_DEAD, so every caller
+    that stops a VM on a refusal stops it here too; callers that know it
+    report exit_reason "psp_dead", exit code 1."""
+
     exit_reason = "psp_dead"
 
     def __init__(self, msg, returncode=None):
-        super().__init__(msg)
-        self.status = Status.PSP_DEAD
+        super().__init__(Status.PSP_DEAD, msg)
         self.returncode = returncode
 
 
@@ -379,6 +382,8 @@ def measure_roundtrip(kind, n=5000, batch=256, rounds=8, backend=None, integrity
       ring_nop_us_per_cmd: the same ring of NOPs (the transport's own share),
       update_us_per_cmd: the same UPDATE_NPT batches one call() at a time.
     """
+    import statistics
+
     from psp_firmware.commands import ATTR_RWX, Cmd, encode
     from .vmm import Vmm
     vmm = Vmm(host_mem=host_mem, backend=backend, integrity=integrity, psp=kind)

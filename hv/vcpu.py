@@ -391,6 +391,13 @@ class UnicornVcpu:
         try:
             self.vmm.handle_npf(self.vm, gpa, kind, err, rip=rip, insn=insn, mode=bits)
         except VmStopped as e:
+            npflog = logging.getLogger("hv.npf")
+            if npflog.isEnabledFor(logging.INFO):
+                from .disasm import disasm_one
+                b = insn()
+                npflog.info("npf gpa=%#x access=%s err=%#x rip=%#x refused: %s insn=%s", gpa, "rwx"[kind],
+                            err, rip, e, disasm_one(b, rip, bits) if b else
+                            "(unreadable: the fetch of it is what faulted)")
             self._stopped = e
             self._stop_fault = {"va": va, "gpa": gpa, "access": kind, "errcode": err, "rip": rip,
                                 "walk": bool(err & PF_WALK), "final": bool(err & PF_FINAL)}
@@ -729,7 +736,6 @@ class UnicornVcpu:
             else:
                 self._account(pc)
             ctx = self._ctx
-            halted = self._halted or (ctx is not None and ctx.halted)
             if ctx is not None and self.hook == "c":
                 flag = ctx.stop
                 gpf = (ctx.f_va, ctx.f_err, ctx.f_rip) if flag == 2 else None
