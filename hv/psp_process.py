@@ -20,6 +20,7 @@ Faults: if the child crashes, is killed, or does not answer within
 and raises `PspDead` (`.status == Status.PSP_DEAD`); callers map that to
 exit_reason psp_dead / exit code 1. Every later call raises PspDead at once.
 """
+import logging
 import os
 import select
 import signal
@@ -172,6 +173,8 @@ class ProcessTransport:
                 argv += ["--integrity", str(integrity)]
             if periodic_ms:
                 argv += ["--periodic-ms", str(periodic_ms)]
+            # the firmware logs as it would in process: same logger level as ours
+            argv += ["--log-level", str(logging.getLogger("psp").getEffectiveLevel())]
             env = dict(os.environ)
             root = os.path.dirname(os.path.dirname(os.path.abspath(L.__file__)))
             env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -307,7 +310,8 @@ class ProcessTransport:
 
     # -- the mailbox ----------------------------------------------------------
     def call(self, cmd, buf):
-        buf = bytes(buf)
+        if type(buf) is not bytes:
+            buf = bytes(buf)
         cmd = int(cmd)
         with self._lock:
             self._check_alive()
@@ -377,10 +381,16 @@ def measure_roundtrip(kind, n=5000, batch=256, rounds=8, backend=None, integrity
 
     Returns a dict (all times in microseconds):
       roundtrip_us_median / _p99 / _mean: one empty command (NOP), `n` times;
-      ring_us_per_cmd (median over `rounds` batches of `batch` UPDATE_NPT
-        commands through call_batch, each mapping a fresh 4 KiB page),
-      ring_nop_us_per_cmd: the same ring of NOPs (the transport's own share),
-      update_us_per_cmd: the same UPDATE_NPT batches one call() at a time.
+      ring_us_per_cmd: median over `rounds` batches of `batch` UPDATE_NPT
+        commands through call_batch (one doorbell each), each mapping a fresh
+        4 KiB page, per command;
+      ring_nop_us_per_cmd: the same ring of NOPs;
+      update_us_per_cmd: the same UPDATE_NPT commands one call() at a time.
+    For "process" also the transport's own share (the total minus the time the
+    PSP process spent inside its firmware handlers, which it reports in the
+    mailbox's fw_ns word): roundtrip_transport_us_median / _p99,
+    ring_transport_us_per_cmd, ring_nop_transport_us_per_cmd. For
+    "inprocess" the firmware time is all of it; the transport adds nothing.
     """
     import statistics
 
@@ -391,19 +401,23 @@ def measure_roundtrip(kind, n=5000, batch=256, rounds=8, backend=None, integrity
         t = vmm.transport
         call = t.call
         clock = time.perf_counter_ns
+        w64 = getattr(t, "_w64", None)
+
+        def fw_ns():
+            return w64[L.Q_FW_NS] if w64 is not None else 0
         nop = int(Cmd.NOP)
         for _ in range(min(n, 500)):          # warm up (spin paths, caches)
             call(nop, b"")
-        lat = []
+        lat, tra = [], []
         for _ in range(n):
             t0 = clock()
             call(nop, b"")
-            lat.append(clock() - t0)
-        lat = [x / 1000.0 for x in lat]
+            d = clock() - t0
+            lat.append(d / 1000.0)
+            tra.append((d - fw_ns()) / 1000.0)
 
         vm = vmm.create_vm()
-        need = (rounds * 2 + 1) * batch
-        vmm._donate_pool(max(64, need // 256 + 16))
+        vmm._donate_pool(max(64, rounds * 2 * batch // 256 + 16))
         gpa = [0x1000_0000]
 
         def updates():
@@ -416,13 +430,15 @@ def measure_roundtrip(kind, n=5000, batch=256, rounds=8, backend=None, integrity
                 gpa[0] += 4096
             return cmds
 
-        ring, single, ring_nop = [], [], []
+        ring, ring_t, single, ring_nop, ring_nop_t = [], [], [], [], []
         nops = [(nop, b"")] * batch
         for _ in range(rounds):
             cmds = updates()
             t0 = clock()
             out = t.call_batch(cmds)
-            ring.append((clock() - t0) / 1000.0 / batch)
+            d = clock() - t0
+            ring.append(d / 1000.0 / batch)
+            ring_t.append((d - fw_ns()) / 1000.0 / batch)
             if any(st != 0 for st, _ in out):
                 raise RuntimeError(f"ring UPDATE_NPT refused: {sorted({st for st, _ in out})}")
             cmds = updates()
@@ -432,19 +448,30 @@ def measure_roundtrip(kind, n=5000, batch=256, rounds=8, backend=None, integrity
             single.append((clock() - t0) / 1000.0 / batch)
             t0 = clock()
             t.call_batch(nops)
-            ring_nop.append((clock() - t0) / 1000.0 / batch)
-        return {
+            d = clock() - t0
+            ring_nop.append(d / 1000.0 / batch)
+            ring_nop_t.append((d - fw_ns()) / 1000.0 / batch)
+        med = statistics.median
+        r = {
             "kind": kind,
             "n": n,
-            "roundtrip_us_median": round(statistics.median(lat), 3),
+            "roundtrip_us_median": round(med(lat), 3),
             "roundtrip_us_p99": round(_pct(lat, 0.99), 3),
             "roundtrip_us_mean": round(statistics.fmean(lat), 3),
             "ring_batch": batch,
-            "ring_us_per_cmd": round(statistics.median(ring), 3),
-            "ring_nop_us_per_cmd": round(statistics.median(ring_nop), 3),
-            "update_us_per_cmd": round(statistics.median(single), 3),
+            "ring_us_per_cmd": round(med(ring), 3),
+            "ring_nop_us_per_cmd": round(med(ring_nop), 3),
+            "update_us_per_cmd": round(med(single), 3),
             "backend": vmm.backend,
         }
+        if w64 is not None:
+            r.update({
+                "roundtrip_transport_us_median": round(med(tra), 3),
+                "roundtrip_transport_us_p99": round(_pct(tra, 0.99), 3),
+                "ring_transport_us_per_cmd": round(med(ring_t), 3),
+                "ring_nop_transport_us_per_cmd": round(med(ring_nop_t), 3),
+            })
+        return r
     finally:
         vmm.close()
 

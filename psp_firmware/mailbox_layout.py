@@ -28,6 +28,8 @@ other side writes once per command.
     88     4     PSP     psp_pid
     92     4     PSP     psp_sleeping: 1 while the PSP blocks on the doorbell
     96     8     PSP     commands: commands executed (single + ring entries)
+    104    8     PSP     fw_ns: ns spent in firmware handlers for the last request
+                         (so that a benchmark can tell transport from firmware time)
     256    4096  VMM     command buffer (in_len bytes of it are used)
     4352   4096  PSP     output buffer (out_len bytes)
     12288  256*N both    ring entries, RING_ENTRIES of RING_ENTRY_SIZE bytes:
@@ -45,7 +47,7 @@ doorbell (as real drivers do), and block with a bounded slice so a doorbell
 lost to store/load reordering costs at most one slice, never a hang.
 
 Words the other side reads while they change (the two sequence words, the
-sleeping flags, ring_done, commands) are accessed through `views(mm)`, a
+sleeping flags, ring_done, commands, fw_ns) are accessed through `views(mm)`, a
 native u32/u64 memoryview: one aligned load or store each. `struct.pack_into`
 must not be used for them: it zeroes the field before it writes it, so a
 spinning reader on the other CPU sees a transient 0 (a phantom request).
@@ -76,6 +78,7 @@ OFF_PSP_STATE = 84
 OFF_PSP_PID = 88
 OFF_PSP_SLEEPING = 92
 OFF_COMMANDS = 96
+OFF_FW_NS = 104
 
 CMD_BUF = 256
 CMD_BUF_SIZE = 4096
@@ -122,6 +125,7 @@ ENTRY_RESULT = struct.Struct("<II")     # status, out_len at entry + RE_STATUS
 Q_REQ_SEQ = OFF_REQ_SEQ // 8
 Q_DONE_SEQ = OFF_DONE_SEQ // 8
 Q_COMMANDS = OFF_COMMANDS // 8
+Q_FW_NS = OFF_FW_NS // 8
 # u32 view
 I_VMM_SLEEPING = OFF_VMM_SLEEPING // 4
 I_PSP_SLEEPING = OFF_PSP_SLEEPING // 4

@@ -35,6 +35,7 @@ from . import mailbox_layout as L
 from .status import Status
 
 _ONE = (1).to_bytes(8, "little")
+_ns = time.perf_counter_ns
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 
@@ -69,6 +70,7 @@ class Server:
         self.spin_s = spin_s
         self.slice_ms = max(1, int(slice_s * 1000))
         self.commands = 0
+        self.fw_ns = 0
         self.crash_after = _env_int("HV_PSP_TEST_CRASH_AFTER")
         self.hang_after = _env_int("HV_PSP_TEST_HANG_AFTER")
         self.poller = select.poll()
@@ -94,13 +96,16 @@ class Server:
         if in_len > cap:
             return int(Status.INVALID_LENGTH), b""
         buf = self.mm[buf_off:buf_off + in_len]      # copy out first: the VMM may race us
+        t0 = _ns()
         st, out = self.psp.mailbox(cmd, buf)
+        self.fw_ns += _ns() - t0
         if len(out) > out_cap:
             return int(Status.INTERNAL_ERROR), b""
         return st, out
 
     def handle(self, seq):
         mm = self.mm
+        self.fw_ns = 0
         op, ring_count = L.OP_HDR.unpack_from(mm, L.OFF_OP)
         if op == L.OP_CMD:
             cmd, in_len = L.CMD_HDR.unpack_from(mm, L.OFF_CMD)
@@ -139,6 +144,7 @@ class Server:
     def _answer(self, seq):
         w64 = self.w64
         w64[L.Q_COMMANDS] = self.commands
+        w64[L.Q_FW_NS] = self.fw_ns
         w64[L.Q_DONE_SEQ] = seq                      # last: publishes the answer
         if self.w32[L.I_VMM_SLEEPING]:
             os.write(self.resp_fd, _ONE)
@@ -199,9 +205,14 @@ def main(argv=None):
     ap.add_argument("--spin-us", type=float, default=200.0)
     ap.add_argument("--slice-ms", type=float, default=50.0)
     ap.add_argument("--periodic-ms", type=float, default=None)
+    ap.add_argument("--log-level", type=int, default=None)
     args = ap.parse_args(argv)
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if args.log_level is not None:
+        import logging
+        logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(name)s: %(message)s")
+        logging.getLogger("psp").setLevel(args.log_level)
     _prctl(PR_SET_DUMPABLE, 0)
     if args.pdeathsig:
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
