@@ -145,6 +145,11 @@ def run_scenario(name, cfg=None):
         res = sc.func(cfg)
     except Undetected as e:
         res = AttackResult(name, UNDETECTED, detail=str(e))
+    except VmStopped as e:
+        if sc.expected == NOT_FLAGGED and e.status in (Status.INTEGRITY_FAILURE, Status.GUEST_STOPPED):
+            res = AttackResult(name, FALSE_POSITIVE, detail=f"flagged with no tamper: {e}")
+        else:
+            res = AttackResult(name, ERROR, detail=f"VmStopped: {e}")
     except Exception as e:      # a crash is a finding, not a traceback on the terminal
         res = AttackResult(name, ERROR, detail=f"{e.__class__.__name__}: {e}")
         if os.environ.get("HV_DEBUG"):
