@@ -13,7 +13,13 @@ def add_parser(sub, common):
         "attack", help="run malicious-hypervisor attack scenarios against the PSP",
         description="Each scenario acts as a malicious VMM (host-memory writes, crafted PSP "
                     "commands, racing threads) and reports refused / detected (with the "
-                    "exposure before detection) / not_flagged (benign A/D updates) / undetected.")
+                    "exposure before detection) / not_flagged (benign A/D updates) / undetected.",
+        epilog="outcomes: refused (the PSP rejected every malicious command, nothing changed); "
+               "detected (caught by the next UPDATE_NPT or the periodic check; exposure_insns = "
+               "guest instructions (guest driver) or accesses (trace driver) run on the tampered "
+               "table); not_flagged (benign scenario correctly not reported); skipped (not "
+               "applicable here, e.g. no guest images or an out-of-process PSP); failures: "
+               "undetected, false_positive, error (exit code 1).")
     p.add_argument("names", nargs="*", metavar="NAME",
                    help="scenarios to run (default with --all or none given: all); "
                         "a category name (e.g. race, alias) selects its scenarios")

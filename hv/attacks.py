@@ -30,6 +30,11 @@ accesses. `exposure_unit` says which. `tampered_hits` counts the accesses
 that actually went through the tampered entry. Refused attacks have 0;
 the benign scenario has null.
 
+Not in the suite, by design: a VMM that tampers and restores the entry
+before the next check is not seen by any digest; what it gets is bounded by
+the check interval (the exposure the detected scenarios measure), which is
+why the interval is counted in guest instructions (--check-insns).
+
     from hv.attacks import run_scenarios, SCENARIOS, AttackConfig
     results = run_scenarios(["severed_remap"], AttackConfig(check_every=256))
 """

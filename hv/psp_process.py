@@ -37,6 +37,22 @@ from .vmm import VmStopped
 
 _ONE = (1).to_bytes(8, "little")
 _U32_MAX = 0xFFFF_FFFF
+# hot-path constants as module globals (no attribute lookups per call)
+_req_pack = L.REQ_HDR.pack_into
+_status_unpack = L.STATUS_HDR.unpack_from
+_entry_pack = L.ENTRY_ALL.pack_into
+_result_unpack = L.ENTRY_RESULT.unpack_from
+_OFF_CMD, _OFF_STATUS = L.OFF_CMD, L.OFF_STATUS
+_CMD_BUF, _CMD_CAP = L.CMD_BUF, L.CMD_BUF_SIZE
+_OUT_BUF, _OUT_CAP = L.OUT_BUF, L.OUT_BUF_SIZE
+_Q_REQ, _Q_DONE, _I_PSP_SLEEPING = L.Q_REQ_SEQ, L.Q_DONE_SEQ, L.I_PSP_SLEEPING
+_OP_CMD, _OP_RING = L.OP_CMD, L.OP_RING
+_STATUS_MASK, _DONE = L.STATUS_MASK, L.DONE
+_RING_OFF, _RING_N, _RE_SIZE = L.RING_OFF, L.RING_ENTRIES, L.RING_ENTRY_SIZE
+_RE_IN, _RE_IN_SIZE, _RE_STATUS = L.RE_IN, L.RE_IN_SIZE, L.RE_STATUS
+_RE_OUT, _RE_OUT_SIZE = L.RE_OUT, L.RE_OUT_SIZE
+_TIGHT_SPIN = 64                # loads of done_seq before the yielding spin
+_SUCCESS, _INTERNAL_ERROR = int(Status.SUCCESS), int(Status.INTERNAL_ERROR)
 
 
 class PspDead(VmStopped):
@@ -256,17 +272,25 @@ class ProcessTransport:
 
     def _wait(self, seq):
         w64 = self._w64
-        q = L.Q_DONE_SEQ
-        if w64[q] == seq:
+        if w64[_Q_DONE] == seq:
             return
         if self.spin_s:
+            # bounded spin: first a tight one, then with sched_yield so that a
+            # PSP process the scheduler woke onto this CPU (wake-affine) runs
+            # instead of waiting behind the spinner; with the PSP on another
+            # CPU sched_yield returns at once.
+            for _ in range(_TIGHT_SPIN):
+                if w64[_Q_DONE] == seq:
+                    return
             clock = time.perf_counter
+            yield_ = os.sched_yield
             end = clock() + self.spin_s
             while True:
-                if w64[q] == seq:
+                if w64[_Q_DONE] == seq:
                     return
                 if clock() > end:
                     break
+                yield_()
         self._block(seq)
 
     def _block(self, seq):
@@ -300,12 +324,12 @@ class ProcessTransport:
                 w32[L.I_VMM_SLEEPING] = 0
 
     def _submit(self, op, count):
-        mm = self._mm
-        L.OP_HDR.pack_into(mm, L.OFF_OP, op, count)
+        """Publish what is in the mailbox as a request with this op; wait for it."""
+        L.OP_HDR.pack_into(self._mm, L.OFF_OP, op, count)
         seq = self._seq = self._seq + 1
-        self._w64[L.Q_REQ_SEQ] = seq                   # last: publishes the request
-        if self._w32[L.I_PSP_SLEEPING]:
-            os.write(self._req, _ONE)                # doorbell
+        self._w64[_Q_REQ] = seq
+        if self._w32[_I_PSP_SLEEPING]:
+            os.write(self._req, _ONE)
         self._wait(seq)
 
     # -- the mailbox ----------------------------------------------------------
@@ -313,55 +337,69 @@ class ProcessTransport:
         if type(buf) is not bytes:
             buf = bytes(buf)
         cmd = int(cmd)
+        if not 0 <= cmd <= _U32_MAX:
+            cmd = _U32_MAX                     # no such command either way
+        n = len(buf)
         with self._lock:
-            self._check_alive()
+            if self._dead is not None:
+                raise PspDead(self._dead)
             mm = self._mm
-            if not 0 <= cmd <= _U32_MAX:
-                cmd = _U32_MAX                 # no such command either way
-            n = len(buf)
-            L.CMD_HDR.pack_into(mm, L.OFF_CMD, cmd, min(n, _U32_MAX))
-            if n:
-                k = min(n, L.CMD_BUF_SIZE)     # the PSP refuses in_len > buffer itself
-                mm[L.CMD_BUF:L.CMD_BUF + k] = buf[:k] if k < n else buf
-            self._submit(L.OP_CMD, 0)
-            word, out_len = L.STATUS_HDR.unpack_from(mm, L.OFF_STATUS)
-            out = mm[L.OUT_BUF:L.OUT_BUF + min(out_len, L.OUT_BUF_SIZE)] if out_len else b""
-            return word & L.STATUS_MASK, out
+            if n <= _CMD_CAP:
+                _req_pack(mm, _OFF_CMD, cmd, n, _OP_CMD, 0)
+                if n:
+                    mm[_CMD_BUF:_CMD_BUF + n] = buf
+            else:                              # the PSP refuses in_len > buffer itself
+                _req_pack(mm, _OFF_CMD, cmd, min(n, _U32_MAX), _OP_CMD, 0)
+                mm[_CMD_BUF:_CMD_BUF + _CMD_CAP] = buf[:_CMD_CAP]
+            seq = self._seq = self._seq + 1
+            w64 = self._w64
+            w64[_Q_REQ] = seq                  # last: publishes the request
+            if self._w32[_I_PSP_SLEEPING]:
+                os.write(self._req, _ONE)      # doorbell
+            if w64[_Q_DONE] != seq:
+                self._wait(seq)
+            word, out_len = _status_unpack(mm, _OFF_STATUS)
+            if out_len:
+                return word & _STATUS_MASK, mm[_OUT_BUF:_OUT_BUF + min(out_len, _OUT_CAP)]
+            return word & _STATUS_MASK, b""
 
     def call_batch(self, items):
         """Ring mode: queue many commands, one doorbell, one status per entry."""
-        items = [(int(c), bytes(b)) for c, b in items]
+        items = [(int(c), b if type(b) is bytes else bytes(b)) for c, b in items]
         res = []
+        append = res.append
         with self._lock:
-            self._check_alive()
+            if self._dead is not None:
+                raise PspDead(self._dead)
             mm = self._mm
-            for start in range(0, len(items), L.RING_ENTRIES):
-                chunk = items[start:start + L.RING_ENTRIES]
-                e = L.RING_OFF
+            for start in range(0, len(items), _RING_N):
+                chunk = items[start:start + _RING_N]
+                e = _RING_OFF
                 for cmd, buf in chunk:
                     if not 0 <= cmd <= _U32_MAX:
                         cmd = _U32_MAX
                     n = len(buf)
-                    L.ENTRY_HDR.pack_into(mm, e, cmd, min(n, _U32_MAX))
-                    L.ENTRY_RESULT.pack_into(mm, e + L.RE_STATUS, 0, 0)
+                    _entry_pack(mm, e, cmd, min(n, _U32_MAX), 0, 0)
                     if n:
-                        k = min(n, L.RE_IN_SIZE)
-                        mm[e + L.RE_IN:e + L.RE_IN + k] = buf[:k] if k < n else buf
-                    e += L.RING_ENTRY_SIZE
-                self._submit(L.OP_RING, len(chunk))
-                word = L.U32.unpack_from(mm, L.OFF_STATUS)[0] & L.STATUS_MASK
-                e = L.RING_OFF
+                        k = min(n, _RE_IN_SIZE)
+                        mm[e + _RE_IN:e + _RE_IN + k] = buf[:k] if k < n else buf
+                    e += _RE_SIZE
+                self._submit(_OP_RING, len(chunk))
+                word = _status_unpack(mm, _OFF_STATUS)[0] & _STATUS_MASK
+                e = _RING_OFF
+                if word != _SUCCESS:           # the ring as a whole was refused
+                    res.extend([(word, b"")] * len(chunk))
+                    continue
                 for _ in chunk:
-                    st, out_len = L.ENTRY_RESULT.unpack_from(mm, e + L.RE_STATUS)
-                    if word != Status.SUCCESS:
-                        res.append((word, b""))
-                    elif not st & L.DONE:
-                        res.append((int(Status.INTERNAL_ERROR), b""))
+                    st, out_len = _result_unpack(mm, e + _RE_STATUS)
+                    if not st & _DONE:
+                        append((_INTERNAL_ERROR, b""))
+                    elif out_len:
+                        o = e + _RE_OUT
+                        append((st & _STATUS_MASK, mm[o:o + min(out_len, _RE_OUT_SIZE)]))
                     else:
-                        o = e + L.RE_OUT
-                        res.append((st & L.STATUS_MASK,
-                                    mm[o:o + min(out_len, L.RE_OUT_SIZE)] if out_len else b""))
-                    e += L.RING_ENTRY_SIZE
+                        append((st & _STATUS_MASK, b""))
+                    e += _RE_SIZE
         return res
 
     def psp_commands(self):

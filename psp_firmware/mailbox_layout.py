@@ -16,9 +16,9 @@ other side writes once per command.
     4      4     VMM     version
     8      4     VMM     command word: the command id (u32)
     12     4     VMM     in_len: length of the command buffer (may lie)
-    16     8     VMM     req_seq: written LAST; a new value = a new request
-    24     4     VMM     op: OP_CMD, OP_RING or OP_SHUTDOWN
-    28     4     VMM     ring_count: entries queued for OP_RING
+    16     4     VMM     op: OP_CMD, OP_RING or OP_SHUTDOWN
+    20     4     VMM     ring_count: entries queued for OP_RING
+    24     8     VMM     req_seq: written LAST; a new value = a new request
     32     4     VMM     vmm_sleeping: 1 while the VMM blocks on the doorbell
     64     4     PSP     status word: status (bits 0..15) | DONE (bit 31)
     68     4     PSP     out_len
@@ -65,9 +65,9 @@ OFF_MAGIC = 0
 OFF_VERSION = 4
 OFF_CMD = 8
 OFF_IN_LEN = 12
-OFF_REQ_SEQ = 16
-OFF_OP = 24
-OFF_RING_COUNT = 28
+OFF_OP = 16
+OFF_RING_COUNT = 20
+OFF_REQ_SEQ = 24
 OFF_VMM_SLEEPING = 32
 # PSP-written line
 OFF_STATUS = 64
@@ -112,12 +112,14 @@ STATE_EXITING = 2
 
 U32 = struct.Struct("<I")
 U64 = struct.Struct("<Q")
-# command word + in_len (written together by the VMM before req_seq)
-CMD_HDR = struct.Struct("<II")          # at OFF_CMD
+# the request: command word, in_len, op, ring_count (one store, before req_seq)
+REQ_HDR = struct.Struct("<IIII")        # at OFF_CMD
+CMD_HDR = struct.Struct("<II")          # command word, in_len at OFF_CMD
 OP_HDR = struct.Struct("<II")           # op, ring_count at OFF_OP
 # status word + out_len (written together by the PSP before done_seq)
 STATUS_HDR = struct.Struct("<II")       # at OFF_STATUS
 ENTRY_HDR = struct.Struct("<II")        # cmd, in_len at entry + RE_CMD
+ENTRY_ALL = struct.Struct("<IIII")      # cmd, in_len, status, out_len at entry + RE_CMD
 ENTRY_RESULT = struct.Struct("<II")     # status, out_len at entry + RE_STATUS
 
 

@@ -36,6 +36,24 @@ from .status import Status
 
 _ONE = (1).to_bytes(8, "little")
 _ns = time.perf_counter_ns
+# hot-path constants as module globals
+_req_unpack = L.REQ_HDR.unpack_from
+_status_pack = L.STATUS_HDR.pack_into
+_entry_unpack = L.ENTRY_HDR.unpack_from
+_result_pack = L.ENTRY_RESULT.pack_into
+_OFF_CMD, _OFF_STATUS = L.OFF_CMD, L.OFF_STATUS
+_CMD_BUF, _CMD_CAP = L.CMD_BUF, L.CMD_BUF_SIZE
+_OUT_BUF, _OUT_CAP = L.OUT_BUF, L.OUT_BUF_SIZE
+_OP_CMD, _OP_RING = L.OP_CMD, L.OP_RING
+_STATUS_MASK, _DONE = L.STATUS_MASK, L.DONE
+_RING_OFF, _RE_SIZE = L.RING_OFF, L.RING_ENTRY_SIZE
+_RE_IN, _RE_IN_SIZE, _RE_STATUS = L.RE_IN, L.RE_IN_SIZE, L.RE_STATUS
+_RE_OUT, _RE_OUT_SIZE = L.RE_OUT, L.RE_OUT_SIZE
+_I_RING_DONE, _I_VMM_SLEEPING = L.I_RING_DONE, L.I_VMM_SLEEPING
+_Q_COMMANDS, _Q_FW_NS, _Q_DONE_SEQ = L.Q_COMMANDS, L.Q_FW_NS, L.Q_DONE_SEQ
+_SUCCESS, _INVALID_LENGTH = int(Status.SUCCESS), int(Status.INVALID_LENGTH)
+_INVALID_COMMAND, _INTERNAL_ERROR = int(Status.INVALID_COMMAND), int(Status.INTERNAL_ERROR)
+_TIGHT_SPIN = 256                  # loads of req_seq before the yielding spin
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 
@@ -71,8 +89,10 @@ class Server:
         self.slice_ms = max(1, int(slice_s * 1000))
         self.commands = 0
         self.fw_ns = 0
+        self.mailbox = psp.mailbox
         self.crash_after = _env_int("HV_PSP_TEST_CRASH_AFTER")
         self.hang_after = _env_int("HV_PSP_TEST_HANG_AFTER")
+        self.hooks = self.crash_after is not None or self.hang_after is not None
         self.poller = select.poll()
         self.poller.register(req_fd, select.POLLIN)
         self.poller.register(life_fd, select.POLLIN)
@@ -89,64 +109,75 @@ class Server:
             while True:
                 time.sleep(3600)
 
-    def _one(self, cmd, buf_off, in_len, cap, out_off, out_cap):
-        """Run one command whose buffer sits in shared memory; returns (status, out)."""
-        self._test_hooks()
-        self.commands += 1
-        if in_len > cap:
-            return int(Status.INVALID_LENGTH), b""
-        buf = self.mm[buf_off:buf_off + in_len]      # copy out first: the VMM may race us
-        t0 = _ns()
-        st, out = self.psp.mailbox(cmd, buf)
-        self.fw_ns += _ns() - t0
-        if len(out) > out_cap:
-            return int(Status.INTERNAL_ERROR), b""
-        return st, out
-
     def handle(self, seq):
+        """Answer the request now in the mailbox. Returns False on OP_SHUTDOWN."""
         mm = self.mm
         self.fw_ns = 0
-        op, ring_count = L.OP_HDR.unpack_from(mm, L.OFF_OP)
-        if op == L.OP_CMD:
-            cmd, in_len = L.CMD_HDR.unpack_from(mm, L.OFF_CMD)
-            st, out = self._one(cmd, L.CMD_BUF, in_len, L.CMD_BUF_SIZE, L.OUT_BUF, L.OUT_BUF_SIZE)
-            if out:
-                mm[L.OUT_BUF:L.OUT_BUF + len(out)] = out
-            L.STATUS_HDR.pack_into(mm, L.OFF_STATUS, (st & L.STATUS_MASK) | L.DONE, len(out))
-        elif op == L.OP_RING:
+        cmd, in_len, op, ring_count = _req_unpack(mm, _OFF_CMD)
+        if op == _OP_CMD:
+            if self.hooks:
+                self._test_hooks()
+            self.commands += 1
+            if in_len > _CMD_CAP:
+                st, out = _INVALID_LENGTH, b""
+            else:
+                buf = mm[_CMD_BUF:_CMD_BUF + in_len]   # a copy: the VMM may race us
+                t0 = _ns()
+                st, out = self.mailbox(cmd, buf)
+                self.fw_ns = _ns() - t0
+                if len(out) > _OUT_CAP:
+                    st, out = _INTERNAL_ERROR, b""
+                elif out:
+                    mm[_OUT_BUF:_OUT_BUF + len(out)] = out
+            _status_pack(mm, _OFF_STATUS, (st & _STATUS_MASK) | _DONE, len(out))
+        elif op == _OP_RING:
             if ring_count > L.RING_ENTRIES:
-                L.STATUS_HDR.pack_into(mm, L.OFF_STATUS, int(Status.INVALID_LENGTH) | L.DONE, 0)
+                _status_pack(mm, _OFF_STATUS, _INVALID_LENGTH | _DONE, 0)
             else:
                 self._ring(ring_count)
-                L.STATUS_HDR.pack_into(mm, L.OFF_STATUS, int(Status.SUCCESS) | L.DONE, 0)
+                _status_pack(mm, _OFF_STATUS, _SUCCESS | _DONE, 0)
         elif op == L.OP_SHUTDOWN:
-            L.STATUS_HDR.pack_into(mm, L.OFF_STATUS, int(Status.SUCCESS) | L.DONE, 0)
+            _status_pack(mm, _OFF_STATUS, _SUCCESS | _DONE, 0)
             self._answer(seq)
             return False
         else:
-            L.STATUS_HDR.pack_into(mm, L.OFF_STATUS, int(Status.INVALID_COMMAND) | L.DONE, 0)
+            _status_pack(mm, _OFF_STATUS, _INVALID_COMMAND | _DONE, 0)
         self._answer(seq)
         return True
 
     def _ring(self, n):
-        mm = self.mm
-        w32 = self.w32
-        w32[L.I_RING_DONE] = 0
+        mm, w32, mailbox = self.mm, self.w32, self.mailbox
+        hooks = self.hooks
+        w32[_I_RING_DONE] = 0
+        fw = 0
+        e = _RING_OFF
         for i in range(n):
-            e = L.RING_OFF + i * L.RING_ENTRY_SIZE
-            cmd, in_len = L.ENTRY_HDR.unpack_from(mm, e)
-            st, out = self._one(cmd, e + L.RE_IN, in_len, L.RE_IN_SIZE, e + L.RE_OUT, L.RE_OUT_SIZE)
-            if out:
-                mm[e + L.RE_OUT:e + L.RE_OUT + len(out)] = out
-            L.ENTRY_RESULT.pack_into(mm, e + L.RE_STATUS, (st & L.STATUS_MASK) | L.DONE, len(out))
-            w32[L.I_RING_DONE] = i + 1     # progress: the VMM's timeout restarts
+            cmd, in_len = _entry_unpack(mm, e)
+            if hooks:
+                self._test_hooks()
+            self.commands += 1
+            if in_len > _RE_IN_SIZE:
+                st, out = _INVALID_LENGTH, b""
+            else:
+                buf = mm[e + _RE_IN:e + _RE_IN + in_len]    # a copy
+                t0 = _ns()
+                st, out = mailbox(cmd, buf)
+                fw += _ns() - t0
+                if len(out) > _RE_OUT_SIZE:
+                    st, out = _INTERNAL_ERROR, b""
+                elif out:
+                    mm[e + _RE_OUT:e + _RE_OUT + len(out)] = out
+            _result_pack(mm, e + _RE_STATUS, (st & _STATUS_MASK) | _DONE, len(out))
+            w32[_I_RING_DONE] = i + 1       # progress: the VMM's timeout restarts
+            e += _RE_SIZE
+        self.fw_ns = fw
 
     def _answer(self, seq):
         w64 = self.w64
-        w64[L.Q_COMMANDS] = self.commands
-        w64[L.Q_FW_NS] = self.fw_ns
-        w64[L.Q_DONE_SEQ] = seq                      # last: publishes the answer
-        if self.w32[L.I_VMM_SLEEPING]:
+        w64[_Q_COMMANDS] = self.commands
+        w64[_Q_FW_NS] = self.fw_ns
+        w64[_Q_DONE_SEQ] = seq                       # last: publishes the answer
+        if self.w32[_I_VMM_SLEEPING]:
             os.write(self.resp_fd, _ONE)
 
     # -- the loop -------------------------------------------------------------
@@ -158,9 +189,17 @@ class Server:
         while True:
             seq = w64[q_req]
             if seq == last:
-                # bounded spin on the request sequence word
+                # bounded spin on the request sequence word: tight first, then
+                # with sched_yield (a VMM woken onto this CPU runs, not waits)
+                if self.spin_s:
+                    for _ in range(_TIGHT_SPIN):
+                        seq = w64[q_req]
+                        if seq != last:
+                            break
                 deadline = clock() + self.spin_s
+                yield_ = os.sched_yield
                 while seq == last and clock() < deadline:
+                    yield_()
                     seq = w64[q_req]
             if seq == last:
                 # block on the doorbell (bounded slice: a lost doorbell costs one slice)
