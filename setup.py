@@ -59,7 +59,9 @@ class OptionalBuildExt(build_ext):
 setup(
     packages=find_packages(
         include=["hv", "hv.*", "psp_firmware", "psp_firmware.*",
-                 "nptcore", "nptcore.*"]),
+                 "nptcore", "nptcore.*", "guests"]),
+    # the bundled guests are built from source on first use (`hv boot hello`)
+    package_data={"guests": ["src/*", "README.md"]},
     cffi_modules=CFFI_MODULES,
     cmdclass={"build_ext": OptionalBuildExt},
     zip_safe=False,

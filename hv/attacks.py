@@ -1504,8 +1504,8 @@ def gsc_on_slice(cfg):
     with GuestLab(cfg, check_insns=cfg.guest_check_insns, on_slice=on_slice) as lab:
         state["lab"] = lab
         res = lab.boot.run(GUEST_BUDGET)
-        r = _guest_result(lab, res, "NX toggled on a data page from on_slice (Boot checks right "
-                                    "after on_slice, so the exposure is 0)", GUEST_BUDGET)
+        r = _guest_result(lab, res, "NX toggled on a data page from on_slice (after that "
+                                    "boundary's check: live until the next check at the latest)", GUEST_BUDGET)
         if res.exit_code != 3:
             raise Undetected(f"hv boot exit code {res.exit_code}, not 3")
         return r

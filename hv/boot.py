@@ -23,9 +23,10 @@ of wall time have passed.  A tamper (CHECK_ALL, or an UPDATE_NPT refused
 with INTEGRITY_FAILURE / GUEST_STOPPED) ends the run with exit_reason
 ``psp_stopped`` (exit code 3) and ``tamper`` saying what differed.
 
-``on_slice(boot, insns_so_far)`` is called between slices (before the
-check), so an attack can change host memory mid-run; the emulator's TLB is
-flushed after it (the VMM can always do that).
+``on_slice(boot, insns_so_far)`` is called between slices (after that
+boundary's check), so an attack can change host memory mid-run and the
+change stays live until the next check; the emulator's TLB is flushed after
+it (the VMM can always do that).
 """
 from __future__ import annotations
 
@@ -190,9 +191,6 @@ class Boot:
                 break
             if max_insns is not None and vc.instructions - start >= max_insns:
                 break
-            if self.on_slice is not None:
-                self.on_slice(self, vc.instructions)
-                vc.flush_tlb()
             due = self.check_insns is not None
             if self.check_ms:
                 now = time.perf_counter()
@@ -202,6 +200,11 @@ class Boot:
                 tamper = self._check()
                 if tamper:
                     break
+            if self.on_slice is not None:
+                # after the check: a change made here is live for a whole
+                # interval, as a real tamper between two periodic checks is
+                self.on_slice(self, vc.instructions)
+                vc.flush_tlb()
         elapsed = time.perf_counter() - t0
         self.result = self._result(stop, tamper, elapsed)
         if self._own_record:

@@ -9,6 +9,7 @@ bad input, 3 when the PSP stopped the VM (tamper detected).
 """
 import argparse
 import json
+import os
 import sys
 
 from .errors import BadInput
@@ -35,7 +36,9 @@ def _pos_int(text):
 def add_parser(sub, common):
     from .vcpu import available_hooks
     p = sub.add_parser("boot", help="boot a guest image (ELF64 toy or Multiboot) through the PSP-managed NPT")
-    p.add_argument("image", help="ELF64 toy guest or Multiboot v1 kernel")
+    p.add_argument("image", help="ELF64 toy guest or Multiboot v1 kernel, or the name of a bundled "
+                                 "guest (hello, memtouch, compute, paging, jump_unmapped, "
+                                 "triple_fault, mb_hello), built from source on first use")
     p.add_argument("--mem", type=_size, default=256 << 20, metavar="SIZE",
                    help="guest RAM (default 256M)")
     p.add_argument("--vga", action="store_true", help="dump the VGA text screen (0xB8000) at exit")
@@ -56,9 +59,33 @@ def add_parser(sub, common):
     return p
 
 
+def resolve_image(name):
+    """A path as given, or a bundled guest's name -> its built image."""
+    if os.path.exists(name) or os.sep in name:
+        return name
+    try:
+        from guests.build import DEFAULT_OUT, GUESTS, BuildError, build_one
+    except ImportError:
+        return name
+    if name not in GUESTS:
+        return name
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                         "hv-guests")
+    for out_dir in (DEFAULT_OUT, cache):
+        try:
+            return str(build_one(name, out_dir))
+        except BuildError as e:
+            raise BadInput(f"cannot build bundled guest {name!r}: {e}") from None
+        except OSError:
+            continue     # read-only install: build into the user's cache
+    raise BadInput(f"cannot build bundled guest {name!r}: no writable output directory")
+
+
 def cmd_boot(args):
     from .boot import Boot, format_report
     from .cli import make_vmm
+
+    args.image = resolve_image(args.image)
 
     serial_file = None
     if args.serial:

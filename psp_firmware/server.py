@@ -272,8 +272,8 @@ def main(argv=None):
             _load_integrity_modes()
         kw = {} if args.integrity is None else {"integrity": args.integrity}
         psp = Psp(mem, backend=args.backend, **kw)
-        if args.periodic_ms:
-            psp.start_periodic_check(args.periodic_ms)
+        if args.periodic_ms and hasattr(psp, "start_periodic_check"):
+            psp.start_periodic_check(args.periodic_ms)     # the PSP's own timer
     except Exception as e:
         print(f"psp: cannot start: {e.__class__.__name__}: {e}", file=sys.stderr)
         return 2

@@ -1,7 +1,6 @@
 """The PSP in its own process (issue 6): mailbox, ring, faults, isolation."""
 import os
 import signal
-import struct
 import subprocess
 import sys
 import textwrap
@@ -521,3 +520,11 @@ def test_measure_roundtrip_keys():
         for k in ("roundtrip_us_median", "roundtrip_us_p99", "ring_us_per_cmd",
                   "ring_nop_us_per_cmd", "update_us_per_cmd"):
             assert r[k] > 0, (kind, k, r)
+    assert r["roundtrip_transport_us_median"] < r["roundtrip_us_median"]
+
+
+def test_bench_figures_keys():
+    from hv.psp_process import bench_psp_figures
+    f = bench_psp_figures(n=100, batch=16, rounds=1)
+    for k in ("psp_roundtrip_us_process", "psp_roundtrip_us_inprocess", "psp_ring_us_per_cmd"):
+        assert isinstance(f[k], float) and f[k] > 0
