@@ -127,7 +127,8 @@ def _table(results, verbose=0):
                 ",..." if len(r.statuses) > 3 else "")
         t.add_row(r.name, r.category, f"[{style}]{r.outcome}[/]", exp, r.detected_by or "",
                   detail)
-    c = Console()
+    # a pipe or a narrow terminal still gets every column whole
+    c = Console(width=max(Console().width, 140))
     c.print(t)
     s = summarize(results)
     c.print(" ".join(f"{k}={v}" for k, v in s.items()))
