@@ -40,7 +40,8 @@ from .vcpu import ACCESS_WORDS, UnicornVcpu, available_hooks
 
 __all__ = ["Boot", "BootResult", "EXIT_REASONS", "exit_code_for"]
 
-EXIT_REASONS = ("exit_port", "hlt", "triple_fault", "insn_limit", "psp_stopped", "error")
+EXIT_REASONS = ("exit_port", "hlt", "triple_fault", "insn_limit", "psp_stopped", "psp_dead",
+                "error")
 DEFAULT_MEM = 256 << 20
 CHECK_MS_SLICE = 100_000        # instructions per slice with --check-ms
 ON_SLICE_DEFAULT = 100_000      # slice length when only on_slice is given
@@ -245,6 +246,9 @@ class Boot:
                 if tamper.get("page_hpa") is not None:
                     reason += (f" (NPT page {tamper['page_hpa']:#x} entry {tamper['entry_index']} "
                                f"expected {tamper['expected']:#x} found {tamper['found']:#x})")
+            elif st == "PSP_DEAD":
+                reason_kind = "psp_dead"
+                reason = f"the PSP process died or stopped answering: {e}"
             else:
                 reason_kind = "error"
                 where = ""

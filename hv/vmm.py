@@ -55,7 +55,9 @@ class Vmm:
     """Owns host memory and the PSP transport. Several VMs at once."""
 
     def __init__(self, host_mem=1 << 30, host_mem_path=None, backend=None, integrity=None,
-                 psp="inprocess", fw_size=DEFAULT_FW_SIZE, psp_timeout=5.0):
+                 psp="inprocess", fw_size=DEFAULT_FW_SIZE, psp_timeout=5.0, psp_check_ms=None):
+        """psp_check_ms: start the PSP's own wall-time periodic checker (it
+        re-verifies every guest's table every N ms and stops tampered ones)."""
         if host_mem < 64 << 20:
             raise BadInput(f"--host-mem must be at least 64M, not {host_mem}")
         self.mem = HostMemory(host_mem, host_mem_path, shared=(psp == "process"))
@@ -66,7 +68,7 @@ class Vmm:
         self.alloc = FrameAllocator(1 << 20, fw_base)
         self.fw_base, self.fw_size = fw_base, fw_size
         self.psp_kind = psp
-        self.transport = self._make_transport(psp, backend, integrity, psp_timeout)
+        self.transport = self._make_transport(psp, backend, integrity, psp_timeout, psp_check_ms)
         self.psp = PspClient(self.transport)
         r = self.psp.platform_init(host_mem, fw_base, fw_size)
         if not r.ok:
@@ -74,18 +76,27 @@ class Vmm:
         self.vms = []
         self._donate_pool(POOL_CHUNK)
 
-    def _make_transport(self, psp, backend, integrity, timeout):
+    def _make_transport(self, psp, backend, integrity, timeout, check_ms):
+        if check_ms is not None and not check_ms > 0:
+            raise BadInput(f"the PSP's check interval must be > 0 ms, not {check_ms}")
         if psp == "inprocess":
             kw = {} if integrity is None else {"integrity": integrity}
             self._psp_obj = Psp(self.mem.buf, backend=backend, **kw)
+            if check_ms:
+                self._psp_obj.start_periodic_check(check_ms)
             return InProcessTransport(self._psp_obj)
         if psp == "process":
             from .psp_process import ProcessTransport
-            return ProcessTransport(self.mem, backend=backend, integrity=integrity, timeout=timeout)
+            return ProcessTransport(self.mem, backend=backend, integrity=integrity, timeout=timeout,
+                                    periodic_ms=check_ms)
         raise BadInput(f"unknown --psp {psp!r} (inprocess or process)")
 
     def close(self):
+        psp = getattr(self, "_psp_obj", None)
+        if psp is not None:
+            psp.stop_periodic_check()
         self.transport.close()
+        self.mem.close()
 
     # -- PSP table pool ------------------------------------------------------
     def _donate_pool(self, n):
