@@ -4,6 +4,7 @@ No validation happens here: this is the untrusted side and may send any
 command with any arguments (`raw`, or the typed methods with any values).
 Every method returns a `Reply(status, fields)`; nothing raises on a refusal.
 """
+import struct
 from collections import namedtuple
 
 from psp_firmware.commands import Cmd, decode_out, encode, in_fields
@@ -45,7 +46,12 @@ class PspClient:
         return st, out
 
     def call(self, cmd, **fields):
-        st, out = self.raw(cmd, encode(cmd, **fields))
+        try:
+            buf = encode(cmd, **fields)
+        except struct.error as e:   # a value wider than its field: say which command
+            raise ValueError(f"{Cmd(cmd).name}: a field does not fit the command buffer "
+                             f"({e}); use raw() to send arbitrary bytes") from None
+        st, out = self.raw(cmd, buf)
         try:
             st = Status(st)
         except ValueError:
