@@ -69,22 +69,37 @@ PROFILES = {
         integ_sizes=[16 * MiB, 64 * MiB, 256 * MiB, GiB, 4 * GiB, 16 * GiB],
         integ_updates=300, integ_full_budget_s=2.0, integ_checks=3,
         npf_pages=32768, replay_accesses=4_000_000, kvm_pages=65536, kvm_exits=50_000,
-        guest_insns=None, memtouch_pages=16384, rss=True, valgrind=True),
+        guest_insns=None, memtouch_pages=16384, rss=True, valgrind=True,
+        psp_n=20_000, psp_batch=256, psp_rounds=16),
     "quick": dict(
         walk_sizes=[16 * MiB, 256 * MiB, 4 * GiB, 16 * GiB],
         walk_n=300_000, walk_single=50_000, walk_py=10_000,
         integ_sizes=[16 * MiB, 256 * MiB, 4 * GiB, 16 * GiB],
         integ_updates=100, integ_full_budget_s=0.6, integ_checks=1,
         npf_pages=8192, replay_accesses=1_500_000, kvm_pages=16384, kvm_exits=10_000,
-        guest_insns=None, memtouch_pages=4096, rss=True, valgrind=False),
+        guest_insns=None, memtouch_pages=4096, rss=True, valgrind=False,
+        psp_n=3000, psp_batch=256, psp_rounds=4),
     "tiny": dict(      # for the test suite: every figure, small sizes
         walk_sizes=[16 * MiB, 64 * MiB],
         walk_n=20_000, walk_single=5_000, walk_py=1_000,
         integ_sizes=[16 * MiB, 64 * MiB],
         integ_updates=20, integ_full_budget_s=0.1, integ_checks=1,
         npf_pages=512, replay_accesses=60_000, kvm_pages=1024, kvm_exits=1_000,
-        guest_insns=1_000_000, memtouch_pages=256, rss=False, valgrind=False),
+        guest_insns=1_000_000, memtouch_pages=256, rss=False, valgrind=False,
+        psp_n=300, psp_batch=32, psp_rounds=2),
 }
+
+
+# ---------------------------------------------------------------------------
+# PSP transports: empty-command round trip in-process and to the PSP process,
+# and per-command cost of a ring batch of UPDATE_NPT commands
+def bench_psp(p, log):
+    from .psp_process import bench_psp_figures
+    r = bench_psp_figures(n=p["psp_n"], batch=p["psp_batch"], rounds=p["psp_rounds"])
+    log(f"psp: round trip {r['psp_roundtrip_us_inprocess']:.1f} us in-process, "
+        f"{r['psp_roundtrip_us_process']:.1f} us to the PSP process; "
+        f"ring {r['psp_ring_us_per_cmd']:.1f} us per UPDATE_NPT")
+    return r
 
 
 # ---------------------------------------------------------------------------
@@ -606,6 +621,7 @@ def run(profile="quick", plot_dir=None, log=None, sections=None):
         rp = section("replay", bench_replay, p, log, tmp)
         section("kvm", bench_kvm, p, log)
         section("guest", bench_guest, p, log)
+        section("psp", bench_psp, p, log)
         if p["rss"]:
             section("memory", bench_memory, p, log, (rp or {}).get("trace_path"))
         for r in (rp,):
@@ -643,6 +659,9 @@ def _headline(res):
         "sha256_mb_s": _get(res, "sha256", "sha256_mb_s"),
         "replay_rss_growth_16g_vs_1g": _get(res, "memory", "replay_rss_growth_16g_vs_1g"),
         "boot_rss_growth_16g_vs_1g": _get(res, "memory", "boot_rss_growth_16g_vs_1g"),
+        "psp_roundtrip_us_process": _get(res, "psp", "psp_roundtrip_us_process"),
+        "psp_roundtrip_us_inprocess": _get(res, "psp", "psp_roundtrip_us_inprocess"),
+        "psp_ring_us_per_cmd": _get(res, "psp", "psp_ring_us_per_cmd"),
     }
     res.update(h)
     kf = h["kvm_fault_us"]
@@ -664,6 +683,9 @@ def _headline(res):
                              "<= 0.5x KVM per page"),
         "replay_accesses_per_s": tgt(h["replay_accesses_per_s"], lambda v: v >= 1e6, ">= 1M/s"),
         "guest_speed_vs_unicorn": tgt(h["guest_speed_vs_unicorn"], lambda v: v >= 0.5, ">= 0.5x"),
+        "psp_roundtrip_us_process": tgt(h["psp_roundtrip_us_process"], lambda v: v <= 10,
+                                        "<= 10 us median"),
+        "psp_ring_us_per_cmd": tgt(h["psp_ring_us_per_cmd"], lambda v: v <= 2, "< 2 us per command"),
     }
 
 

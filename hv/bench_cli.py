@@ -15,7 +15,7 @@ def add_parser(sub, common):
     p.add_argument("--plot", metavar="DIR", default=None,
                    help="write PNG plots (matplotlib) into DIR")
     p.add_argument("--only", metavar="SECTIONS", default=None,
-                   help="comma-separated sections: sha256,walks,integrity,npf,replay,kvm,guest,memory")
+                   help="comma-separated sections: sha256,walks,integrity,npf,replay,kvm,guest,psp,memory")
     common(p)
     p.set_defaults(func=cmd_bench)
     return p
@@ -32,7 +32,7 @@ def cmd_bench(args):
     sections = None
     if args.only:
         sections = {s.strip() for s in args.only.split(",") if s.strip()}
-        known = {"sha256", "walks", "integrity", "npf", "replay", "kvm", "guest", "memory"}
+        known = {"sha256", "walks", "integrity", "npf", "replay", "kvm", "guest", "psp", "memory"}
         if sections - known:
             raise BadInput(f"bench: unknown section(s) {','.join(sorted(sections - known))}")
     quiet = args.json

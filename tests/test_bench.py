@@ -10,7 +10,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIRED = ["walk_c_vs_python", "walk_c_vs_floor", "merkle_update_growth",
             "full_update_growth", "npf_us_4k", "kvm_fault_us", "replay_accesses_per_s",
-            "guest_speed_vs_unicorn"]
+            "guest_speed_vs_unicorn", "psp_roundtrip_us_process", "psp_roundtrip_us_inprocess",
+            "psp_ring_us_per_cmd"]
 
 
 def _kvm_usable():
