@@ -36,8 +36,10 @@ def _common(p, psp=True):
                    help="host memory size (default 1G; untouched pages cost nothing)")
     p.add_argument("--host-mem-file", default=None, metavar="FILE",
                    help="back host memory with this file instead of anonymous memory")
-    p.add_argument("--integrity", default=None, choices=None, metavar="MODE",
-                   help="PSP integrity mode: full (patent-literal) or merkle")
+    from psp_firmware import INTEGRITY_MODES
+    p.add_argument("--integrity", default=None, choices=sorted(INTEGRITY_MODES),
+                   help="PSP integrity mode: full (patent-literal: re-hash the whole table on "
+                        "every update) or merkle (hash tree; the default)")
     if psp:
         p.add_argument("--psp", choices=["inprocess", "process"], default="inprocess",
                        help="where the PSP firmware runs")
