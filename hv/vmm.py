@@ -152,13 +152,24 @@ class Vmm:
         if level == 2:
             vm.huge_blocks.add(first_page >> 9)
         else:
-            for p in range(first_page, first_page + npages):
-                vm.mapped.add(p)
-                b = p >> 9
-                vm.small_per_block[b] = vm.small_per_block.get(b, 0) + 1
+            last = first_page + npages - 1
+            spb = vm.small_per_block
+            if npages == 1:
+                vm.mapped.add(first_page)
+                b = first_page >> 9
+                spb[b] = spb.get(b, 0) + 1
+            else:
+                vm.mapped.update(range(first_page, last + 1))
+                p = first_page
+                while p <= last:                 # per 2 MiB block the range touches
+                    b = p >> 9
+                    n = min(last + 1, (b + 1) << 9) - p
+                    spb[b] = spb.get(b, 0) + n
+                    p += n
         vm.pages_mapped += npages if level == 1 else 512
-        for cb in vm.on_npt_change:
-            cb()
+        if vm.on_npt_change:
+            for cb in vm.on_npt_change:
+                cb()
 
     def is_mapped(self, vm, gpa):
         p = gpa >> 12
@@ -206,8 +217,11 @@ class Vmm:
             hpa = self.alloc.alloc(npages if level == 1 else 512, align=size)
         except OutOfMemory as e:
             raise VmStopped(Status.RESOURCE_EXHAUSTED, str(e)) from None
-        r = self._psp_retry_pool(
-            lambda: self.psp.update_npt(vm.handle, g, hpa, level, ATTR_RWX, npages))
+        update = self.psp.update_npt
+        r = update(vm.handle, g, hpa, level, ATTR_RWX, npages)
+        while r.status == Status.RESOURCE_EXHAUSTED:      # _psp_retry_pool, inline
+            self._donate_pool(POOL_CHUNK)
+            r = update(vm.handle, g, hpa, level, ATTR_RWX, npages)
         if log.isEnabledFor(logging.INFO):
             log.info("npf gpa=%#x access=%s err=%#x level=%s hpa=%#x npages=%d status=%s%s",
                      gpa, ACCESS_NAMES.get(access, access), errcode, "2M" if level == 2 else "4K",

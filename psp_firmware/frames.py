@@ -139,8 +139,19 @@ class FrameTable:
 
     def set_range(self, hpa, nbytes, state, handle=0, gpa=None):
         lo = hpa // PAGE
-        for i in range(nbytes // PAGE):
-            self.set(lo + i, state, handle, 0 if gpa is None else gpa + i * PAGE)
+        n = nbytes // PAGE
+        if n <= 0:
+            return
+        hi = lo + n
+        assert not (lo < self.fw_hi and hi > self.fw_lo), "firmware frames never change state"
+        f = self._f
+        if state == F.HV:
+            for pfn in range(lo, hi):
+                f.pop(pfn, None)
+        elif gpa is None:
+            f.update(dict.fromkeys(range(lo, hi), (state, handle, 0)))
+        else:
+            f.update(zip(range(lo, hi), [(state, handle, gpa + i * PAGE) for i in range(n)]))
 
     # -- invariants ------------------------------------------------------
     def check_invariants(self, live_handles):

@@ -45,6 +45,14 @@ class ShadowNpt:
         self.root = root
         self.pages = {root: bytearray(PAGE)}     # hpa -> canonical content
         self.levels = {root: 4}
+        self.cptr = None          # hpa -> C pointer into pages[hpa] (psp_firmware.core.Ptrs)
+
+    def c_pages(self):
+        """Pointers for the C core into the shadow pages (made once per page)."""
+        if self.cptr is None:
+            from .core import Ptrs
+            self.cptr = Ptrs(self.pages)
+        return self.cptr
 
     def entry(self, table, idx):
         return _Q.unpack_from(self.pages[table], idx * 8)[0]
@@ -111,6 +119,32 @@ class ShadowNpt:
             writes.append((t, idx, leaf))
         return None, writes, new_levels
 
+    def plan_map_one_table(self, gpa, level, count):
+        """plan_map for a range whose leaves all sit in one table page
+        (index(gpa, level) + count <= 512): the walk above the leaf level is
+        the same for every page, so it is done once. Returns
+        (status_name or None, upper_writes, new_table_levels, leaf_table,
+        leaf_index, first_present) where leaf_table may be a ("new", k)
+        placeholder and first_present is -1 or, for an existing leaf table,
+        what psp_leaf_scan returns; the caller turns that into the status
+        plan_map would give. Same decisions as plan_map, in the same order."""
+        t = self.root
+        writes = []
+        new_levels = []
+        for lvl in range(4, level, -1):
+            idx = index(gpa, lvl)
+            e = 0 if isinstance(t, tuple) else self.entry(t, idx)
+            if not e & P:
+                nt = ("new", len(new_levels))
+                new_levels.append(lvl - 1)
+                writes.append((t, idx, nt))
+                t = nt
+            elif e & PS:
+                return "GPA_MAPPED", None, None, None, 0, -1
+            else:
+                t = e & ADDR
+        return None, writes, new_levels, t, index(gpa, level), -1
+
     def canon_bytes(self):
         return sorted(self.pages.items())
 
@@ -119,7 +153,7 @@ class FullIntegrity:
     mode = "full"
     mode_id = 0
 
-    def __init__(self, shadow, canon_page, read_u64, vmsa):
+    def __init__(self, shadow, canon_page, read_u64, vmsa, mem=None, core=None):
         self.shadow = shadow
         self._canon = canon_page      # hpa -> canonical bytes of the host page
         self._read_u64 = read_u64

@@ -54,6 +54,7 @@ them; that is not tampering). A mismatch is reported as the same `Mismatch`
 import hashlib
 import struct
 
+from . import core as _core
 from .integrity import ADDR, PS, P, Mismatch, level_size
 
 CHUNK_ENTRIES = 64
@@ -69,22 +70,45 @@ _sha = hashlib.sha256
 _SHIFT = {1: 12, 2: 21, 3: 30, 4: 39}
 
 
+def _slot_mask(nkids):
+    """Bit j set when chunk j has child tables (its hash covers their slots)."""
+    if nkids is None:
+        return 0
+    m = 0
+    for j, n in enumerate(nkids):
+        if n:
+            m |= 1 << j
+    return m
+
+
 class MerkleIntegrity:
     mode = "merkle"
     mode_id = 1
 
-    def __init__(self, shadow, canon_page, read_u64, vmsa):
+    def __init__(self, shadow, canon_page, read_u64, vmsa, mem=None, core=None):
         self.shadow = shadow
         self._canon = canon_page
         self._read_u64 = read_u64
         self.vmsa = vmsa
-        self.chunk_h = {}     # hpa -> list of NCHUNKS chunk hashes
+        # the C core (csrc/psp_core.c) or None (the Python twin); same hashes
+        self._c = _core.resolve(core)
+        self.chunk_h = {}     # hpa -> bytearray(NCHUNKS * 32): the chunk hashes, in order
         self.node_h = {}      # hpa -> node hash
         self.kids = {}        # hpa (level > 1) -> list of 512 child table hpas (0: none)
         self.slots = {}       # hpa (level > 1) -> bytearray(512 * 32): child node hashes by index
         self.nkids = {}       # hpa (level > 1) -> list of NCHUNKS child counts
         self.parent = {}      # child table hpa -> (parent hpa, index)
         self._pending = None  # what check_before_update verified, for after_update
+        if self._c is not None:
+            ffi = _core.ffi
+            # host memory (read only here: the path check hashes chunks in place)
+            self._memc = ffi.from_buffer(mem) if mem is not None else None
+            self._shadow_c = shadow.c_pages()
+            self._slots_c = _core.Ptrs(self.slots)
+            self._chunk_c = _core.Ptrs(self.chunk_h)
+            self._out = ffi.new("char[32]")
+            self._obuf = ffi.buffer(self._out)
+            self._null = ffi.NULL
         self._rebuild()
 
     # ------------------------------------------------------------------
@@ -106,16 +130,36 @@ class MerkleIntegrity:
 
     @staticmethod
     def _node_hash(hpa, level, chunks):
-        return _sha(_NODE_HDR.pack(b"N", hpa, level) + b"".join(chunks)).digest()
+        return _sha(_NODE_HDR.pack(b"N", hpa, level) + bytes(chunks)).digest()
 
     def _root_digest(self):
+        c = self._c
+        if c is not None:
+            root = self.shadow.root
+            c.psp_root_hash(root, self.node_h[root], self._out)
+            return self._obuf[:]
         return _sha(_ROOT_HDR.pack(b"R", self.shadow.root) + self.node_h[self.shadow.root]).digest()
 
     def _hash_page_full(self, hpa):
         """All chunks and the node hash of a page, from the shadow."""
+        c = self._c
+        if c is not None:
+            if hpa not in self.chunk_h:
+                self.chunk_h[hpa] = bytearray(NCHUNKS * HBYTES)
+            n = self.nkids.get(hpa)
+            c.psp_page_hash(self._shadow_c[hpa], 0,
+                            self._slots_c[hpa] if n is not None else self._null,
+                            _slot_mask(n), hpa, self.shadow.levels[hpa],
+                            self._chunk_c[hpa], self._out)
+            self.node_h[hpa] = self._obuf[:]
+            return
         page = self.shadow.pages[hpa]
-        chunks = [self._chunk_hash(page, hpa, j) for j in range(NCHUNKS)]
-        self.chunk_h[hpa] = chunks
+        chunks = b"".join([self._chunk_hash(page, hpa, j) for j in range(NCHUNKS)])
+        ch = self.chunk_h.get(hpa)
+        if ch is None:
+            self.chunk_h[hpa] = bytearray(chunks)
+        else:
+            ch[:] = chunks               # in place: the C core may hold a pointer to it
         self.node_h[hpa] = self._node_hash(hpa, self.shadow.levels[hpa], chunks)
 
     def _new_node(self, hpa):
@@ -135,6 +179,9 @@ class MerkleIntegrity:
         """Hash the whole shadow (construction)."""
         for d in (self.kids, self.slots, self.nkids, self.parent, self.chunk_h, self.node_h):
             d.clear()
+        if self._c is not None:
+            for d in (self._slots_c, self._chunk_c):
+                d.clear()
         levels, pages = self.shadow.levels, self.shadow.pages
         for hpa in levels:
             self._new_node(hpa)
@@ -210,13 +257,28 @@ class MerkleIntegrity:
         path = self._path_chunks(gpa, level, max(1, npages or 1))
         chunk_h = self.chunk_h
         canon = self._canon
+        c = self._c
+        if c is not None and self._memc is not None:
+            # C: hash each chunk straight from host memory, A/D masked
+            memc, chp, slp, nkids, null = (self._memc, self._chunk_c, self._slots_c,
+                                           self.nkids, self._null)
+            check = c.psp_chunk_check
+            for hpa, j in path:
+                n = nkids.get(hpa)
+                s = slp[hpa] + j * SLOT_BYTES if n is not None and n[j] else null
+                if not check(memc + (hpa + j * CHUNK_BYTES), 1, s, chp[hpa] + j * HBYTES):
+                    mem = canon(hpa)
+                    return (self._locate_in(hpa, mem, j * CHUNK_ENTRIES, (j + 1) * CHUNK_ENTRIES)
+                            or Mismatch(hpa, j * CHUNK_ENTRIES, 0, 0, "chunk hash"))
+            self._pending = path
+            return None
         mem = None
         last = None
         for hpa, j in path:
             if hpa != last:
                 mem = canon(hpa)
                 last = hpa
-            if self._chunk_hash(mem, hpa, j) != chunk_h[hpa][j]:
+            if self._chunk_hash(mem, hpa, j) != chunk_h[hpa][j * HBYTES:(j + 1) * HBYTES]:
                 return (self._locate_in(hpa, mem, j * CHUNK_ENTRIES, (j + 1) * CHUNK_ENTRIES)
                         or Mismatch(hpa, j * CHUNK_ENTRIES, 0, 0, "chunk hash"))
         self._pending = path
@@ -233,13 +295,23 @@ class MerkleIntegrity:
         mem_slots = {h: bytearray(512 * HBYTES) for h in self.slots}
         bad = None
         node_h = self.node_h
+        c = self._c
+        if c is not None:
+            ffi = _core.ffi
+            chunks_c = ffi.new("char[]", NCHUNKS * HBYTES)
+            out, obuf, null = self._out, self._obuf, self._null
         for hpa in sorted(levels, key=lambda h: levels[h]):
             mem = self._canon(hpa)
             s = mem_slots.get(hpa)
-            chunks = [self._chunk_hash(mem, hpa, j, s) if s is not None
-                      else _sha(b"C" + mem[j * CHUNK_BYTES:(j + 1) * CHUNK_BYTES]).digest()
-                      for j in range(NCHUNKS)]
-            h = mem_node[hpa] = self._node_hash(hpa, levels[hpa], chunks)
+            if c is not None:
+                c.psp_page_hash(mem, 0, ffi.from_buffer(s) if s is not None else null,
+                                _slot_mask(self.nkids.get(hpa)), hpa, levels[hpa], chunks_c, out)
+                h = mem_node[hpa] = obuf[:]
+            else:
+                chunks = [self._chunk_hash(mem, hpa, j, s) if s is not None
+                          else _sha(b"C" + mem[j * CHUNK_BYTES:(j + 1) * CHUNK_BYTES]).digest()
+                          for j in range(NCHUNKS)]
+                h = mem_node[hpa] = self._node_hash(hpa, levels[hpa], b"".join(chunks))
             par = self.parent.get(hpa)
             if par is not None:
                 p, i = par
@@ -247,7 +319,12 @@ class MerkleIntegrity:
             if bad is None and h != node_h[hpa]:
                 bad = (hpa, mem)
         root = self.shadow.root
-        if _sha(_ROOT_HDR.pack(b"R", root) + mem_node[root]).digest() == self.digest:
+        if c is not None:
+            c.psp_root_hash(root, mem_node[root], out)
+            ok = obuf[:] == self.digest
+        else:
+            ok = _sha(_ROOT_HDR.pack(b"R", root) + mem_node[root]).digest() == self.digest
+        if ok:
             return None
         if bad is not None:
             hpa, mem = bad
@@ -266,9 +343,26 @@ class MerkleIntegrity:
             # fast path: one walk path, no new table, every write in a path chunk
             on_path = {t for t, _ in pending}
             if all(t in on_path for t in modified_pages):
+                c = self._c
+                if c is not None:
+                    sp, slp, chp, nkids = self._shadow_c, self._slots_c, self._chunk_c, self.nkids
+                    out, obuf, null, slots, parent = (self._out, self._obuf, self._null,
+                                                      self.slots, self.parent)
+                    rehash = c.psp_rehash_chunk_node
+                    for t, j in reversed(pending):        # leaf first
+                        n = nkids.get(t)
+                        rehash(sp[t], j, slp[t] if n is not None and n[j] else null,
+                               t, levels[t], chp[t], out)
+                        h = node_h[t] = obuf[:]
+                        par = parent.get(t)
+                        if par is not None:
+                            p, i = par
+                            slots[p][i * HBYTES:(i + 1) * HBYTES] = h
+                    self.digest = self._root_digest()
+                    return
                 for t, j in reversed(pending):        # leaf first
                     ch = chunk_h[t]
-                    ch[j] = self._chunk_hash(pages[t], t, j)
+                    ch[j * HBYTES:(j + 1) * HBYTES] = self._chunk_hash(pages[t], t, j)
                     h = node_h[t] = self._node_hash(t, levels[t], ch)
                     par = self.parent.get(t)
                     if par is not None:
@@ -306,8 +400,17 @@ class MerkleIntegrity:
                     self._hash_page_full(t)
                 else:
                     ch = self.chunk_h[t]
-                    for j in chunks:
-                        ch[j] = self._chunk_hash(pages[t], t, j)
+                    c = self._c
+                    if c is not None:
+                        n = self.nkids.get(t)
+                        for j in chunks:
+                            c.psp_chunk_hash(self._shadow_c[t] + j * CHUNK_BYTES, 0,
+                                             self._slots_c[t] + j * SLOT_BYTES
+                                             if n is not None and n[j] else self._null,
+                                             self._chunk_c[t] + j * HBYTES)
+                    else:
+                        for j in chunks:
+                            ch[j * HBYTES:(j + 1) * HBYTES] = self._chunk_hash(pages[t], t, j)
                     self.node_h[t] = self._node_hash(t, lvl, ch)
                 par = self.parent.get(t)
                 if par is not None:

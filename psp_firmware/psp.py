@@ -19,15 +19,20 @@ import threading
 from nptcore import get_engine
 from nptcore.bits import GPA_LIMIT
 
-from .commands import (ATTR_VALID, ATTR_W, ATTR_X, MAX_NPAGES, Cmd, DecodeError, decode,
-                       encode_out)
+from . import core as _core
+from .commands import (_IN, _OUT, ATTR_VALID, ATTR_W, ATTR_X, MAX_NPAGES, Cmd, DecodeError,
+                       decode, encode_out)
 from .frames import F, FrameTable
-from .integrity import ADDR, NX, PAGE, PS, ShadowNpt, FullIntegrity, P, U, W, level_size
+from .integrity import (AD, ADDR, NX, PAGE, PS, ShadowNpt, FullIntegrity, P, U, W, index,
+                        level_size)
 from .status import Status
 
 log = logging.getLogger("psp")
 
 _Q = struct.Struct("<Q")
+_UPDATE_NPT_OUT = struct.Struct(_OUT[Cmd.UPDATE_NPT][0])      # done, tables_used
+assert _OUT[Cmd.UPDATE_NPT][1] == ("done", "tables_used")
+_SUCCESS = int(Status.SUCCESS)
 
 PLATFORM_UNINIT, PLATFORM_INIT = 0, 1
 G_LAUNCHING, G_RUNNING, G_STOPPED = 1, 2, 3
@@ -45,6 +50,27 @@ from .merkle import MerkleIntegrity  # noqa: E402  (incremental hash tree, the d
 
 register_integrity_mode(MerkleIntegrity)
 DEFAULT_INTEGRITY = "merkle"
+_BUILTIN_MODES = (FullIntegrity, MerkleIntegrity)
+
+
+class _Leaves:
+    """The plan of a map whose leaves all sit in one table page: `upper`
+    (table, idx, value) writes first (new tables), then leaves value0 +
+    i * step at entries idx..idx+n-1 of `table` (maybe a ("new", k) placeholder)."""
+    __slots__ = ("upper", "table", "idx", "n", "value0", "step")
+
+    def __init__(self, upper, table, idx, n, value0, step):
+        self.upper, self.table, self.idx, self.n, self.value0, self.step = \
+            upper, table, idx, n, value0, step
+
+
+def _leaf_scan(page, idx, n, level):
+    """Python twin of psp_leaf_scan: -1, or (i << 1) | overlap for the first
+    present entry at idx + i (overlap: level 2 and not a large leaf)."""
+    for i, e in enumerate(struct.unpack_from("<%dQ" % n, page, idx * 8)):
+        if e & P:
+            return (i << 1) | (1 if level == 2 and not e & PS else 0)
+    return -1
 
 
 class _Refuse(Exception):
@@ -57,12 +83,15 @@ class _Refuse(Exception):
 
 
 class Guest:
-    def __init__(self, handle, vmsa, root, integrity_cls, canon, read_u64):
+    def __init__(self, handle, vmsa, root, integrity_cls, canon, read_u64, mem=None, core=None):
         self.handle = handle
         self.vmsa = vmsa
         self.state = G_LAUNCHING
         self.npt = ShadowNpt(root)
-        self.integrity = integrity_cls(self.npt, canon, read_u64, vmsa)
+        if integrity_cls in _BUILTIN_MODES:
+            self.integrity = integrity_cls(self.npt, canon, read_u64, vmsa, mem=mem, core=core)
+        else:
+            self.integrity = integrity_cls(self.npt, canon, read_u64, vmsa)
         self.measurement = hashlib.sha256()
         self.final_measurement = b""
         self.mapped_pages = 0
@@ -70,10 +99,15 @@ class Guest:
 
 
 class Psp:
-    def __init__(self, membuf, backend=None, integrity=DEFAULT_INTEGRITY):
+    def __init__(self, membuf, backend=None, integrity=DEFAULT_INTEGRITY, core=None):
         if integrity not in INTEGRITY_MODES:
             raise ValueError(f"unknown integrity mode {integrity!r} (have {sorted(INTEGRITY_MODES)})")
         self._mem = membuf
+        # the C core (csrc/psp_core.c) or None: the Python twin. Same results.
+        self._c = _core.resolve(core)
+        self.core = "c" if self._c is not None else "python"
+        self._memc = (_core.ffi.from_buffer(membuf, require_writable=True)
+                      if self._c is not None else None)
         self._eng = get_engine(membuf, backend)
         self._integrity_cls = INTEGRITY_MODES[integrity]
         self._platform = PLATFORM_UNINIT
@@ -100,6 +134,14 @@ class Psp:
             Cmd.CHECK_ALL: self.cmd_check_all,
             Cmd.NOP: self.cmd_nop,
         }
+        # decode table: int id -> (Struct, length, handler or None, positional?)
+        self._dispatch = {}
+        for cmd, (fmt, names) in _IN.items():
+            h = self._handlers.get(cmd)
+            positional = h is not None and \
+                h.__code__.co_varnames[1:h.__code__.co_argcount] == tuple(names)
+            st = struct.Struct(fmt)
+            self._dispatch[int(cmd)] = (st, st.size, h, positional)
 
     # ------------------------------------------------------------------
     # the mailbox
@@ -107,6 +149,22 @@ class Psp:
         with self._lock:
             self._commands += 1
             try:
+                try:
+                    d = self._dispatch.get(cmd) if type(cmd) is int else None
+                except TypeError:
+                    d = None
+                if d is not None and type(buf) is bytes:
+                    # the same checks as decode(), with a precompiled struct
+                    st_, size, handler, positional = d
+                    if len(buf) != size:
+                        return int(Status.INVALID_LENGTH), b""
+                    if handler is None:
+                        return int(Status.INVALID_COMMAND), b""
+                    if positional:
+                        st, out = handler(*st_.unpack(buf))
+                    else:
+                        st, out = handler(**decode(cmd, buf))
+                    return int(st), out
                 args = decode(cmd, buf)
                 handler = self._handlers.get(cmd)
                 if handler is None:
@@ -130,6 +188,13 @@ class Psp:
         _Q.pack_into(self._mem, hpa, value)
 
     def _scrub(self, hpa, nbytes):
+        if self._c is not None:
+            # C: zero a page at a time, leaving pages that already read as zero
+            # untouched (same bytes, no dirtying of never-used frames)
+            if hpa < 0 or nbytes < 0 or hpa + nbytes > len(self._memc):
+                raise ValueError("scrub outside host memory")
+            self._c.psp_scrub(self._memc, hpa, nbytes)
+            return
         self._mem[hpa:hpa + nbytes] = bytes(nbytes)
 
     # ------------------------------------------------------------------
@@ -200,15 +265,32 @@ class Psp:
         return hpas
 
     def _apply_writes(self, g, writes, new_tables):
-        """Commit-time: write planned entries to host memory and the shadow."""
+        """Commit-time: write planned entries to host memory and the shadow.
+
+        `writes` is a list of (table, idx, value), or a _Leaves (the plan of a
+        range inside one leaf table: its upper writes, then n leaves)."""
         def real(x):
             return new_tables[x[1]] if isinstance(x, tuple) else x
         modified = set()
+        leaves = None
+        if type(writes) is _Leaves:
+            leaves = writes
+            writes = leaves.upper
         for table, idx, value in writes:
             t = real(table)
             v = (real(value) | P | W | U) if isinstance(value, tuple) else value
             self._write_u64(t + idx * 8, v)
             g.npt.set_entry(t, idx, v)
+            modified.add(t)
+        if leaves is not None:
+            t = real(leaves.table)
+            idx, n, v0, step = leaves.idx, leaves.n, leaves.value0, leaves.step
+            if self._c is not None:
+                self._c.psp_write_leaves(self._memc, t, g.npt.c_pages()[t], idx, n, v0, step)
+            else:
+                vals = [v0 + i * step for i in range(n)]
+                struct.pack_into("<%dQ" % n, self._mem, t + idx * 8, *vals)
+                struct.pack_into("<%dQ" % n, g.npt.pages[t], idx * 8, *[v & ~AD for v in vals])
             modified.add(t)
         return modified
 
@@ -226,6 +308,23 @@ class Psp:
     def _plan(self, g, gpa, hpa, level, attrs, npages):
         size = level_size(level)
         flags = self._leaf_flags(attrs, level)
+        first = index(gpa, level)
+        if first + npages <= 512:
+            # every leaf in one table page: walk the upper levels once, scan the
+            # leaf slots in one go (C when built); same decisions as plan_map
+            err, upper, new_levels, t, idx, _ = g.npt.plan_map_one_table(gpa, level, npages)
+            if not err and not isinstance(t, tuple):
+                if self._c is not None:
+                    r = self._c.psp_leaf_scan(g.npt.c_pages()[t], idx, npages, level)
+                else:
+                    r = _leaf_scan(g.npt.pages[t], idx, npages, level)
+                if r >= 0:
+                    err = "RANGE_OVERLAP" if r & 1 else "GPA_MAPPED"
+            if err:
+                raise _Refuse(Status[err])
+            if len(new_levels) > len(self._pool):
+                raise _Refuse(Status.RESOURCE_EXHAUSTED)
+            return _Leaves(upper, t, idx, npages, hpa | flags, size), new_levels
         err, writes, new_levels = g.npt.plan_map(gpa, level, npages, lambda i: (hpa + i * size) | flags)
         if err:
             raise _Refuse(Status[err])
@@ -290,7 +389,8 @@ class Psp:
         self._write_u64(vmsa_hpa, root)          # nCR3
         self._write_u64(vmsa_hpa + 8, handle)    # ASID
         self._guests[handle] = Guest(handle, vmsa_hpa, root, self._integrity_cls,
-                                     self._eng.canon_page, self._read_u64)
+                                     self._eng.canon_page, self._read_u64,
+                                     mem=self._mem, core=self.core)
         return Status.SUCCESS, encode_out(Cmd.LAUNCH_START, handle=handle)
 
     def cmd_set_private_memory(self, handle, hpa, npages):
@@ -350,7 +450,7 @@ class Psp:
         writes, new_levels = self._map_checks(g, gpa, hpa, level, attrs, npages)
         # ---- all checks passed: commit ----
         new_tables = self._commit_map(g, gpa, hpa, level, npages, writes, new_levels, scrub=True)
-        return Status.SUCCESS, encode_out(Cmd.UPDATE_NPT, done=npages, tables_used=len(new_tables))
+        return _SUCCESS, _UPDATE_NPT_OUT.pack(npages, len(new_tables))
 
     def cmd_unmap(self, handle, level, gpa, npages):
         g = self._guest(handle)
