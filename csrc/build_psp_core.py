@@ -7,9 +7,7 @@ For a development tree, `python csrc/build_psp_core.py` builds the module
 and copies it into psp_firmware/.
 """
 import os
-import shutil
 import sys
-import tempfile
 
 from cffi import FFI
 
@@ -62,11 +60,6 @@ def make_builder(absolute=False):
 ffibuilder = make_builder()
 
 if __name__ == "__main__":
-    with tempfile.TemporaryDirectory() as tmp:
-        so = make_builder(absolute=True).compile(tmpdir=tmp, verbose=False)
-        dest = os.path.join(ROOT, "psp_firmware")
-        for old in os.listdir(dest):
-            if old.startswith("_psp_core_c.") and old.endswith((".so", ".pyd")):
-                os.remove(os.path.join(dest, old))
-        shutil.copy(so, dest)
-        print("built", os.path.join(dest, os.path.basename(so)), file=sys.stderr)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from inplace import compile_in_place
+    print("built", compile_in_place(make_builder(absolute=True), ROOT, "psp_firmware", "_psp_core_c"))

@@ -5,6 +5,7 @@ For a development tree: ``python csrc/build_trace.py`` puts the extension
 next to ``hv/trace.py``.
 """
 import os
+import sys
 
 from cffi import FFI
 
@@ -51,14 +52,6 @@ ffibuilder.set_source(
 )
 
 if __name__ == "__main__":
-    # build in a scratch directory (setuptools must not look at the tree's
-    # layout), then put the extension next to hv/trace.py
-    import shutil
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        so = ffibuilder.compile(tmpdir=tmp, verbose=False)
-        dest = os.path.join(ROOT, "hv", os.path.basename(so))
-        shutil.copy(so, dest + ".tmp")
-        os.replace(dest + ".tmp", dest)
-    print(dest)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from inplace import compile_in_place
+    print("built", compile_in_place(ffibuilder, ROOT, "hv", "_trace_c"))

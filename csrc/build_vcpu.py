@@ -7,9 +7,7 @@ so a TLB fill is one C call with no Python in between.
 """
 import os
 import re
-import shutil
 import sys
-import tempfile
 
 from cffi import FFI
 
@@ -49,11 +47,6 @@ def make_builder(absolute=False):
 ffibuilder = make_builder()
 
 if __name__ == "__main__":
-    with tempfile.TemporaryDirectory() as tmp:
-        so = make_builder(absolute=True).compile(tmpdir=tmp, verbose=False)
-        dest = os.path.join(ROOT, "hv")
-        for old in os.listdir(dest):
-            if old.startswith("_vcpu_c.") and old.endswith((".so", ".pyd")):
-                os.remove(os.path.join(dest, old))
-        shutil.copy(so, dest)
-        print("built", os.path.join(dest, os.path.basename(so)))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from inplace import compile_in_place
+    print("built", compile_in_place(make_builder(absolute=True), ROOT, "hv", "_vcpu_c"))

@@ -190,6 +190,7 @@ def bench_walks(p, log):
     rows = []
     for size in p["walk_sizes"]:
         t = DenseTable(size)
+        ceng = peng = None
         try:
             gpas, accs = t.random_gpas(p["walk_n"])
             out = array("Q", bytes(8 * len(gpas)))
@@ -219,7 +220,7 @@ def bench_walks(p, log):
             ceng.close()
             peng.close()
         finally:
-            del ceng, peng
+            ceng = peng = None     # drop the engines' exports before the mmap closes
             gc.collect()
             t.close()
         row = {"mapped": size, "table_pages": t.n_tables,

@@ -5,7 +5,6 @@ command with any arguments (`raw`, or the typed methods with any values).
 Every method returns a `Reply(status, fields)`; nothing raises on a refusal.
 """
 import struct
-import struct
 from collections import namedtuple
 
 from psp_firmware.commands import _IN, _OUT, Cmd, decode_out, encode, in_fields

@@ -48,7 +48,7 @@ from unicorn import (UC_ARCH_X86, UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_ERR_INSN
                      UC_MODE_64, UC_PROT_ALL, UC_TLB_VIRTUAL, Uc, UcError)
 from unicorn import x86_const as X
 
-from nptcore.bits import (ACC_R, ACC_W, ACC_X, GUEST_ADDR_MASK, K_GUEST_PF, K_NPF,
+from nptcore.bits import (ACC_R, ACC_W, ACC_X, GUEST_ADDR_MASK, K_GUEST_PF,
                           MODE_32, MODE_LONG4, MODE_PAE, PF_FINAL, PF_ID, PF_W, PF_WALK)
 
 from .vmm import VmStopped

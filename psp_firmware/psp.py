@@ -557,7 +557,7 @@ class Psp:
         return (Status.GUEST_STOPPED if g.state == G_STOPPED else Status.SUCCESS), out
 
     def cmd_decommission(self, handle):
-        g = self._guest(handle, (G_LAUNCHING, G_RUNNING, G_STOPPED))
+        self._guest(handle, (G_LAUNCHING, G_RUNNING, G_STOPPED))
         # ---- all checks passed: commit ----
         for pfn in self._frames.frames_of(handle):
             st = self._frames.state(pfn)

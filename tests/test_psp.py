@@ -4,7 +4,7 @@ import struct
 import pytest
 
 from hv import Cmd, Status, VmStopped
-from nptcore.bits import A, ACC_R, ACC_W, ACC_X, AD_MASK, D, NX, P, PF_P, W
+from nptcore.bits import A, ACC_R, ACC_W, ACC_X, AD_MASK, D, NX, P, PF_P
 from psp_firmware import Psp, encode
 
 PAGE = 4096
