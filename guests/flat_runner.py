@@ -35,21 +35,16 @@ from unicorn import (UC_ARCH_X86, UC_HOOK_BLOCK, UC_HOOK_INSN, UC_HOOK_INTR,
                      UC_MODE_32, UC_MODE_64, Uc, UcError)
 from unicorn import x86_const as X
 
+from hv.boot_state import apply_boot_state
+
 __all__ = ["run_flat_unicorn", "FlatResult", "COM1", "COM1_LSR", "EXIT_PORT"]
 
 COM1 = 0x3F8
 COM1_LSR = 0x3FD
 EXIT_PORT = 0xF4
-MSR_EFER = 0xC0000080
 VGA = 0xB8000
 CHUNK = 1 << 20             # instructions per emu_start when counting
 
-_REGS64 = {"rip": X.UC_X86_REG_RIP, "rdi": X.UC_X86_REG_RDI, "rsp": X.UC_X86_REG_RSP,
-           "rflags": X.UC_X86_REG_RFLAGS}
-_REGS32 = {"eip": X.UC_X86_REG_EIP, "eax": X.UC_X86_REG_EAX, "ebx": X.UC_X86_REG_EBX,
-           "esp": X.UC_X86_REG_ESP, "eflags": X.UC_X86_REG_EFLAGS}
-_SEGS = {"ds": X.UC_X86_REG_DS, "es": X.UC_X86_REG_ES, "fs": X.UC_X86_REG_FS,
-         "gs": X.UC_X86_REG_GS, "ss": X.UC_X86_REG_SS, "cs": X.UC_X86_REG_CS}
 
 
 class FlatResult(tuple):
@@ -74,22 +69,7 @@ def _setup(image, ram_size):
     uc = Uc(UC_ARCH_X86, mode)
     uc.mem_map(0, ram_size)
     image.load(lambda gpa, data: uc.mem_write(gpa, data), include_zero=False)
-    cpu = image.cpu
-    uc.reg_write(X.UC_X86_REG_GDTR, (0, cpu["gdt_base"], cpu["gdt_limit"], 0))
-    if image.mode == 64:
-        uc.reg_write(X.UC_X86_REG_CR3, cpu["cr3"])
-        uc.reg_write(X.UC_X86_REG_CR4, cpu["cr4"])
-        uc.msr_write(MSR_EFER, cpu["efer"])
-        uc.reg_write(X.UC_X86_REG_CR0, cpu["cr0"])
-        regs = _REGS64
-    else:
-        uc.reg_write(X.UC_X86_REG_CR0, cpu["cr0"])
-        regs = _REGS32
-    for name, reg in _SEGS.items():
-        uc.reg_write(reg, cpu[name])
-    for name, value in image.initial_regs.items():
-        if name in regs:
-            uc.reg_write(regs[name], value)
+    apply_boot_state(uc, image)
 
     st = {"serial": bytearray(), "exit": None, "fault": None, "mute": False}
 

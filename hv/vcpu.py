@@ -51,6 +51,7 @@ from unicorn import x86_const as X
 from nptcore.bits import (ACC_R, ACC_W, ACC_X, GUEST_ADDR_MASK, K_GUEST_PF,
                           MODE_32, MODE_LONG4, MODE_PAE, PF_FINAL, PF_ID, PF_W, PF_WALK)
 
+from .boot_state import MSR_EFER, apply_boot_state
 from .vmm import VmStopped
 
 try:
@@ -65,7 +66,6 @@ except ImportError:          # pragma: no cover - C module not built
 
 log = logging.getLogger("hv.vcpu")
 
-MSR_EFER = 0xC0000080
 CR0_PE, CR0_PG = 1, 1 << 31
 CR4_PAE = 0x20
 EFER_LMA = 0x400
@@ -229,23 +229,8 @@ class UnicornVcpu:
             self._hh.append(h)
 
     def _set_boot_state(self, image):
-        uc, cpu = self.uc, image.cpu
-        uc.reg_write(X.UC_X86_REG_GDTR, (0, cpu["gdt_base"], cpu["gdt_limit"], 0))
-        if image.mode == 64:
-            uc.reg_write(X.UC_X86_REG_CR3, cpu["cr3"])
-            uc.reg_write(X.UC_X86_REG_CR4, cpu["cr4"])
-            uc.msr_write(MSR_EFER, cpu["efer"])
-        uc.reg_write(X.UC_X86_REG_CR0, cpu["cr0"])
         # segment loads read the boot GDT through the walker (launch pages)
-        for name in ("cs", "ds", "es", "fs", "gs", "ss"):
-            uc.reg_write(getattr(X, "UC_X86_REG_" + name.upper()), cpu[name])
-        regs = {"rip": X.UC_X86_REG_RIP, "rdi": X.UC_X86_REG_RDI, "rsp": X.UC_X86_REG_RSP,
-                "rflags": X.UC_X86_REG_RFLAGS, "eip": X.UC_X86_REG_EIP,
-                "eax": X.UC_X86_REG_EAX, "ebx": X.UC_X86_REG_EBX, "esp": X.UC_X86_REG_ESP,
-                "eflags": X.UC_X86_REG_EFLAGS}
-        for name, value in image.initial_regs.items():
-            if name in regs:
-                uc.reg_write(regs[name], value)
+        apply_boot_state(self.uc, image)
         self._stop_flag = 0
         if self._ctx is not None:
             self._ctx.stop = 0

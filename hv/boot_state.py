@@ -1,0 +1,32 @@
+"""The CPU state a loaded image starts in, written into a Unicorn x86 CPU.
+
+Shared by the vCPU (hv/vcpu.py) and the plain-Unicorn baseline
+(guests/flat_runner.py), so both start a guest identically. `image.cpu` and
+`image.initial_regs` come from hv.loader.
+"""
+from unicorn import x86_const as X
+
+MSR_EFER = 0xC0000080
+
+_REGS = {"rip": X.UC_X86_REG_RIP, "rdi": X.UC_X86_REG_RDI, "rsp": X.UC_X86_REG_RSP,
+         "rflags": X.UC_X86_REG_RFLAGS, "eip": X.UC_X86_REG_EIP, "eax": X.UC_X86_REG_EAX,
+         "ebx": X.UC_X86_REG_EBX, "esp": X.UC_X86_REG_ESP, "eflags": X.UC_X86_REG_EFLAGS}
+# cs first: long mode is entered with the 64-bit code segment
+_SEGS = ("cs", "ds", "es", "fs", "gs", "ss")
+
+
+def apply_boot_state(uc, image):
+    """GDTR, paging registers (64-bit images: CR3, CR4, EFER before CR0.PG),
+    segment selectors (loaded from the boot GDT) and the ABI's registers."""
+    cpu = image.cpu
+    uc.reg_write(X.UC_X86_REG_GDTR, (0, cpu["gdt_base"], cpu["gdt_limit"], 0))
+    if image.mode == 64:
+        uc.reg_write(X.UC_X86_REG_CR3, cpu["cr3"])
+        uc.reg_write(X.UC_X86_REG_CR4, cpu["cr4"])
+        uc.msr_write(MSR_EFER, cpu["efer"])
+    uc.reg_write(X.UC_X86_REG_CR0, cpu["cr0"])
+    for name in _SEGS:
+        uc.reg_write(getattr(X, "UC_X86_REG_" + name.upper()), cpu[name])
+    for name, value in image.initial_regs.items():
+        if name in _REGS:
+            uc.reg_write(_REGS[name], value)
