@@ -3,8 +3,9 @@
 Exit code 0 when no scenario failed (no `undetected`, no `false_positive`
 for the benign scenario, no `error`), 1 otherwise, 2 on bad usage.
 """
-import json
+import math
 
+from .cli import emit_json
 from .errors import BadInput
 
 
@@ -60,8 +61,8 @@ def cmd_attack(args):
     from . import attacks
     if args.check_insns is not None and args.check_insns < 1:
         raise BadInput("--check-insns must be >= 1")
-    if args.check_ms is not None and not args.check_ms > 0:
-        raise BadInput("--check-ms must be > 0")
+    if args.check_ms is not None and not (args.check_ms > 0 and math.isfinite(args.check_ms)):
+        raise BadInput(f"--check-ms must be a finite number > 0, not {args.check_ms}")
     if args.integrity is not None:
         from psp_firmware import INTEGRITY_MODES
         if args.integrity not in INTEGRITY_MODES:
@@ -80,6 +81,9 @@ def cmd_attack(args):
                                host_mem_path=args.host_mem_file, integrity=args.integrity,
                                psp=getattr(args, "psp", "inprocess"),
                                psp_timeout=getattr(args, "psp_timeout", 5.0), driver=args.driver)
+    # bad --host-mem / --host-mem-file / --psp-timeout is the user's input,
+    # not an `error` outcome of every scenario: try the configuration once
+    cfg.new_vmm().close()
     if args.check_insns is not None:
         cfg.check_every = args.check_insns
         cfg.guest_check_insns = args.check_insns
@@ -88,12 +92,12 @@ def cmd_attack(args):
     results = attacks.run_scenarios(names, cfg)
     failed = [r for r in results if not r.ok]
     if args.json:
-        print(json.dumps({
+        emit_json({
             "scenarios": [r.to_json() for r in results],
             "summary": attacks.summarize(results),
             "integrity": args.integrity or "default",
             "backend": args.backend or "default",
-        }))
+        })
     else:
         _table(results, args.verbose)
     return 1 if failed else 0

@@ -1,6 +1,5 @@
 """`hv bench [--quick] [--json] [--plot DIR]`: see hv/bench.py."""
 import argparse
-import json
 import os
 import sys
 
@@ -23,6 +22,7 @@ def add_parser(sub, common):
 
 def cmd_bench(args):
     from . import bench
+    from .cli import emit_json
     from .errors import BadInput
     profile = "full"
     if args.quick:
@@ -35,6 +35,17 @@ def cmd_bench(args):
         known = {"sha256", "walks", "integrity", "npf", "replay", "kvm", "guest", "psp", "memory"}
         if sections - known:
             raise BadInput(f"bench: unknown section(s) {','.join(sorted(sections - known))}")
+        if not sections:
+            raise BadInput(f"bench: --only {args.only!r} names no section")
+    if args.plot:
+        # refuse an unusable --plot DIR now, not after the whole run
+        try:
+            os.makedirs(args.plot, exist_ok=True)
+        except OSError as e:
+            raise BadInput(f"bench: cannot create --plot directory {args.plot}: "
+                           f"{e.strerror or e}") from None
+        if not os.access(args.plot, os.W_OK | os.X_OK):
+            raise BadInput(f"bench: cannot write into --plot directory {args.plot}: permission denied")
     quiet = args.json
 
     def log(msg):
@@ -42,7 +53,7 @@ def cmd_bench(args):
             print(msg, file=sys.stderr, flush=True)
     res = bench.run(profile, plot_dir=args.plot, log=log, sections=sections)
     if args.json:
-        print(json.dumps(res, default=str))
+        emit_json(res, default=str)
     else:
         print(bench.format_report(res))
     return EXIT_OK

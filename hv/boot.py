@@ -131,7 +131,7 @@ class Boot:
                 record = CsvTraceWriter(record, columns=("access", "gpa", "rip", "insn"),
                                         comment=f"hv boot {self.image.path} --mem {mem}: one row per NPF")
             except OSError as e:
-                raise BadInput(f"cannot write trace {record}: {e.strerror or e}") from None
+                raise BadInput(f"cannot write trace {record} (--record): {e.strerror or e}") from None
             self._own_record = True
         self.record = record
         self.vm = vmm.create_vm(ram_size=mem)

@@ -8,7 +8,6 @@ guest failed (triple fault, access outside its RAM, emulator error), 2 for
 bad input, 3 when the PSP stopped the VM (tamper detected).
 """
 import argparse
-import json
 import os
 import sys
 
@@ -16,11 +15,17 @@ from .errors import BadInput
 
 
 def _size(text):
-    from .hostmem import parse_size
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    from .cli import _size_arg
+    return _size_arg(text)
+
+
+def _mem_size(text):
+    """--mem: guest RAM, a multiple of 4 KiB up to 4 GiB."""
+    from .loader import MAX_RAM
+    n = _size(text)
+    if n > MAX_RAM:
+        raise argparse.ArgumentTypeError(f"guest RAM above the 4 GiB maximum: {text!r}")
+    return n
 
 
 def _pos_int(text):
@@ -39,7 +44,7 @@ def add_parser(sub, common):
     p.add_argument("image", help="ELF64 toy guest or Multiboot v1 kernel, or the name of a bundled "
                                  "guest (hello, memtouch, compute, paging, jump_unmapped, "
                                  "triple_fault, mb_hello), built from source on first use")
-    p.add_argument("--mem", type=_size, default=256 << 20, metavar="SIZE",
+    p.add_argument("--mem", type=_mem_size, default=256 << 20, metavar="SIZE",
                    help="guest RAM (default 256M)")
     p.add_argument("--vga", action="store_true", help="dump the VGA text screen (0xB8000) at exit")
     p.add_argument("--record", metavar="TRACE.csv",
@@ -83,16 +88,21 @@ def resolve_image(name):
 
 def cmd_boot(args):
     from .boot import Boot, format_report
-    from .cli import make_vmm
+    from .cli import emit_json, make_vmm
+    from .loader import load_image
 
     args.image = resolve_image(args.image)
+    # a bad image (or --mem that cannot hold it) is refused before any
+    # output file is created and before host memory is set up
+    load_image(args.image, args.mem)
 
     serial_file = None
     if args.serial:
         try:
             serial_file = open(args.serial, "wb")
         except OSError as e:
-            raise BadInput(f"cannot write serial output to {args.serial}: {e.strerror or e}") from None
+            raise BadInput(f"cannot write serial output to {args.serial} (--serial): "
+                           f"{e.strerror or e}") from None
 
     out = sys.stdout
     stream = not args.json
@@ -115,7 +125,7 @@ def cmd_boot(args):
             d = res.to_dict()
             if not args.vga:
                 d.pop("vga", None)
-            print(json.dumps(d))
+            emit_json(d)
         else:
             out.flush()
             if res.serial and not res.serial.endswith("\n"):

@@ -16,15 +16,41 @@ EXIT_OK, EXIT_GUEST, EXIT_INPUT, EXIT_TAMPER = 0, 1, 2, 3
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
-        raise BadInput(f"{self.prog}: {message}")
+        # main() prints "hv: " first: name the subcommand, not "hv" twice
+        raise BadInput(message if self.prog == "hv" else f"{self.prog}: {message}")
 
 
 def _size_arg(text):
-    from .hostmem import parse_size
+    """A size option (--host-mem, --mem): a positive multiple of 4 KiB."""
+    from .hostmem import PAGE, parse_size
     try:
-        return parse_size(text)
+        n = parse_size(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    if n % PAGE:
+        raise argparse.ArgumentTypeError(f"size must be a multiple of 4 KiB: {text!r}")
+    return n
+
+
+def _timeout_arg(text):
+    """--psp-timeout: seconds, > 0 (inf: never declare the PSP dead)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not v > 0:       # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds: {text!r}")
+    return v
+
+
+_json_printed = False
+
+
+def emit_json(obj, **kw):
+    """Print the command's one JSON object on stdout (and remember that it was)."""
+    global _json_printed
+    print(json.dumps(obj, **kw))
+    _json_printed = True
 
 
 def _common(p, psp=True):
@@ -43,7 +69,7 @@ def _common(p, psp=True):
     if psp:
         p.add_argument("--psp", choices=["inprocess", "process"], default="inprocess",
                        help="where the PSP firmware runs")
-        p.add_argument("--psp-timeout", type=float, default=5.0, metavar="S",
+        p.add_argument("--psp-timeout", type=_timeout_arg, default=5.0, metavar="S",
                        help="seconds before a silent PSP process is declared dead")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("-v", "--verbose", action="count", default=0,
@@ -127,6 +153,8 @@ def cmd_replay(args):
     from .replay import replay
     from .trace import load_trace
     trace = load_trace(args.trace, args.format)
+    if args.save:
+        _check_output_path(args.save, "--save")
     vmm = make_vmm(args)
     try:
         vm = vmm.create_vm(fault_around=args.fault_around, huge=args.huge)
@@ -160,7 +188,11 @@ def cmd_replay(args):
         if args.save or args.inspect:
             snap = take_snapshot(vmm, vm)
             if args.save:
-                save_snapshot(args.save, snap)
+                try:
+                    save_snapshot(args.save, snap)
+                except OSError as e:
+                    raise BadInput(f"cannot write snapshot {args.save} (--save): "
+                                   f"{e.strerror or e}") from None
             if args.inspect:
                 import tempfile
                 with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
@@ -169,7 +201,7 @@ def cmd_replay(args):
                 os.unlink(f.name)
                 out["inspect"] = rep
         if args.json:
-            print(json.dumps(out))
+            emit_json(out)
         else:
             print(f"{trace.format} trace {args.trace}: {out['accesses']} accesses, {out['npf']} NPFs, "
                   f"{out['pages_mapped']} pages mapped, {out['psp_commands']} PSP commands "
@@ -190,21 +222,35 @@ def cmd_inspect(args):
     from .inspect_npt import analyse, format_report, load_snapshot
     rep = analyse(load_snapshot(args.snapshot), args.backend)
     if args.json:
-        print(json.dumps(rep))
+        emit_json(rep)
     else:
         print(format_report(rep))
     return EXIT_OK
 
 
+def _check_output_path(path, option):
+    """Refuse an output file that cannot be created, before the work is done."""
+    if os.path.isdir(path):
+        raise BadInput(f"cannot write {path} ({option}): is a directory")
+    parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        raise BadInput(f"cannot write {path} ({option}): no such directory {parent}")
+    if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path)
+                                                     and not os.access(path, os.W_OK)):
+        raise BadInput(f"cannot write {path} ({option}): permission denied")
+
+
 def _psp_dead(args, e):
     """hv.psp_process.PspDead: the PSP process crashed, hung or was killed."""
-    if getattr(args, "json", False):
-        print(json.dumps({"exit_reason": "psp_dead", "exit_code": EXIT_GUEST, "error": str(e)}))
-    print(f"hv: PSP dead: {e}", file=sys.stderr)
+    if getattr(args, "json", False) and not _json_printed:
+        emit_json({"exit_reason": "psp_dead", "exit_code": EXIT_GUEST, "error": str(e)})
+    print(f"hv: PSP dead: {' '.join(str(e).splitlines())}", file=sys.stderr)
     return EXIT_GUEST
 
 
 def main(argv=None):
+    global _json_printed
+    _json_printed = False
     args = None
     try:
         ap = build_parser()
@@ -226,8 +272,14 @@ def main(argv=None):
         if getattr(e, "exit_reason", None) == "psp_dead":
             return _psp_dead(args, e)
         logging.getLogger("hv").debug("internal error", exc_info=True)
-        print(f"hv: internal error: {e.__class__.__name__}: {e} (run with HV_DEBUG=1 for a traceback)",
-              file=sys.stderr)
+        msg = " ".join(f"{e.__class__.__name__}: {e}".splitlines())
+        if getattr(args, "json", False) and not _json_printed:
+            try:
+                emit_json({"exit_reason": "error", "exit_code": EXIT_GUEST,
+                           "error": f"internal error: {msg}"})
+            except Exception:   # noqa: BLE001 - stdout itself is broken
+                pass
+        print(f"hv: internal error: {msg} (run with HV_DEBUG=1 for a traceback)", file=sys.stderr)
         if os.environ.get("HV_DEBUG"):
             raise
         return EXIT_GUEST

@@ -7,10 +7,20 @@ every byte of it, NPT pages included: that is the threat model.
 """
 import mmap
 import os
+import stat
 import struct
+
+from .errors import BadInput
 
 PAGE = 4096
 _Q = struct.Struct("<Q")
+
+
+class HostMemoryError(BadInput, ValueError):
+    """Host memory cannot be set up as asked (size, backing file): bad input.
+
+    A ``ValueError`` too, for callers that used the library before it had
+    its own type."""
 
 
 def parse_size(text):
@@ -36,22 +46,47 @@ def parse_size(text):
 
 class HostMemory:
     def __init__(self, size=1 << 30, path=None, shared=False):
-        if size <= 0 or size % PAGE:
-            raise ValueError(f"host memory size must be a positive multiple of 4 KiB, not {size}")
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % PAGE:
+            raise HostMemoryError(f"host memory size must be a positive multiple of 4 KiB, "
+                                  f"not {size!r}")
         self.size = size
         self.path = path
         self.fd = None
-        if path is not None:
-            self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-            os.ftruncate(self.fd, size)
-            self.buf = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED)
-        elif shared:
-            self.fd = os.memfd_create("hv-host-memory", 0)
-            os.ftruncate(self.fd, size)
-            self.buf = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED)
-        else:
-            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
-            self.buf = mmap.mmap(-1, size, flags=flags)
+        created = False
+        try:
+            if path is not None:
+                created = not os.path.lexists(path)
+                self.fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NONBLOCK", 0)
+                                  | getattr(os, "O_CLOEXEC", 0), 0o600)
+                if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+                    raise HostMemoryError(f"cannot use {path} as host memory (--host-mem-file): "
+                                          f"not a regular file")
+                os.ftruncate(self.fd, size)
+                self.buf = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED)
+            elif shared:
+                self.fd = os.memfd_create("hv-host-memory", 0)
+                os.ftruncate(self.fd, size)
+                self.buf = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED)
+            else:
+                flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+                self.buf = mmap.mmap(-1, size, flags=flags)
+        except (OSError, ValueError, OverflowError) as e:
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
+                if created:         # leave no file behind that we made for nothing
+                    try:
+                        os.unlink(path)
+                    except OSError:
+                        pass
+            if isinstance(e, HostMemoryError):
+                raise
+            why = getattr(e, "strerror", None) or str(e)
+            if path is not None:
+                raise HostMemoryError(f"cannot use {path} as host memory (--host-mem-file, "
+                                      f"{size >> 20} MiB): {why}") from None
+            raise HostMemoryError(f"cannot allocate {size >> 20} MiB of host memory "
+                                  f"(--host-mem): {why}") from None
 
     def _check(self, hpa, n):
         if hpa < 0 or n < 0 or hpa + n > self.size:

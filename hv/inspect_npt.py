@@ -7,6 +7,8 @@ inspected later without the run that made it.
 """
 import base64
 import json
+import os
+import stat
 
 from nptcore import get_engine
 from nptcore.bits import NX, W
@@ -40,25 +42,76 @@ def save_snapshot(path, snap):
         json.dump(snap, f)
 
 
+HPA_LIMIT = 1 << 52          # NPT entries hold frames below 2^52
+
+
+def _int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def load_snapshot(path):
+    def bad(msg):
+        return BadInput(f"{path}: malformed snapshot ({msg})")
+
     try:
-        with open(path) as f:
-            snap = json.load(f)
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = None
+    if mode is not None and (stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISSOCK(mode)):
+        raise BadInput(f"{path}: is a device or socket, not an hv snapshot")
+    try:
+        with open(path, "rb") as f:
+            snap = json.loads(f.read().decode("utf-8"))
     except FileNotFoundError:
         raise BadInput(f"{path}: no such file") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except IsADirectoryError:
+        raise BadInput(f"{path}: is a directory, not an hv snapshot") from None
+    except OSError as e:
+        raise BadInput(f"{path}: cannot read: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise BadInput(f"{path}: not an hv snapshot (invalid JSON: {e.__class__.__name__})") from None
     if not isinstance(snap, dict) or snap.get("version") != SNAPSHOT_VERSION:
         raise BadInput(f"{path}: not an hv snapshot (missing or unknown version)")
     try:
-        size = int(snap["host_size"])
-        root = int(snap["root"])
-        tables = [(int(h), int(lv), base64.b64decode(d, validate=True)) for h, lv, d in snap["tables"]]
-    except (KeyError, TypeError, ValueError) as e:
-        raise BadInput(f"{path}: malformed snapshot ({e.__class__.__name__}: {e})") from None
-    for hpa, _lv, data in tables:
-        if len(data) != 4096 or hpa % 4096 or not 0 <= hpa < size:
-            raise BadInput(f"{path}: malformed snapshot (table page {hpa:#x})")
+        size = snap["host_size"]
+        root = snap["root"]
+        raw = snap["tables"]
+    except KeyError as e:
+        raise bad(f"no {e.args[0]!r}") from None
+    if not _int(size) or size <= 0 or size % 4096 or size > HPA_LIMIT:
+        raise bad(f"host_size {size!r} is not a positive multiple of 4 KiB up to 2^52")
+    if not _int(root) or root < 0 or root % 4096 or root >= size:
+        raise bad(f"root {root:#x} is not a page-aligned address inside host memory"
+                  if _int(root) else f"root {root!r} is not an integer")
+    if not isinstance(raw, list):
+        raise bad("'tables' is not a list")
+    tables, seen = [], set()
+    for t in raw:
+        if not (isinstance(t, list) and len(t) == 3 and _int(t[0]) and _int(t[1])
+                and isinstance(t[2], str)):
+            raise bad("a 'tables' item is not [hpa, level, base64]")
+        hpa, lv, b64 = t
+        try:
+            data = base64.b64decode(b64, validate=True)
+        except ValueError:
+            raise bad(f"table page {hpa:#x}: invalid base64") from None
+        if hpa % 4096 or not 0 <= hpa < size:
+            raise bad(f"table page {hpa:#x} is not a page-aligned address inside host memory")
+        if len(data) != 4096:
+            raise bad(f"table page {hpa:#x} holds {len(data)} bytes, not 4096")
+        if lv not in (1, 2, 3, 4):
+            raise bad(f"table page {hpa:#x} has level {lv}, not 1..4")
+        if hpa in seen:
+            raise bad(f"table page {hpa:#x} listed twice")
+        seen.add(hpa)
+        tables.append((hpa, lv, data))
+    if root not in seen:
+        raise bad(f"root {root:#x} is not one of its table pages")
+    if not isinstance(snap.get("digest", ""), str):
+        raise bad("'digest' is not a string")
+    frames = snap.get("frames", {})
+    if not isinstance(frames, dict) or not all(_int(v) for v in frames.values()):
+        raise bad("'frames' is not an object of counts")
     snap["_tables"] = tables
     snap["_root"] = root
     snap["_size"] = size
@@ -84,8 +137,17 @@ def coalesce(mappings):
 
 
 def analyse(snap, backend=None):
-    """Rebuild the table pages in a sparse scratch memory and walk them."""
-    mem = HostMemory(snap["_size"])
+    """Rebuild the table pages in a sparse scratch memory and walk them.
+
+    The scratch memory ends at the highest table page, not at host_size (a
+    snapshot may claim any host size): a table entry pointing above every
+    table page of the snapshot is treated as pointing outside memory."""
+    span = max(hpa for hpa, _lv, _d in snap["_tables"]) + 4096
+    try:
+        mem = HostMemory(span)
+    except BadInput:
+        raise BadInput(f"cannot inspect a snapshot whose table pages span {span:#x} bytes "
+                       f"of host memory") from None
     for hpa, _lv, data in snap["_tables"]:
         mem.write(hpa, data)
     eng = get_engine(mem.buf, backend)

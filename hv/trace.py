@@ -71,6 +71,7 @@ import gzip
 import io
 import os
 import re
+import stat
 import zlib
 from typing import NamedTuple, Optional
 
@@ -233,6 +234,14 @@ class _Fail(Exception):
 
 
 def _read_file(path):
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = None             # open() below says what is wrong
+    # a device (/dev/zero, a tty) or socket never ends or is not a file;
+    # pipes and FIFOs are read (hv replay <(zcat t.csv.gz))
+    if mode is not None and (stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISSOCK(mode)):
+        raise TraceError(path, None, "is a device or socket, not a trace file")
     try:
         with open(path, "rb") as f:
             data = f.read()
