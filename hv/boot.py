@@ -167,6 +167,13 @@ class Boot:
             return _tamper(v.name, f, "VERIFY after CHECK_ALL")
         return _tamper("INTEGRITY_FAILURE", f, "CHECK_ALL")
 
+    def _stopped_by_psp_timer(self):
+        """GUEST_STATUS; the tamper dict if the PSP's own checker stopped this guest."""
+        r = self.vmm.psp.guest_status(self.vm.handle)
+        if r.name != "GUEST_STOPPED":
+            return None
+        return _tamper("GUEST_STOPPED", {}, "PSP periodic checker")
+
     def run(self, max_insns=None):
         """Run to the end (or max_insns instructions).  Returns a BootResult."""
         if max_insns is not None and max_insns <= 0:
@@ -177,6 +184,11 @@ class Boot:
             slice_n = self.slice_insns or ON_SLICE_DEFAULT
         if self.check_ms and self.check_insns is None:
             slice_n = min(slice_n, max(1000, CHECK_MS_SLICE))
+        # the PSP's own wall-time checker may stop the guest at any moment:
+        # poll its state between slices and never resume a stopped guest
+        psp_timer = bool(getattr(self.vmm, "psp_check_ms", None))
+        if psp_timer and slice_n is None:
+            slice_n = CHECK_MS_SLICE
         t0 = time.perf_counter()
         last_check = t0
         tamper = None
@@ -206,6 +218,18 @@ class Boot:
                 # interval, as a real tamper between two periodic checks is
                 self.on_slice(self, vc.instructions)
                 vc.flush_tlb()
+            if psp_timer:
+                tamper = self._stopped_by_psp_timer()
+                if tamper:
+                    break
+        if tamper is None and not _stopped_by_psp(stop):
+            # the guest stopped between two checks (it exited, faulted, or
+            # ran out of budget): one last check, so that a tamper made in
+            # the last interval is reported rather than a clean guest exit
+            if self.check_insns is not None or self.check_ms:
+                tamper = self._check()
+            if tamper is None and psp_timer:
+                tamper = self._stopped_by_psp_timer()
         elapsed = time.perf_counter() - t0
         self.result = self._result(stop, tamper, elapsed)
         if self._own_record:
@@ -219,9 +243,12 @@ class Boot:
         guest_code = None
         if tamper:
             reason_kind = "psp_stopped"
-            reason = (f"PSP stopped the VM ({tamper['detected_by']}): NPT page {tamper['page_hpa']:#x} "
-                      f"entry {tamper['entry_index']} expected {tamper['expected']:#x} "
-                      f"found {tamper['found']:#x}")
+            if tamper.get("page_hpa") is None:
+                reason = f"PSP stopped the VM ({tamper['detected_by']}): {tamper['status']}"
+            else:
+                reason = (f"PSP stopped the VM ({tamper['detected_by']}): NPT page "
+                          f"{tamper['page_hpa']:#x} entry {tamper['entry_index']} expected "
+                          f"{tamper['expected']:#x} found {tamper['found']:#x}")
         elif stop.kind == "exit_port":
             reason_kind, guest_code = "exit_port", stop.exit_code
             reason = f"guest wrote {stop.exit_code} to port 0xf4"
@@ -282,6 +309,14 @@ class Boot:
 
     def close(self):
         self.vcpu.close()
+
+
+def _stopped_by_psp(stop):
+    """The run ended on a PSP verdict already (tamper found by UPDATE_NPT, or PSP gone)."""
+    if stop is None or stop.kind != "vm_stopped" or stop.stopped is None:
+        return False
+    st = getattr(stop.stopped.status, "name", str(stop.stopped.status))
+    return st in _TAMPER_STATUSES or st == "PSP_DEAD"
 
 
 def _tamper(status, fields, detected_by):

@@ -68,6 +68,7 @@ class Vmm:
         self.alloc = FrameAllocator(1 << 20, fw_base)
         self.fw_base, self.fw_size = fw_base, fw_size
         self.psp_kind = psp
+        self.psp_check_ms = psp_check_ms     # the PSP's own timer (None: off)
         self.transport = self._make_transport(psp, backend, integrity, psp_timeout, psp_check_ms)
         self.psp = PspClient(self.transport)
         r = self.psp.platform_init(host_mem, fw_base, fw_size)
