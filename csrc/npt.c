@@ -246,36 +246,198 @@ npt_walk_result npt_walk_v(uint8_t *mem, uint64_t mem_size, uint64_t root,
     return r;
 }
 
+/* One walk of the batch, exactly as if alone: walk, A/D, store.  0 on a miss
+ * (then *miss describes it). */
+INLINE int batch_one(uint8_t *mem, uint64_t mem_size, uint64_t root,
+                     uint64_t gpa, int acc, uint64_t *out_hpa,
+                     npt_walk_result *miss, int set_ad, int pow2)
+{
+    npt_path path;
+    npt_walk_result r;
+    path.andb = 0;
+    if (unlikely(gpa >= GPA_LIMIT)) {
+        walk_fail(miss, 4, 0, PF_RSV, acc);
+        return 0;
+    }
+    if (unlikely(!walk_body(mem, mem_size, root, gpa, acc, &r, &path, 0, pow2))) {
+        *miss = r;
+        return 0;
+    }
+    if (set_ad && unlikely(!ad_done(&path, r.entry, acc == ACC_W))) {
+        /* rare: walk again recording the path, then set A/D */
+        npt_path rec;
+        npt_walk_result r2;
+        if (walk_body(mem, mem_size, root, gpa, acc, &r2, &rec, 1, pow2))
+            apply_ad_slow(mem, &rec, acc == ACC_W);
+    }
+    *out_hpa = r.hpa;
+    return 1;
+}
+
+/* The walks one at a time (small batches, tails, aliased arguments). */
+INLINE uint64_t batch_serial(uint8_t *mem, uint64_t mem_size, uint64_t root,
+                             const uint64_t *gpas, const uint8_t *accesses,
+                             uint64_t *out_hpas, uint64_t i, uint64_t n,
+                             npt_walk_result *miss, int set_ad, int pow2)
+{
+    for (; i < n; i++)
+        if (!batch_one(mem, mem_size, root, gpas[i], accesses[i], &out_hpas[i],
+                       miss, set_ad, pow2))
+            return i;
+    return n;
+}
+
+/*
+ * Memory-level parallelism.  With tables bigger than the caches every walk
+ * is a chain of dependent cache misses, and walked one after the other,
+ * little of two walks' misses overlap.  So the batch is software-pipelined:
+ * at step i,
+ *   stage 1 reads walk i+PIPE_D's level-4, -3 and -2 entries (the upper
+ *           levels: few pages, hot) and prefetches its level-1 entry,
+ *   stage 2 reads walk i's level-1 entry (prefetched PIPE_D steps earlier)
+ *           and commits walk i,
+ * so the level-1 misses of about PIPE_D walks are in flight at once, and a
+ * prefetch does not hold up the instructions after it as a load would.
+ *
+ * The stages only read: they are a speculative walk that recognises the
+ * common case, a 4 KiB leaf, no fault, and nothing to update (A already set
+ * on the whole path, and D on the leaf for a write).  Commits are in order: a
+ * walk in the common case just stores its translation; any other walk (fault,
+ * large page, A/D to set, gpa beyond GPA_LIMIT) is done again by batch_one
+ * at its turn, which gives exactly the sequential result (including the
+ * entry reported on a miss, read after the A/D updates of the walks before
+ * it) and ends the batch on a miss, before any store for a later walk.
+ *
+ * Why a speculative result stays right although earlier walks may set A/D
+ * bits after it was read: the only bytes a walk writes (out_hpas aside) are
+ * A/D bits, which take part neither in the fault checks nor in the
+ * addresses; and setting bits can only turn "A/D to set" into "nothing to
+ * set", never the other way.  (npt_walk_batch checks that out_hpas, gpas and
+ * accesses overlap neither host memory nor one another, so that no store
+ * can change a later walk's input.)
+ *
+ * All the checks of one walk fold into one word `bad`: every entry must have
+ * all of `want` (P, U, W for a write, A when setting A/D; D on the leaf of a
+ * write) and none of `forbid` (reserved bits 52..62, address bits beyond
+ * memory when its size is a power of two, NX for a fetch, PS above level 1).
+ * A walk that went bad goes on from HPA 0 (inside memory): speculative loads
+ * only read inside [0, mem_size), and only entries the walk itself would
+ * read, or page 0.
+ */
+#define PIPE_D 16                    /* prefetch distance, in walks */
+#define PIPE_R (2 * PIPE_D)          /* ring of per-walk state, a power of 2 */
+#define PIPE_BATCH_MIN 8             /* smaller batches: one walk at a time */
+
+typedef struct {
+    uint64_t want, mask;   /* mask = want | forbid */
+} lane_bits;
+
+/* by access kind: W that it needs, NX that it forbids (a table: branch-free,
+ * as the access kinds of a batch are not predictable) */
+static const uint64_t acc_bits[256] = { [ACC_W] = W, [ACC_X] = NX };
+
+INLINE lane_bits lane_setup(int acc, uint64_t forbid, int set_ad)
+{
+    lane_bits lb;
+    uint64_t ab = acc_bits[acc & 0xFF];
+    lb.want = P | U | (ab & W) | (set_ad ? A : 0);
+    lb.mask = lb.want | forbid | ab;
+    return lb;
+}
+
+/* One table level: check e, return the next table (0 once bad). */
+INLINE uint64_t lane_step(uint64_t e, lane_bits lb, uint64_t *bad,
+                          uint64_t lim, int pow2)
+{
+    uint64_t nt = e & ADDR_MASK;
+    uint64_t b = *bad | ((e & (lb.mask | PS)) ^ lb.want);
+    if (!pow2)
+        b |= nt > lim;
+    *bad = b;
+    return b ? 0 : nt;
+}
+
 INLINE uint64_t batch_loop(uint8_t *mem, uint64_t mem_size, uint64_t root,
                            const uint64_t *gpas, const uint8_t *accesses,
                            uint64_t *out_hpas, uint64_t n,
                            npt_walk_result *miss, int set_ad, int pow2)
 {
-    uint64_t i;
-    npt_path path;
-    npt_walk_result r;
-    path.andb = 0;
-    for (i = 0; i < n; i++) {
-        int acc = accesses[i];
-        uint64_t gpa = gpas[i];
-        if (unlikely(gpa >= GPA_LIMIT)) {
-            walk_fail(miss, 4, 0, PF_RSV, acc);
-            return i;
-        }
-        if (unlikely(!walk_body(mem, mem_size, root, gpa, acc, &r, &path, 0, pow2))) {
-            *miss = r;
-            return i;
-        }
-        if (set_ad && unlikely(!ad_done(&path, r.entry, acc == ACC_W))) {
-            /* rare: walk again recording the path, then set A/D */
-            npt_path rec;
-            npt_walk_result r2;
-            if (walk_body(mem, mem_size, root, gpa, acc, &r2, &rec, 1, pow2))
-                apply_ad_slow(mem, &rec, acc == ACC_W);
-        }
-        out_hpas[i] = r.hpa;
+    /* per walk: the level-1 entry's offset, | 1 when the walk went bad;
+     * and want | NX for a fetch (mask = that | forbid) */
+    uint64_t off[PIPE_R], lane[PIPE_R];
+    uint64_t lim = mem_size - 4096;
+    uint64_t forbid = RSVD_HI | (pow2 ? (ADDR_MASK & ~(mem_size - 1)) : 0);
+    uint64_t i, k;
+
+/* stage 1 for walk k: levels 4..2, prefetch of the level-1 entry */
+#define STAGE1(k) do {                                                        \
+        uint64_t s_ = (k) & (PIPE_R - 1);                                     \
+        uint64_t g_ = gpas[k], b_ = g_ >> 48, t_;                            \
+        lane_bits lb_ = lane_setup(accesses[k], forbid, set_ad);              \
+        t_ = lane_step(ld64(mem + root + ((g_ >> 36) & 0xFF8)), lb_, &b_,    \
+                       lim, pow2);                                            \
+        t_ = lane_step(ld64(mem + t_ + ((g_ >> 27) & 0xFF8)), lb_, &b_,      \
+                       lim, pow2);                                            \
+        t_ = lane_step(ld64(mem + t_ + ((g_ >> 18) & 0xFF8)), lb_, &b_,      \
+                       lim, pow2);                                            \
+        t_ += (g_ >> 9) & 0xFF8;                                              \
+        __builtin_prefetch(mem + t_);                                         \
+        off[s_] = t_ | (b_ != 0);                                             \
+        lane[s_] = lb_.want | (lb_.mask & NX);                                \
+    } while (0)
+/* stage 2 for walk i: level 1, commit */
+#define STAGE2(i) do {                                                        \
+        uint64_t s_ = (i) & (PIPE_R - 1), g_ = gpas[i], e_, b_, w_, o_, l_;  \
+        o_ = off[s_];                                                         \
+        l_ = lane[s_];                                                        \
+        w_ = l_ & 0xFFF;                                                      \
+        if (set_ad)                                                           \
+            w_ |= (w_ & W) << 5;                           /* D for a write */\
+        e_ = ld64(mem + (o_ & ~7ULL));                                        \
+        b_ = (o_ & 1) | ((e_ & (l_ | forbid | w_)) ^ w_);   /* PS: PAT here */\
+        if (!pow2)                                                            \
+            b_ |= (e_ & ADDR_MASK) > lim;                                     \
+        if (likely(!b_))                                                      \
+            out_hpas[i] = (e_ & ADDR_MASK) | (g_ & 0xFFF);                   \
+        else if (!batch_one(mem, mem_size, root, g_, accesses[i],            \
+                            &out_hpas[i], miss, set_ad, pow2))               \
+            return (i);                                                       \
+    } while (0)
+
+    for (k = 0; k < PIPE_D && k < n; k++)
+        STAGE1(k);
+    for (i = 0; i + PIPE_D < n; i++) {
+        STAGE1(i + PIPE_D);
+        STAGE2(i);
     }
+    for (; i < n; i++)
+        STAGE2(i);
+#undef STAGE1
+#undef STAGE2
     return n;
+}
+
+/* Do the byte ranges [a, a+na) and [b, b+nb) overlap? */
+INLINE int overlap(const void *a, uint64_t na, const void *b, uint64_t nb)
+{
+    uintptr_t x = (uintptr_t)a, y = (uintptr_t)b;
+    return x < y + nb && y < x + na;
+}
+
+static __attribute__((noinline)) uint64_t
+batch_serial_any(uint8_t *mem, uint64_t mem_size, uint64_t root,
+                 const uint64_t *gpas, const uint8_t *accesses,
+                 uint64_t *out_hpas, uint64_t n, int set_ad,
+                 npt_walk_result *miss)
+{
+    int pow2 = is_pow2(mem_size);
+    if (pow2 && set_ad)
+        return batch_serial(mem, mem_size, root, gpas, accesses, out_hpas, 0, n, miss, 1, 1);
+    if (pow2)
+        return batch_serial(mem, mem_size, root, gpas, accesses, out_hpas, 0, n, miss, 0, 1);
+    if (set_ad)
+        return batch_serial(mem, mem_size, root, gpas, accesses, out_hpas, 0, n, miss, 1, 0);
+    return batch_serial(mem, mem_size, root, gpas, accesses, out_hpas, 0, n, miss, 0, 0);
 }
 
 uint64_t npt_walk_batch(uint8_t *mem, uint64_t mem_size, uint64_t root,
@@ -289,6 +451,18 @@ uint64_t npt_walk_batch(uint8_t *mem, uint64_t mem_size, uint64_t root,
         walk_fail(miss, 4, 0, PF_RSV, accesses[0]);
         return 0;
     }
+    /* The pipelined walk reads inputs PIPE_D walks ahead: when an input
+     * could be changed by an earlier walk's stores (to out_hpas, or A/D bits
+     * in host memory), walk strictly one at a time.  out_hpas == gpas (in
+     * place) is fine: a store only replaces an input already read. */
+    if (unlikely(n < PIPE_BATCH_MIN
+                 || overlap(gpas, 8 * n, mem, mem_size)
+                 || overlap(accesses, n, mem, mem_size)
+                 || overlap(out_hpas, 8 * n, mem, mem_size)
+                 || overlap(out_hpas, 8 * n, accesses, n)
+                 || (out_hpas != gpas && overlap(out_hpas, 8 * n, gpas, 8 * n))))
+        return batch_serial_any(mem, mem_size, root, gpas, accesses, out_hpas,
+                                n, set_ad, miss);
     if (is_pow2(mem_size)) {
         if (set_ad)
             return batch_loop(mem, mem_size, root, gpas, accesses, out_hpas, n, miss, 1, 1);

@@ -1039,3 +1039,363 @@ def test_differential_corrupt_tables(pokes, walks, set_ad, size):
         res.append(out)
     assert res[0] == res[1]
     assert bufs[0][:] == bufs[1][:]
+
+
+# ---------------------------------------------------------------------------
+# differential tests of the batch path (the C batch walks several GPAs at once
+# and must still give exactly the result of walking them one by one in order)
+
+BATCH_ROOT = 0x1000
+BATCH_TABLES = 0x10_0000              # table frames for install()
+BATCH_DATA = 0x20_0000                # data frames
+# mapped 4 KiB pages: two PTs under one PD, one under another PDPT entry, one
+# under another PML4 entry (several table pages at every level)
+BATCH_4K = ([0x1000 * i for i in range(40)]
+            + [0x20_0000 + 0x1000 * i for i in range(12)]
+            + [0x4000_0000 + 0x1000 * i for i in range(8)]
+            + [(1 << 39) + 0x1000 * i for i in range(8)])
+BATCH_2M = [0x60_0000, 0x4040_0000]   # 2 MiB leaves
+BATCH_1G = 3 << 30                    # a 1 GiB leaf (outside memory: a fault)
+BATCH_UNMAPPED = [0x50_000, 0x80_0000, 0x8000_0000, 1 << 40, (1 << 39) + 0x40_0000,
+                  0x7FFF_FFFF_F000, GPA_LIMIT, GPA_LIMIT | 0x1000, (1 << 64) - 0x1000]
+# what a leaf (or, for "t*", the table entries above it) can be changed to
+LEAF_MODS = {
+    "ok": lambda e: e,
+    "noA": lambda e: e & ~A,
+    "noD": lambda e: e & ~D,
+    "noAD": lambda e: e & ~(A | D),
+    "ro": lambda e: e & ~W,
+    "ro_noD": lambda e: e & ~(W | D),
+    "sup": lambda e: e & ~U,
+    "nx": lambda e: e | NX,
+    "nx_noA": lambda e: (e | NX) & ~A,
+    "rsv": lambda e: e | (1 << 52),
+    "rsv62": lambda e: e | (1 << 62),
+    "np": lambda e: e & ~P,
+    "zero": lambda e: 0,
+    "pat": lambda e: e | PS,                      # bit 7 of a 4 KiB leaf: PAT, allowed
+    "outside": lambda e: (e & 0xFFF) | (1 << 40),  # points outside memory
+    "hi_addr": lambda e: (e & 0xFFF) | (e & ADDR_MASK) | (1 << 51),
+}
+TABLE_MODS = {
+    "ok": lambda e: e,
+    "noA": lambda e: e & ~A,
+    "ro": lambda e: e & ~W,
+    "sup": lambda e: e & ~U,
+    "nx": lambda e: e | NX,
+    "ps": lambda e: e | PS,                       # a large leaf (or reserved at level 4)
+    "rsv": lambda e: e | (1 << 55),
+    "np": lambda e: e & ~P,
+    "outside": lambda e: (e & 0xFFF) | (1 << 44),
+}
+
+
+def _batch_tree(eng, mem):
+    """A tree over BATCH_4K/BATCH_2M with A (and D on leaves) set everywhere,
+    so that walks hit the fast path unless a test changes an entry."""
+    tables = iter(range(BATCH_TABLES, BATCH_DATA, 0x1000))
+    for k, gpa in enumerate(BATCH_4K):
+        _, need = eng.tables_needed(BATCH_ROOT, gpa, 1)
+        rc, _ = eng.install(BATCH_ROOT, gpa, BATCH_DATA + 0x1000 * k, 1, LEAF,
+                            [next(tables) for _ in range(need)])
+        assert rc == INST_OK
+    for gpa in BATCH_2M:
+        _, need = eng.tables_needed(BATCH_ROOT, gpa, 2)
+        rc, _ = eng.install(BATCH_ROOT, gpa, 0, 2, LEAF2M,
+                            [next(tables) for _ in range(need)])
+        assert rc == INST_OK
+    # a 1 GiB leaf in the PDPT of GPA 0
+    pdpt = struct.unpack_from("<Q", mem, BATCH_ROOT)[0] & ADDR_MASK
+    struct.pack_into("<Q", mem, pdpt + 8 * 3, LEAF | PS)
+    for hpa, level in eng.table_pages(BATCH_ROOT):
+        for i in range(512):
+            e = struct.unpack_from("<Q", mem, hpa + 8 * i)[0]
+            if e & P:
+                struct.pack_into("<Q", mem, hpa + 8 * i,
+                                 e | A | (D if level == 1 or e & PS else 0))
+
+
+def _entry_hpa(mem, gpa, level):
+    """HPA of gpa's entry at `level`, None if a change above cut the path."""
+    table = BATCH_ROOT
+    for L in range(4, level, -1):
+        e = struct.unpack_from("<Q", mem, table + 8 * index(gpa, L))[0]
+        table = e & ADDR_MASK
+        if not e & P or e & PS or table > len(mem) - 4096:
+            return None
+    return table + 8 * index(gpa, level)
+
+
+def _modify(mem, leaf_mods, table_mods):
+    for k, mod in leaf_mods:
+        gpa = BATCH_4K[k % len(BATCH_4K)]
+        h = _entry_hpa(mem, gpa, 1)
+        if h is not None:
+            struct.pack_into("<Q", mem, h, LEAF_MODS[mod](struct.unpack_from("<Q", mem, h)[0]))
+    for k, level, mod in table_mods:
+        gpa = BATCH_4K[k % len(BATCH_4K)]
+        h = _entry_hpa(mem, gpa, level)
+        if h is not None:
+            struct.pack_into("<Q", mem, h, TABLE_MODS[mod](struct.unpack_from("<Q", mem, h)[0]))
+
+
+def _gpa_pool(rnd, miss_rate):
+    r = rnd.random()
+    if r < miss_rate / 4:
+        return BATCH_1G + rnd.randrange(1 << 30)
+    if r < miss_rate:
+        return BATCH_UNMAPPED[rnd.randrange(len(BATCH_UNMAPPED))] | rnd.randrange(0x1000)
+    if r < 0.9:
+        return BATCH_4K[rnd.randrange(len(BATCH_4K))] | rnd.randrange(0x1000)
+    return BATCH_2M[rnd.randrange(len(BATCH_2M))] + rnd.randrange(1 << 21)
+
+
+def _batch_inputs(seed, n, hot, inject, miss_rate=0.0):
+    """n accesses: a mix of the pools (unmapped GPAs at miss_rate), a small
+    hot set (the same GPAs again within a few accesses) and misses injected
+    at chosen positions."""
+    import random
+    rnd = random.Random(seed)
+    hot_set = [_gpa_pool(rnd, miss_rate) for _ in range(max(1, hot))]
+    g, a = [], []
+    for _ in range(n):
+        g.append(rnd.choice(hot_set) if hot and rnd.random() < 0.5
+                 else _gpa_pool(rnd, miss_rate))
+        r = rnd.random()
+        a.append(ACC_R if r < 0.45 else ACC_W if r < 0.85 else ACC_X if r < 0.97
+                 else rnd.choice([3, 7, 255]))
+    for pos, which in inject:
+        g[pos % n] = BATCH_UNMAPPED[which % len(BATCH_UNMAPPED)]
+    return array("Q", [x & ((1 << 64) - 1) for x in g]), bytes(a)
+
+
+def _replay_style(eng, gpas, accs, out, set_ad):
+    """walk_batch from every restart point, as hv/replay.py does: after a
+    miss, go on after it (slices are memoryviews, like the replay's)."""
+    gv, av, ov = memoryview(gpas), memoryview(accs), memoryview(out)
+    res = []
+    i, n = 0, len(gpas)
+    while i < n:
+        k, miss = eng.walk_batch(BATCH_ROOT, gv[i:], av[i:], ov[i:], set_ad)
+        res.append((i, k, miss))
+        i += k + 1
+    return res
+
+
+def _run_both(size, fn):
+    bufs = [mmap.mmap(-1, size), mmap.mmap(-1, size)]
+    engs = [get_engine(bufs[0], "c"), get_engine(bufs[1], "python")]
+    try:
+        res = [fn(eng, mem) for eng, mem in zip(engs, bufs)]
+        assert res[0] == res[1]
+        assert bufs[0][:] == bufs[1][:]
+        return res[0]
+    finally:
+        for e in engs:
+            e.close()
+
+
+_AD_MODS = ["noA", "noD", "noAD"]
+_leaf_mods = st.builds(
+    lambda ad, other: ad + other,
+    st.lists(st.tuples(st.integers(0, 10_000), st.sampled_from(_AD_MODS)), max_size=30),
+    st.lists(st.tuples(st.integers(0, 10_000), st.sampled_from(sorted(LEAF_MODS))),
+             max_size=4))
+_table_mods = st.one_of(
+    st.lists(st.tuples(st.integers(0, 10_000), st.integers(2, 4), st.just("noA")), max_size=4),
+    st.lists(st.tuples(st.integers(0, 10_000), st.integers(2, 4),
+                       st.sampled_from(sorted(TABLE_MODS))), max_size=2))
+_sizes = st.sampled_from([DIFF_MEM, DIFF_MEM - 0x3000, DIFF_MEM + 0x5000, 2 * DIFF_MEM])
+
+
+@needs_both
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 1 << 32), n=st.integers(1, 700), hot=st.integers(0, 6),
+       inject=st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 100)), max_size=6),
+       miss_rate=st.sampled_from([0.0, 0.002, 0.01, 0.05]),
+       leaf_mods=_leaf_mods, table_mods=_table_mods, set_ad=st.booleans(), size=_sizes)
+def test_differential_long_batches(seed, n, hot, inject, miss_rate, leaf_mods, table_mods,
+                                   set_ad, size):
+    """Long batches with misses anywhere (also within the C pipeline's window),
+    faults of every kind, entries needing A/D mid-batch, repeated GPAs: the
+    same return values, the same out_hpas (prefix written, rest untouched)
+    and the same memory bytes."""
+    gpas, accs = _batch_inputs(seed, n, hot, inject, miss_rate)
+
+    def run(eng, mem):
+        _batch_tree(eng, mem)
+        _modify(mem, leaf_mods, table_mods)
+        out = array("Q", [0xA5A5_A5A5_A5A5_A5A5] * n)
+        r1 = eng.walk_batch(BATCH_ROOT, gpas, accs, out, set_ad)
+        out1 = list(out)
+        # and from every restart point, as the replay does
+        out2 = array("Q", [0x5A5A] * n)
+        r2 = _replay_style(eng, gpas, accs, out2, set_ad)
+        return r1, out1, r2, list(out2)
+    r1, out1, r2, out2 = _run_both(size, run)
+    # against single walks on a third buffer (in order, A/D as they go)
+    mem = mmap.mmap(-1, size)
+    eng = get_engine(mem, "python")
+    _batch_tree(eng, mem)
+    _modify(mem, leaf_mods, table_mods)
+    k = 0
+    while k < n:
+        w = eng.walk(BATCH_ROOT, gpas[k], accs[k], set_ad)
+        if not w.ok:
+            break
+        assert out1[k] == w.hpa
+        k += 1
+    assert r1[0] == k
+    assert r1[1] == (None if k == n else w)
+    assert out1[k:] == [0xA5A5_A5A5_A5A5_A5A5] * (n - k)
+    eng.close()
+
+
+@needs_both
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 1 << 32), n=st.integers(1, 300),
+       leaf_mods=st.lists(st.tuples(st.integers(0, 10_000),
+                                    st.sampled_from(["noA", "noD", "noAD", "ro_noD", "ok"])),
+                          max_size=40),
+       table_noA=st.lists(st.tuples(st.integers(0, 10_000), st.integers(2, 4)), max_size=6),
+       set_ad=st.booleans())
+def test_differential_batch_ad_updates(seed, n, leaf_mods, table_noA, set_ad):
+    """Many entries whose A/D an earlier walk of the same batch sets and a
+    later one (often of the same page, a few accesses on) then finds set."""
+    import random
+    rnd = random.Random(seed)
+    pages = [BATCH_4K[rnd.randrange(len(BATCH_4K))] for _ in range(6)]
+    gpas = array("Q", [rnd.choice(pages) | rnd.randrange(0x1000) for _ in range(n)])
+    accs = bytes(rnd.choice([ACC_R, ACC_W]) for _ in range(n))
+    table_mods = [(k, level, "noA") for k, level in table_noA]
+
+    def run(eng, mem):
+        _batch_tree(eng, mem)
+        _modify(mem, leaf_mods, table_mods)
+        out = array("Q", [1] * n)
+        return eng.walk_batch(BATCH_ROOT, gpas, accs, out, set_ad), list(out)
+    (k, miss), out = _run_both(DIFF_MEM, run)
+    if all(m != "ro_noD" for _, m in leaf_mods):     # else a write may fault
+        assert (k, miss) == (n, None)
+
+
+@needs_both
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 1 << 32), n=st.integers(24, 200) | st.integers(1, 30),
+       where=st.sampled_from(["gpas_in_mem", "gpas_over_tables", "out_over_tables",
+                              "out_over_pd", "out_in_place", "out_shifted",
+                              "out_over_accesses", "accs_in_mem"]),
+       shift=st.integers(-3, 3),
+       leaf_mods=st.lists(st.tuples(st.integers(0, 10_000), st.sampled_from(_AD_MODS)),
+                          max_size=20),
+       set_ad=st.booleans())
+def test_differential_batch_aliased_buffers(seed, n, where, shift, leaf_mods, set_ad):
+    """gpas, accesses and out_hpas inside host memory (even over the tables
+    being walked, so that a walk's A/D update or store changes a later walk's
+    input or tables) or overlapping one another: the C batch must still
+    behave as the walks done one by one, in order."""
+    gpas0, accs0 = _batch_inputs(seed, n, 2, [])
+    scratch = 0x30_0000                       # unused host memory
+
+    def run(eng, mem):
+        _batch_tree(eng, mem)
+        _modify(mem, leaf_mods, [])
+        mv = memoryview(mem)
+        gpas, accs, out = array("Q", gpas0), accs0, array("Q", [3] * n)
+        pt = _entry_hpa(mem, 0, 1)                # the PT of GPAs 0..0x27000
+        if where == "gpas_in_mem":
+            struct.pack_into("<%dQ" % n, mem, scratch, *gpas0)
+            gpas = mv[scratch:scratch + 8 * n].cast("Q")
+        elif where == "gpas_over_tables" and n >= 24:
+            # the last 8 gpas are that PT's first 8 entries (without A: as
+            # GPAs, offsets 0x47 in the pages at 0x20_0000); the walks just
+            # before them, of those pages, set A: the GPAs change to +0x20
+            m = n - 8
+            g = list(gpas0[:m])
+            for i in range(max(0, m - 20), m):
+                g[i] = 0x1000 * ((m - i + shift) % 8) + 0x40
+            for j in range(8):
+                e = struct.unpack_from("<Q", mem, pt + 8 * j)[0] & ~A
+                struct.pack_into("<Q", mem, pt + 8 * j, e)
+            struct.pack_into("<%dQ" % m, mem, pt - 8 * m, *g)   # the PD's unused tail
+            gpas = mv[pt - 8 * m:pt + 64].cast("Q")
+        elif where == "out_over_tables":
+            # out[i] lands on the entry of page i+shift+3, the page that walk
+            # i+5 reads (a valid leaf: offsets 0x67 = P|W|U|A|D)
+            gpas = array("Q", [0x1000 * ((i - 2 + shift) % 40) + 0x67 for i in range(n)])
+            out = mv[pt + 8 * (shift + 3):pt + 8 * (shift + 3 + n)].cast("Q")
+        elif where == "out_over_pd":
+            # out[0] replaces the PD entry over the pages at 0x20_0000 (with
+            # 0x200067: a "table" at the zeroed data frame 0x200000), so the
+            # walks of those pages after it miss
+            pd = _entry_hpa(mem, 0, 2)
+            gpas = array("Q", [0x067] + [0x20_0000 + 0x1000 * ((i + shift) % 12) + 0x18
+                                         for i in range(1, n)])
+            out = mv[pd + 8:pd + 8 + 8 * n].cast("Q")
+        elif where == "out_in_place":
+            out = gpas
+        elif where == "out_shifted":
+            both = array("Q", list(gpas0) + [0] * 8)
+            gpas = memoryview(both)[4:4 + n]
+            out = memoryview(both)[4 + shift:4 + shift + n]
+        elif where == "out_over_accesses":
+            # out[1], out[2] land (low byte first) on accs[8], accs[16]: a
+            # read becomes a write (offsets 0x001), which sets D
+            both = bytearray(8 * n + 64)
+            accs = memoryview(both)[:n]
+            out = memoryview(both)[:8 * n].cast("Q")
+            gpas = array("Q", [(g & ~0xFFF) | 0x001 for g in gpas0])
+            for k in range(len(BATCH_4K)):
+                _modify(mem, [(k, "noD")], [])
+        else:
+            mem[scratch:scratch + n] = accs0
+            accs = mv[scratch:scratch + n]
+        try:
+            r = eng.walk_batch(BATCH_ROOT, gpas, accs, out, set_ad)
+        except Exception as exc:
+            r = ("raised", type(exc).__name__)
+        res = (r, list(out), list(gpas), bytes(accs))
+        for v in (gpas, accs, out):
+            if isinstance(v, memoryview):
+                v.release()
+        mv.release()
+        return res
+    _run_both(DIFF_MEM, run)
+
+
+@needs_both
+def test_batch_dense_table_matches_python():
+    """A bench-like dense table (2048 PTs: beyond L1/L2), random GPAs, some
+    leaves without A/D: C and Python agree on long batches."""
+    import random
+    rnd = random.Random(5)
+    size = 16 << 20
+    npages = 1 << 20                      # 4 GiB mapped
+    n_pt = npages // 512
+
+    def run(eng, mem):
+        pml4, pdpt, pd0, pt0 = 0x1000, 0x2000, 0x3000, 0x10_0000
+        struct.pack_into("<Q", mem, pml4, pdpt | P | W | U | A)
+        for i in range(4):
+            struct.pack_into("<Q", mem, pdpt + 8 * i, (pd0 + 0x1000 * i) | P | W | U | A)
+        for j in range(n_pt):
+            struct.pack_into("<Q", mem, pd0 + 8 * j, (pt0 + 0x1000 * j) | P | W | U | A)
+        leaf = array("Q", [(0x80_0000 + 0x1000 * (i % 1024)) | LEAF | A | D
+                           for i in range(512)])
+        for j in range(n_pt):
+            mem[pt0 + 0x1000 * j:pt0 + 0x1000 * (j + 1)] = leaf.tobytes()
+        r2 = random.Random(9)
+        for _ in range(300):                      # some leaves without A or D
+            h = pt0 + 8 * r2.randrange(npages)
+            struct.pack_into("<Q", mem, h, struct.unpack_from("<Q", mem, h)[0]
+                             & ~r2.choice([A, D, A | D]))
+        res = []
+        for set_ad in (True, False, True):
+            g = array("Q", [r2.randrange(npages << 12) for _ in range(5000)])
+            a = bytes(r2.randrange(2) for _ in range(5000))
+            out = array("Q", bytes(8 * 5000))
+            res.append((eng.walk_batch(0x1000, g, a, out, set_ad), list(out)))
+        return res
+    res = _run_both(size, run)
+    assert all(r[0] == (5000, None) for r in res)
+    del rnd
