@@ -174,6 +174,22 @@ class Boot:
             return None
         return _tamper("GUEST_STOPPED", {}, "PSP periodic checker")
 
+    def _vmrun_check(self):
+        """What the CPU checks on every VMRUN (as SEV-SNP checks the VMSA's RMP
+        entry): the control page it will take nCR3 from is the one the PSP
+        made for this guest, and the PSP has not stopped the guest. The VMM
+        chooses which page it hands the CPU; it cannot make the CPU use a
+        forged one. Returns the tamper dict, or None to run."""
+        r = self.vmm.psp.guest_status(self.vm.handle)
+        if r.name == "GUEST_STOPPED":
+            return _tamper("GUEST_STOPPED", {}, "PSP periodic checker")
+        used = self.vcpu.control_page()
+        if not r.ok or r.fields.get("vmsa") != used:
+            return _tamper("INVALID_VMSA", {"page_hpa": used, "entry_index": 0,
+                                            "expected": r.fields.get("vmsa", 0), "found": used},
+                           "VMRUN control-page check")
+        return None
+
     def run(self, max_insns=None):
         """Run to the end (or max_insns instructions).  Returns a BootResult."""
         if max_insns is not None and max_insns <= 0:
@@ -195,6 +211,9 @@ class Boot:
         stop = None
         start = vc.instructions
         while True:
+            tamper = self._vmrun_check()
+            if tamper:
+                break
             n = slice_n
             if max_insns is not None:
                 left = max_insns - (vc.instructions - start)
@@ -218,11 +237,7 @@ class Boot:
                 # interval, as a real tamper between two periodic checks is
                 self.on_slice(self, vc.instructions)
                 vc.flush_tlb()
-            if psp_timer:
-                tamper = self._stopped_by_psp_timer()
-                if tamper:
-                    break
-        if tamper is None and not _stopped_by_psp(stop):
+        if tamper is None and stop is not None and not _stopped_by_psp(stop):
             # the guest stopped between two checks (it exited, faulted, or
             # ran out of budget): one last check, so that a tamper made in
             # the last interval is reported rather than a clean guest exit

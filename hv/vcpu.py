@@ -151,6 +151,9 @@ class UnicornVcpu:
         if hook == "c" and "c" not in available_hooks():
             raise RuntimeError("the C vCPU hook (hv._vcpu_c) is not built")
         self.vmm, self.vm, self.image = vmm, vm, image
+        # the control page the CPU takes nCR3 from, fixed when the vCPU is
+        # made (both hooks); Boot checks it with the PSP on every VMRUN
+        self._vmsa = vm.vmsa
         self.hook = hook
         self.eng = vmm.engine
         self.mem = vmm.mem
@@ -199,6 +202,14 @@ class UnicornVcpu:
         vm.on_npt_change.append(self.flush_tlb)
         self._set_boot_state(image)
 
+    def control_page(self):
+        """HPA of the control page (VMSA) this vCPU takes nCR3 from."""
+        ctx = getattr(self, "_ctx", None)
+        return int(ctx.vmsa) if ctx is not None else self._vmsa
+
+    def _npt_root(self):
+        return self.mem.read_u64(self._vmsa) & 0x000F_FFFF_FFFF_F000
+
     # -- setup ---------------------------------------------------------------
     def _setup_c(self, fill):
         ctx = _ffi.new("vcpu_ctx *")
@@ -206,7 +217,7 @@ class UnicornVcpu:
         self._cmem = _ffi.from_buffer("uint8_t[]", self.mem.buf, require_writable=True)
         ctx.mem = self._cmem
         ctx.mem_size = self.mem.size
-        ctx.vmsa = self.vm.vmsa
+        ctx.vmsa = self._vmsa
         ctx.uc = _ffi.cast("void *", self.uc._uch.value)
         ctx.reg_read = _ffi.cast("void *", ctypes.cast(_uclib.uc_reg_read, ctypes.c_void_p).value)
         ctx.sentinel_page = self._sentinel_page
@@ -302,7 +313,7 @@ class UnicornVcpu:
         _GuestFault(14)."""
         mode, cr3, lma = self.cpu_mode()
         for _ in range(8):
-            root = self.vmm.npt_root(self.vm)
+            root = self._npt_root()
             if mode == MODE_NONE:
                 gpa = va if lma else va & 0xFFFFFFFF
                 r = self.eng.walk(root, gpa, access, set_ad=fault)
@@ -353,7 +364,7 @@ class UnicornVcpu:
         while len(out) < n:
             a = gpa + len(out)
             k = min(n - len(out), 4096 - (a & 0xFFF))
-            r = self.eng.walk(self.vmm.npt_root(self.vm), a, ACC_R, set_ad=False)
+            r = self.eng.walk(self._npt_root(), a, ACC_R, set_ad=False)
             out += self.mem.read(r.hpa, k) if r.ok else bytes(k)
         return bytes(out)
 
@@ -405,9 +416,9 @@ class UnicornVcpu:
             if self._stop_flag:
                 return False
             mode, cr3, lma = self.cpu_mode()
-            eng, vm = self.eng, self.vm
+            eng = self.eng
             for _ in range(8):
-                root = self.vmm.npt_root(vm)
+                root = self._npt_root()
                 if mode == MODE_NONE:
                     gpa = va if lma else va & 0xFFFFFFFF
                     r = eng.walk(root, gpa, access)

@@ -745,3 +745,35 @@ def test_guest_stopped_by_psp_timer_is_never_resumed(guests):
         assert b.instructions == done["at"]          # not one instruction after the stop
     finally:
         vmm.close()
+
+
+@pytest.mark.parametrize("hook", ["c", "python"])
+def test_forged_control_page_refused_at_vmrun(hook):
+    """The VMM hands the CPU a forged VMSA whose nCR3 points at a table the
+    PSP never saw: the CPU's VMRUN check (against the PSP's record of this
+    guest's VMSA) refuses to run the guest at all."""
+    from guests.build import build_all
+    from hv.boot import Boot
+    from hv.vcpu import available_hooks
+    if hook not in available_hooks():
+        pytest.skip(f"{hook} hook not built")
+    img = build_all()["hello"]
+    vmm = Vmm(host_mem=128 << 20)
+    try:
+        b = Boot(vmm, str(img), mem=16 << 20, hook=hook)
+        real = b.vm.vmsa
+        forged = vmm.alloc.alloc(1)
+        fake_root = vmm.alloc.alloc(1)
+        vmm.mem.write(fake_root, vmm.mem.read(vmm.npt_root(b.vm), 4096))   # a copy, then edited freely
+        vmm.mem.write_u64(forged, fake_root)
+        b.vcpu._vmsa = forged
+        if getattr(b.vcpu, "_ctx", None) is not None:
+            b.vcpu._ctx.vmsa = forged
+        r = b.run()
+        assert r.exit_reason == "psp_stopped" and r.exit_code == 3
+        assert r.instructions == 0 and r.serial == ""
+        assert r.tamper["detected_by"] == "VMRUN control-page check"
+        assert r.tamper["expected"] == real and r.tamper["found"] == forged
+        b.close()
+    finally:
+        vmm.close()
