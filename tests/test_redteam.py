@@ -643,6 +643,17 @@ def guests():
         pytest.skip(f"guest images unavailable: {e}")
 
 
+def _remap_code_page(vmm, boot, evil):
+    """Point the NPT leaf of the page the guest is executing at `evil`,
+    found by walking the table in host memory as the VMM can."""
+    pc = boot.vcpu.pc
+    t = vmm.npt_root(boot.vm)
+    for lvl in (4, 3, 2):
+        t = vmm.mem.read_u64(t + npt_index(pc, lvl) * 8) & ADDR_MASK
+    s = t + npt_index(pc, 1) * 8
+    vmm.mem.write_u64(s, (vmm.mem.read_u64(s) & ~ADDR_MASK) | evil)
+
+
 def _evil_page(vmm, code=42):
     """A page that, entered anywhere, exits the guest with `code`."""
     evil = vmm.alloc.alloc(1)
@@ -665,12 +676,7 @@ def test_guest_code_remap_in_last_interval_is_reported(guests, mode):
         def cb(boot, insns):
             if done:
                 return
-            pc = boot.vcpu.pc
-            t = vmm.npt_root(boot.vm)
-            for lvl in (4, 3, 2):
-                t = vmm.mem.read_u64(t + npt_index(pc, lvl) * 8) & ADDR_MASK
-            s = t + npt_index(pc, 1) * 8
-            vmm.mem.write_u64(s, (vmm.mem.read_u64(s) & ~ADDR_MASK) | evil)
+            _remap_code_page(vmm, boot, evil)
             done["at"] = insns
         b = Boot(vmm, guests["compute"], mem=16 << 20, check_insns=5000, on_slice=cb)
         res = b.run()
@@ -727,12 +733,7 @@ def test_guest_stopped_by_psp_timer_is_never_resumed(guests):
         def cb(boot, insns):
             if done:
                 return
-            pc = boot.vcpu.pc
-            t = vmm.npt_root(boot.vm)
-            for lvl in (4, 3, 2):
-                t = vmm.mem.read_u64(t + npt_index(pc, lvl) * 8) & ADDR_MASK
-            s = t + npt_index(pc, 1) * 8
-            vmm.mem.write_u64(s, (vmm.mem.read_u64(s) & ~ADDR_MASK) | evil)
+            _remap_code_page(vmm, boot, evil)
             done["at"] = insns
             end = time.monotonic() + 5
             while vmm.psp.guest_status(boot.vm.handle).name != "GUEST_STOPPED" \
