@@ -70,8 +70,8 @@ GDT_ENTRIES = (
 )
 
 # x86 control-register bits used in Image.cpu
-CR0_PE, CR0_ET, CR0_NE, CR0_PG = 1, 0x10, 0x20, 1 << 31
-CR4_PAE = 0x20
+CR0_PE, CR0_MP, CR0_ET, CR0_NE, CR0_PG = 1, 2, 0x10, 0x20, 1 << 31
+CR4_PAE, CR4_OSFXSR, CR4_OSXMMEXCPT = 0x20, 0x200, 0x400
 EFER_LME, EFER_LMA, EFER_NXE = 0x100, 0x400, 0x800
 
 PF_X, PF_W, PF_R = 1, 2, 4
@@ -460,8 +460,11 @@ def _load(blob, path, name, ram_size) -> Image:
     if kind == "elf64":
         img.extra_pages = [gdt] + boot_tables(ram_size)
         img.initial_regs = {"rip": entry, "rdi": ram_size, "rsp": ram_size, "rflags": 0x2}
-        img.cpu = {"cr0": CR0_PE | CR0_ET | CR0_NE | CR0_PG, "cr3": BOOT_PML4,
-                   "cr4": CR4_PAE, "efer": EFER_LME | EFER_LMA | EFER_NXE,
+        # SSE on (the x86-64 psABI assumes it: plain gcc output uses it for
+        # floating point and block copies), as a 64-bit boot loader leaves it
+        img.cpu = {"cr0": CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_PG, "cr3": BOOT_PML4,
+                   "cr4": CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT,
+                   "efer": EFER_LME | EFER_LMA | EFER_NXE,
                    "gdt_base": BOOT_GDT, "gdt_limit": 8 * len(GDT_ENTRIES) - 1,
                    "cs": SEL_CODE64, "ds": SEL_DATA, "es": SEL_DATA, "ss": SEL_DATA,
                    "fs": SEL_DATA, "gs": SEL_DATA}

@@ -371,3 +371,40 @@ def test_cli_check_ms(guests, capsys):
                "--check-insns", "50"])
     d = json.loads(capsys.readouterr().out)
     assert rc == 0 and d["checks"] >= 1 and d["exit_reason"] == "exit_port"
+
+
+SSE_GUEST = r"""
+typedef unsigned long u64;
+static inline void outb(unsigned short p, unsigned char v)
+{ __asm__ volatile("outb %0,%1" :: "a"(v), "Nd"(p)); }
+struct big { u64 a[8]; };
+static struct big src = {{1, 2, 3, 4, 5, 6, 7, 8}};
+static struct big dst;
+__attribute__((noinline)) double scale(double x) { return x * 1.5; }
+void _start(u64 ram)
+{
+    dst = src;                                   /* SSE block copy */
+    volatile double d = scale((double)dst.a[3]); /* SSE floating point */
+    const char *m = d == 6.0 ? "sse ok\n" : "sse WRONG\n";
+    for (; *m; m++) outb(0x3f8, *m);
+    outb(0xf4, d == 6.0 ? 0 : 1);
+    for (;;) __asm__ volatile("hlt");
+}
+"""
+
+
+def test_plain_gcc_guest_with_sse(tmp_path, hook):
+    """A toy guest compiled by plain gcc (no -mgeneral-regs-only) uses SSE for
+    copies and floating point: the 64-bit entry state must have it enabled."""
+    import shutil
+    import subprocess
+    if not shutil.which("gcc"):
+        pytest.skip("gcc not installed")
+    src, img = tmp_path / "g.c", tmp_path / "g"
+    src.write_text(SSE_GUEST)
+    subprocess.run(["gcc", "-O2", "-ffreestanding", "-fno-pie", "-no-pie", "-nostdlib", "-static",
+                    "-mno-red-zone", "-fno-stack-protector", "-Wl,-Ttext=0x100000",
+                    "-Wl,-z,max-page-size=4096", "-o", str(img), str(src)], check=True)
+    assert b"xmm" in subprocess.run(["objdump", "-d", str(img)], capture_output=True).stdout
+    res = boot(str(img), hook=hook)
+    assert (res.exit_reason, res.exit_code, res.serial) == ("exit_port", 0, "sse ok\n")
