@@ -95,21 +95,9 @@ def build_parser():
     p.add_argument("--backend", choices=["c", "python"], default=None)
     p.add_argument("--json", action="store_true")
 
-    try:
-        from . import boot_cli
-        boot_cli.add_parser(sub, _common)
-    except ImportError:
-        pass
-    try:
-        from . import attack_cli
-        attack_cli.add_parser(sub, _common)
-    except ImportError:
-        pass
-    try:
-        from . import bench_cli
-        bench_cli.add_parser(sub, _common)
-    except ImportError:
-        pass
+    from . import attack_cli, bench_cli, boot_cli
+    for mod in (boot_cli, attack_cli, bench_cli):
+        mod.add_parser(sub, _common)
     return ap
 
 

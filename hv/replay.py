@@ -87,10 +87,6 @@ def npf_errcode(access):
     return e
 
 
-class ReplayResult(dict):
-    pass
-
-
 def replay(vmm, vm, trace, progress=None, chunk=1 << 16):
     """Replay `trace` into `vm`. Returns a dict of counters.
 
@@ -126,7 +122,7 @@ def replay(vmm, vm, trace, progress=None, chunk=1 << 16):
     if progress:
         progress(i, n)
     elapsed = time.perf_counter() - t0
-    return ReplayResult(
+    return dict(
         accesses=len(trace),
         walks=i,
         npf=vm.npf,
