@@ -17,7 +17,6 @@ class Cmd(IntEnum):
     PLATFORM_INIT = 0x01
     PLATFORM_STATUS = 0x02
     POOL_ADD = 0x03
-    POOL_RECLAIM = 0x04
     LAUNCH_START = 0x10
     SET_PRIVATE_MEMORY = 0x11
     LAUNCH_UPDATE_DATA = 0x12
@@ -43,7 +42,6 @@ _IN = {
     Cmd.PLATFORM_INIT: ("<QQQ", ("host_size", "fw_base", "fw_size")),
     Cmd.PLATFORM_STATUS: ("<", ()),
     Cmd.POOL_ADD: ("<QI", ("hpa", "npages")),
-    Cmd.POOL_RECLAIM: ("<I", ("npages",)),
     Cmd.LAUNCH_START: ("<QI", ("vmsa_hpa", "policy")),
     Cmd.SET_PRIVATE_MEMORY: ("<IQI", ("handle", "hpa", "npages")),
     Cmd.LAUNCH_UPDATE_DATA: ("<IQQI", ("handle", "gpa", "hpa", "npages")),
@@ -65,7 +63,6 @@ _OUT = {
     Cmd.LAUNCH_START: ("<I", ("handle",)),
     Cmd.LAUNCH_FINISH: ("<32s", ("measurement",)),
     Cmd.UPDATE_NPT: ("<II", ("done", "tables_used")),
-    Cmd.POOL_RECLAIM: ("<Q", ("hpa_list_count",)),
     # VERIFY / CHECK_ALL report the first difference found (zeros if none)
     Cmd.VERIFY: ("<IQIQQ", ("ok", "page_hpa", "entry_index", "expected", "found")),
     Cmd.CHECK_ALL: ("<IIQIQQ", ("checked", "stopped_handle", "page_hpa", "entry_index", "expected", "found")),
@@ -85,24 +82,42 @@ LEVEL_2M = 2
 MAX_NPAGES = 1 << 20
 
 
+# precompiled layouts: cmd -> (Struct, field names)
+_IN_STRUCT = {c: (struct.Struct(f), n) for c, (f, n) in _IN.items()}
+_OUT_STRUCT = {c: (struct.Struct(f), n) for c, (f, n) in _OUT.items()}
+
+
 def encode(cmd, **fields) -> bytes:
-    cmd = Cmd(cmd)
-    fmt, names = _IN[cmd]
-    return struct.pack(fmt, *(fields[n] for n in names))
+    try:
+        s, names = _IN_STRUCT[cmd]
+    except KeyError:
+        raise ValueError(f"{cmd!r} is not a valid Cmd") from None
+    return s.pack(*[fields[n] for n in names])
+
+
+def unpack_args(cmd, buf) -> tuple:
+    """The command's fields, in layout order; DecodeError (with the status to
+    return) for an unknown command, a buffer that is not bytes, or a wrong
+    length. Any object may come in: this is the firmware's input."""
+    try:
+        layout = _IN_STRUCT.get(cmd)
+    except TypeError:           # unhashable: not a command id
+        layout = None
+    if layout is None:
+        raise DecodeError(Status.INVALID_COMMAND, f"unknown command {cmd!r}")
+    s = layout[0]
+    if not isinstance(buf, (bytes, bytearray, memoryview)):
+        raise DecodeError(Status.INVALID_PARAM, "command buffer is not bytes")
+    if len(buf) != s.size:
+        raise DecodeError(Status.INVALID_LENGTH,
+                          f"{Cmd(cmd).name} buffer is {len(buf)} bytes, expected {s.size}")
+    return s.unpack(buf)
 
 
 def decode(cmd, buf) -> dict:
-    try:
-        cmd = Cmd(cmd)
-    except ValueError:
-        raise DecodeError(Status.INVALID_COMMAND, f"unknown command 0x{cmd:x}") from None
-    fmt, names = _IN[cmd]
-    if not isinstance(buf, (bytes, bytearray, memoryview)):
-        raise DecodeError(Status.INVALID_PARAM, "command buffer is not bytes")
-    if len(buf) != struct.calcsize(fmt):
-        raise DecodeError(Status.INVALID_LENGTH,
-                          f"{cmd.name} buffer is {len(buf)} bytes, expected {struct.calcsize(fmt)}")
-    return dict(zip(names, struct.unpack(fmt, buf)))
+    """unpack_args() as a dict of field name -> value."""
+    values = unpack_args(cmd, buf)
+    return dict(zip(_IN_STRUCT[cmd][1], values))
 
 
 def encode_out(cmd, **fields) -> bytes:
@@ -115,15 +130,12 @@ def encode_out(cmd, **fields) -> bytes:
 def decode_out(cmd, buf, status=0) -> dict:
     """Parse an output buffer. An INTEGRITY_FAILURE from any command that
     checks the table carries the VERIFY layout (where the tamper is)."""
-    cmd = Cmd(cmd)
     if status == Status.INTEGRITY_FAILURE and cmd != Cmd.CHECK_ALL:
         cmd = Cmd.VERIFY
-    if cmd not in _OUT or not buf:
+    layout = _OUT_STRUCT.get(cmd)
+    if layout is None or not buf or len(buf) != layout[0].size:
         return {}
-    fmt, names = _OUT[cmd]
-    if len(buf) != struct.calcsize(fmt):
-        return {}
-    return dict(zip(names, struct.unpack(fmt, buf)))
+    return dict(zip(layout[1], layout[0].unpack(buf)))
 
 
 def in_fields(cmd):

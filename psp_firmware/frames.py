@@ -9,7 +9,6 @@ listed).
     HV ----POOL_ADD----------------------------> POOL
     POOL --(table page taken by an update)-----> TABLE(h)
     TABLE(h) --DECOMMISSION (scrubbed)---------> POOL
-    POOL --POOL_RECLAIM (already zero)---------> HV
     HV ----LAUNCH_START------------------------> VMSA(h)
     VMSA(h) --DECOMMISSION (scrubbed)----------> HV
     HV ----SET_PRIVATE_MEMORY------------------> PRIVATE(h)

@@ -20,8 +20,8 @@ from nptcore import get_engine
 from nptcore.bits import GPA_LIMIT
 
 from . import core as _core
-from .commands import (_IN, _OUT, ATTR_VALID, ATTR_W, ATTR_X, MAX_NPAGES, Cmd, DecodeError,
-                       decode, encode_out)
+from .commands import (_OUT, ATTR_VALID, ATTR_W, ATTR_X, MAX_NPAGES, Cmd, DecodeError,
+                       encode_out, in_fields, unpack_args)
 from .frames import F, FrameTable
 from .integrity import (AD, ADDR, NX, PAGE, PS, ShadowNpt, FullIntegrity, P, U, W, index,
                         level_size)
@@ -134,14 +134,10 @@ class Psp:
             Cmd.CHECK_ALL: self.cmd_check_all,
             Cmd.NOP: self.cmd_nop,
         }
-        # decode table: int id -> (Struct, length, handler or None, positional?)
-        self._dispatch = {}
-        for cmd, (fmt, names) in _IN.items():
-            h = self._handlers.get(cmd)
-            positional = h is not None and \
-                h.__code__.co_varnames[1:h.__code__.co_argcount] == tuple(names)
-            st = struct.Struct(fmt)
-            self._dispatch[int(cmd)] = (st, st.size, h, positional)
+        # every handler takes the command's fields positionally, in layout order
+        for cmd, handler in self._handlers.items():
+            code = handler.__code__
+            assert code.co_varnames[1:code.co_argcount] == in_fields(cmd), cmd
 
     # ------------------------------------------------------------------
     # the mailbox
@@ -149,33 +145,17 @@ class Psp:
         with self._lock:
             self._commands += 1
             try:
-                try:
-                    d = self._dispatch.get(cmd) if type(cmd) is int else None
-                except TypeError:
-                    d = None
-                if d is not None and type(buf) is bytes:
-                    # the same checks as decode(), with a precompiled struct
-                    st_, size, handler, positional = d
-                    if len(buf) != size:
-                        return int(Status.INVALID_LENGTH), b""
-                    if handler is None:
-                        return int(Status.INVALID_COMMAND), b""
-                    if positional:
-                        st, out = handler(*st_.unpack(buf))
-                    else:
-                        st, out = handler(**decode(cmd, buf))
-                    return int(st), out
-                args = decode(cmd, buf)
+                args = unpack_args(cmd, buf)
                 handler = self._handlers.get(cmd)
                 if handler is None:
                     return int(Status.INVALID_COMMAND), b""
-                st, out = handler(**args)
+                st, out = handler(*args)
             except DecodeError as e:
                 return int(e.status), b""
             except _Refuse as r:
                 return int(r.status), r.out
             except Exception:   # a firmware bug: report it, never crash the caller
-                log.exception("PSP internal error on command 0x%x", cmd)
+                log.exception("PSP internal error on command %r", cmd)
                 return int(Status.INTERNAL_ERROR), b""
             return int(st), out
 
