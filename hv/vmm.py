@@ -107,11 +107,13 @@ class Vmm:
             self.alloc.free(hpa, n)
             raise RuntimeError(f"PSP refused POOL_ADD: {r.name}")
 
-    def _psp_retry_pool(self, fn):
-        r = fn()
+    def _psp_retry_pool(self, command, *args):
+        """Send a PSP command; while the PSP's table pool is empty, donate
+        more frames and send it again."""
+        r = command(*args)
         while r.status == Status.RESOURCE_EXHAUSTED:
             self._donate_pool(POOL_CHUNK)
-            r = fn()
+            r = command(*args)
         return r
 
     # -- VMs -----------------------------------------------------------------
@@ -119,7 +121,7 @@ class Vmm:
         if fault_around < 1 or fault_around > 512:
             raise BadInput(f"--fault-around must be 1..512, not {fault_around}")
         vmsa = self.alloc.alloc(1)
-        r = self._psp_retry_pool(lambda: self.psp.launch_start(vmsa))
+        r = self._psp_retry_pool(self.psp.launch_start, vmsa)
         if not r.ok:
             self.alloc.free(vmsa)
             raise RuntimeError(f"PSP refused LAUNCH_START: {r.name}")
@@ -135,7 +137,7 @@ class Vmm:
         """Launch: copy image bytes into a fresh frame, have the PSP measure and map it."""
         hpa = self.alloc.alloc(1)
         self.mem.write(hpa, data.ljust(PAGE, b"\0"))
-        r = self._psp_retry_pool(lambda: self.psp.launch_update_data(vm.handle, gpa, hpa, 1))
+        r = self._psp_retry_pool(self.psp.launch_update_data, vm.handle, gpa, hpa, 1)
         if not r.ok:
             self.alloc.free(hpa)
             raise BadInput(f"PSP refused to load image page at GPA {gpa:#x}: {r.name}")
@@ -168,9 +170,8 @@ class Vmm:
                     spb[b] = spb.get(b, 0) + n
                     p += n
         vm.pages_mapped += npages if level == 1 else 512
-        if vm.on_npt_change:
-            for cb in vm.on_npt_change:
-                cb()
+        for cb in vm.on_npt_change:
+            cb()
 
     def is_mapped(self, vm, gpa):
         p = gpa >> 12
@@ -218,11 +219,7 @@ class Vmm:
             hpa = self.alloc.alloc(npages if level == 1 else 512, align=size)
         except OutOfMemory as e:
             raise VmStopped(Status.RESOURCE_EXHAUSTED, str(e)) from None
-        update = self.psp.update_npt
-        r = update(vm.handle, g, hpa, level, ATTR_RWX, npages)
-        while r.status == Status.RESOURCE_EXHAUSTED:      # _psp_retry_pool, inline
-            self._donate_pool(POOL_CHUNK)
-            r = update(vm.handle, g, hpa, level, ATTR_RWX, npages)
+        r = self._psp_retry_pool(self.psp.update_npt, vm.handle, g, hpa, level, ATTR_RWX, npages)
         if log.isEnabledFor(logging.INFO):
             log.info("npf gpa=%#x access=%s err=%#x level=%s hpa=%#x npages=%d status=%s%s",
                      gpa, ACCESS_NAMES.get(access, access), errcode, "2M" if level == 2 else "4K",
