@@ -22,6 +22,7 @@ static inline u8 inb(u16 port) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) :
 void putc(char c);
 void puts(const char *s);          /* no newline added */
 void put_dec(uptr v);
+void put_dec_to(void (*out)(char), uptr v);   /* decimal through any sink */
 void put_hex(uptr v);              /* 0x-prefixed */
 void guest_exit(u8 code) __attribute__((noreturn));
 void *memset(void *d, int c, uptr n);

@@ -17,7 +17,7 @@ void puts(const char *s)
         putc(*s++);
 }
 
-void put_dec(uptr v)
+void put_dec_to(void (*out)(char), uptr v)
 {
     char buf[24];
     int i = 0;
@@ -26,7 +26,12 @@ void put_dec(uptr v)
         v /= 10;
     } while (v);
     while (i)
-        putc(buf[--i]);
+        out(buf[--i]);
+}
+
+void put_dec(uptr v)
+{
+    put_dec_to(putc, v);
 }
 
 void put_hex(uptr v)

@@ -20,18 +20,6 @@ static void both(char c)
 
 static void both_s(const char *s) { while (*s) both(*s++); }
 
-static void both_dec(u32 v)
-{
-    char buf[12];
-    int i = 0;
-    do {
-        buf[i++] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v);
-    while (i)
-        both(buf[--i]);
-}
-
 int mb_main(u32 magic, const struct mb_info *info)
 {
     for (int i = 0; i < 80 * 25; i++)
@@ -45,9 +33,9 @@ int mb_main(u32 magic, const struct mb_info *info)
         return 3;
     }
     both_s("mem_lower=");
-    both_dec(info->mem_lower);
+    put_dec_to(both, info->mem_lower);
     both_s("KB mem_upper=");
-    both_dec(info->mem_upper);
+    put_dec_to(both, info->mem_upper);
     both_s("KB\n");
     return 0;
 }
