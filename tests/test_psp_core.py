@@ -137,7 +137,7 @@ def _state(vmm, vm):
         "tables": [(h, vmm.mem.read(h, PAGE)) for h in tables],
         "shadow": [(h, bytes(g.npt.pages[h])) for h in tables],
         "digest": g.integrity.digest if g else None,
-        "frames": dict(psp._frames._f),
+        "frames": psp._frames.snapshot(),
         "pool": list(psp._pool),
         "status": vmm.psp.guest_status(vm.handle),
     }
