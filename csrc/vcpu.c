@@ -50,6 +50,7 @@ typedef struct {
 } uc_x86_msr_t;
 
 typedef int (*reg_read_t)(void *uc, int regid, void *value);
+typedef int (*uc_ctl_t)(void *uc, int control, ...);
 
 #define MAX_TRIES 8
 
@@ -77,6 +78,13 @@ int vcpu_mode(vcpu_ctx *c)
     if (c->cr4 & CR4_PAE)
         return MODE_PAE;
     return MODE_32;
+}
+
+int vcpu_flush_tlb(vcpu_ctx *c)
+{
+    if (c->uc_ctl == NULL)
+        return -1;
+    return ((uc_ctl_t)c->uc_ctl)(c->uc, (int)c->ctl_tlb_flush);
 }
 
 static uint32_t perms_for(int access)

@@ -48,6 +48,10 @@ typedef struct vcpu_ctx {
     vcpu_blk *blocks;        /* 1 << VCPU_BLK_BITS slots, owned by Python */
     /* control registers seen by the last fill (for the report) */
     uint64_t cr0, cr3, cr4, efer;
+    /* TLB flush without the Python binding: address of uc_ctl and the
+     * encoded UC_CTL_TLB_FLUSH write request (set up by Python) */
+    void *uc_ctl;
+    uint32_t ctl_tlb_flush;
 } vcpu_ctx;
 
 /* the Python callbacks: cffi extern "Python+C" functions defined by the
@@ -63,5 +67,9 @@ uint64_t vcpu_block_addr(void);
 
 /* paging mode the fill would use now: 0 none, 2/3/4 as nptcore MODE_* */
 int vcpu_mode(vcpu_ctx *ctx);
+
+/* flush the emulator's TLB (uc_ctl(uc, UC_CTL_TLB_FLUSH write)): the
+ * uc_err it returns, or -1 when ctx has no uc_ctl */
+int vcpu_flush_tlb(vcpu_ctx *ctx);
 
 #endif

@@ -23,8 +23,23 @@ class FrameAllocator:
 
     def alloc(self, n=1, align=PAGE):
         size = n * PAGE
-        for i, s in enumerate(self._starts):
-            e = self._ends[s]
+        starts, ends = self._starts, self._ends
+        if starts and align == PAGE and size > 0:
+            # the common case: a page-aligned run from the first extent
+            s = starts[0]
+            e = ends[s]
+            b = s + size
+            if b <= e:
+                del ends[s]
+                if b < e:
+                    starts[0] = b       # still the lowest start
+                    ends[b] = e
+                else:
+                    del starts[0]
+                self.allocated += n
+                return s
+        for i, s in enumerate(starts):
+            e = ends[s]
             a = (s + align - 1) // align * align
             if a + size <= e:
                 self._take(i, s, e, a, a + size)
@@ -34,12 +49,28 @@ class FrameAllocator:
                           f"(use a larger --host-mem)")
 
     def _take(self, i, s, e, a, b):
-        del self._starts[i]
-        del self._ends[s]
-        if s < a:
-            self._insert(s, a)
-        if b < e:
-            self._insert(b, e)
+        """Cut [a, b) out of extent i = [s, e); the pieces left stay in
+        order, in place (no re-sort)."""
+        starts, ends = self._starts, self._ends
+        if b < a:                       # a negative count: re-sort, as it always did
+            del starts[i]
+            del ends[s]
+            if s < a:
+                self._insert(s, a)
+            if b < e:
+                self._insert(b, e)
+        elif s < a:
+            ends[s] = a                 # the left piece keeps index i
+            if b < e:
+                starts.insert(i + 1, b)
+                ends[b] = e
+        else:
+            del ends[s]
+            if b < e:
+                starts[i] = b
+                ends[b] = e
+            else:
+                del starts[i]
 
     def _insert(self, s, e):
         bisect.insort(self._starts, s)

@@ -16,11 +16,18 @@ class InProcessTransport:
         self._mailbox = psp.mailbox    # the only thing of the PSP the VMM holds
 
     def call(self, cmd, buf):
-        return self._mailbox(int(cmd), bytes(buf))
+        # the firmware gets a plain int and immutable bytes (copied only when
+        # they are something else: an IntEnum, a bytearray, a memoryview)
+        if type(cmd) is not int:
+            cmd = int(cmd)
+        if type(buf) is not bytes:
+            buf = bytes(buf)
+        return self._mailbox(cmd, buf)
 
     def call_batch(self, items):
         mailbox = self._mailbox
-        return [mailbox(int(cmd), bytes(buf)) for cmd, buf in items]
+        return [mailbox(cmd if type(cmd) is int else int(cmd),
+                        buf if type(buf) is bytes else bytes(buf)) for cmd, buf in items]
 
     def close(self):
         pass

@@ -7,11 +7,16 @@ Every method returns a `Reply(status, fields)`; nothing raises on a refusal.
 import struct
 from collections import namedtuple
 
-from psp_firmware.commands import Cmd, decode_out, encode, in_fields
+from psp_firmware.commands import _IN, Cmd, decode_out, encode, in_fields
 from psp_firmware.status import Status, status_name
 
 _Reply = namedtuple("Reply", "status fields")
 _STATUS = {int(s): s for s in Status}          # int -> Status member, without Status(...)
+_SUCCESS = Status.SUCCESS                      # (a global: Status.SUCCESS is a slow lookup)
+# UPDATE_NPT's buffer, packed positionally on the NPF path (update_npt_fast)
+_UPDATE_NPT = int(Cmd.UPDATE_NPT)
+_UPDATE_NPT_IN = struct.Struct(_IN[Cmd.UPDATE_NPT][0])
+assert _IN[Cmd.UPDATE_NPT][1] == ("handle", "level", "gpa", "hpa", "attrs", "npages")
 
 
 class Reply(_Reply):
@@ -41,7 +46,7 @@ class PspClient:
         """Send any command id with any bytes. Returns (status, out_bytes)."""
         self.commands += 1
         st, out = self.transport.call(cmd, buf)
-        if st != Status.SUCCESS:
+        if st != _SUCCESS:
             self.refused += 1
         self.by_status[st] = self.by_status.get(st, 0) + 1
         return st, out
@@ -53,8 +58,7 @@ class PspClient:
             raise ValueError(f"{Cmd(cmd).name}: a field does not fit the command buffer "
                              f"({e}); use raw() to send arbitrary bytes") from None
         st, out = self.raw(cmd, buf)
-        st = _STATUS.get(st, st)
-        return Reply(st, decode_out(cmd, out, st))
+        return _reply(cmd, st, out)
 
     # typed helpers (one per command; all arguments are passed through as is)
     def platform_init(self, host_size, fw_base, fw_size):
@@ -82,6 +86,22 @@ class PspClient:
         return self.call(Cmd.UPDATE_NPT, handle=handle, level=level, gpa=gpa, hpa=hpa,
                          attrs=attrs, npages=npages)
 
+    def update_npt_fast(self, handle, gpa, hpa, level=1, attrs=3, npages=1):
+        """update_npt() for the NPF path: None when the PSP answered
+        SUCCESS (no Reply is made), else the Reply update_npt() returns. The
+        same buffer, errors and counters (through raw()); an instance whose
+        call() is wrapped (hv.attacks records replies so) goes through it."""
+        if "call" in self.__dict__:
+            r = self.update_npt(handle, gpa, hpa, level, attrs, npages)
+            return None if r.status == _SUCCESS else r
+        try:
+            buf = _UPDATE_NPT_IN.pack(handle, level, gpa, hpa, attrs, npages)
+        except struct.error as e:   # as call() says it
+            raise ValueError(f"UPDATE_NPT: a field does not fit the command buffer "
+                             f"({e}); use raw() to send arbitrary bytes") from None
+        st, out = self.raw(_UPDATE_NPT, buf)
+        return None if st == _SUCCESS else _reply(_UPDATE_NPT, st, out)
+
     def unmap(self, handle, gpa, level=1, npages=1):
         return self.call(Cmd.UNMAP, handle=handle, level=level, gpa=gpa, npages=npages)
 
@@ -102,6 +122,12 @@ class PspClient:
 
     def nop(self):
         return self.call(Cmd.NOP)
+
+
+def _reply(cmd, st, out):
+    """The Reply to command cmd answered (st, out)."""
+    st = _STATUS.get(st, st)
+    return Reply(st, decode_out(cmd, out, st))
 
 
 __all__ = ["PspClient", "Reply", "Cmd", "Status", "in_fields"]

@@ -3,6 +3,12 @@
 The hot loop is the engine's batch walk (C when built): it translates
 accesses until the first NPT miss, the VMM asks the PSP to map, and the walk
 resumes at the missing access. No Python object is made per access.
+
+With the C engine the loop calls its batch walk (csrc/npt.c's
+npt_walk_batch, the function `eng.walk_batch` wraps) directly, on pointers
+into the trace's arrays taken once: resuming after an NPF costs one C call,
+not the wrapper's per-call buffer exports and result objects (most of the
+VMM's time per NPF when every access faults).
 """
 import time
 from array import array
@@ -87,6 +93,55 @@ def npf_errcode(access):
     return e
 
 
+class _Miss:
+    __slots__ = ("errcode",)
+
+
+def _batch_walker(eng, gpas, accs, out):
+    """(walk, miss): walk(root, i, end) walks gpas[i:end] (translations into
+    out[i:end]) up to the first NPT miss and returns how many hit; after a
+    miss at i + that count, miss.errcode is its NPF error code.
+
+    With the C engine this is npt_walk_batch itself on pointers taken once
+    (_c_batch_walk); else eng.walk_batch on slices."""
+    walk, miss = _c_batch_walk(eng, gpas, accs, out)
+    if walk is not None:
+        return walk, miss
+    gv, av, ov = memoryview(gpas), memoryview(accs), memoryview(out)
+    miss = _Miss()
+    batch = eng.walk_batch
+
+    def walk(root, i, end):
+        k, m = batch(root, gv[i:end], av[i:end], ov[i:end])
+        if m is not None:
+            miss.errcode = m.errcode
+        return k
+    return walk, miss
+
+
+def _c_batch_walk(eng, gpas, accs, out):
+    """_batch_walker's C version, or (None, None) when the engine is not the
+    C one or the arrays are not of the types its walk_batch takes."""
+    try:
+        from nptcore.cengine import CEngine, ffi, lib
+    except ImportError:       # pragma: no cover - depends on the build
+        return None, None
+    if not isinstance(eng, CEngine) or not len(gpas):
+        return None, None
+    with memoryview(gpas) as g, memoryview(accs) as a, memoryview(out) as o:
+        if (g.itemsize, a.itemsize, o.itemsize) != (8, 1, 8) or not len(accs) == len(gpas) <= len(out):
+            return None, None
+    gp = ffi.from_buffer("uint64_t[]", gpas)
+    ap = ffi.from_buffer("uint8_t[]", accs)
+    op = ffi.from_buffer("uint64_t[]", out, require_writable=True)
+    miss = ffi.new("npt_walk_result *")
+    batch, cbuf, mem_size = lib.npt_walk_batch, eng._cbuf, eng.mem_size
+
+    def walk(root, i, end):
+        return batch(cbuf, mem_size, root, gp + i, ap + i, op + i, end - i, 1, miss)
+    return walk, miss
+
+
 def replay(vmm, vm, trace, progress=None, chunk=1 << 16):
     """Replay `trace` into `vm`. Returns a dict of counters.
 
@@ -94,28 +149,26 @@ def replay(vmm, vm, trace, progress=None, chunk=1 << 16):
     gpas, accs, index_map = expand_straddles(trace)
     n = len(gpas)
     out = array("Q", bytes(8 * n)) if n else array("Q")
-    gv, av, ov = memoryview(gpas), memoryview(accs), memoryview(out)
-    eng = vmm.engine
+    walk, miss = _batch_walker(vmm.engine, gpas, accs, out)
     rips = getattr(trace, "rip", None)
     insns = getattr(trace, "insn", None)
+    npt_root, handle_npf = vmm.npt_root, vmm.handle_npf
     i = 0
     stopped = None
     t0 = time.perf_counter()
     next_report = chunk
     while i < n:
         end = min(n, i + chunk) if progress else n
-        k, miss = eng.walk_batch(vmm.npt_root(vm), gv[i:end], av[i:end], ov[i:end])
-        i += k
+        i += walk(npt_root(vm), i, end)
         if progress and i >= next_report:
             progress(i, n)
             next_report = i + chunk
-        if miss is None:
+        if i == end:
             continue
         row = index_map[i] if index_map is not None else i
-        rip = rips[row] if rips else None
-        insn = insns[row] if insns else None
         try:
-            vmm.handle_npf(vm, gpas[i], accs[i], miss.errcode, rip=rip, insn=insn)
+            handle_npf(vm, gpas[i], accs[i], miss.errcode,
+                       rips[row] if rips else None, insns[row] if insns else None)
         except VmStopped as e:
             stopped = e
             break

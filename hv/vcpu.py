@@ -12,8 +12,10 @@ at 0, so a TLB entry's physical address is the HPA.  Unicorn runs with
 
 The mode is read from CR0/CR4/EFER at every fill, so guests that switch
 paging are honoured; the emulator's TLB is flushed after every NPT change
-(``vm.on_npt_change``) and whenever the guest reloads CR3 or changes mode
-(Unicorn flushes its own TLB then).  TLB hits never leave the emulator.  A
+it may hold (``vm.on_npt_change``: not after the NPF path's own mappings,
+which only make not-present entries present, and those are never cached)
+and whenever the guest reloads CR3 or changes mode (Unicorn flushes its
+own TLB then).  TLB hits never leave the emulator.  A
 miss in the NPT is an NPF: the hook fills in AMD's error code (``PF_WALK``
 during the guest's table walk, ``PF_FINAL`` on the final address, ``PF_ID``
 for a fetch, ``PF_W`` for a write), calls the VMM (``vmm.handle_npf``: it
@@ -65,6 +67,12 @@ except ImportError:          # pragma: no cover - C module not built
     _ffi = _lib = None
 
 log = logging.getLogger("hv.vcpu")
+_npflog = logging.getLogger("hv.npf")
+_INFO = logging.INFO
+# uc_ctl's request word for a TLB flush, encoded as Uc.ctl encodes it:
+# (op << 30) | (nargs << 26) | control
+_CTL_TLB_FLUSH_WRITE = (UC_CTL_IO_WRITE << 30) | UC_CTL_TLB_FLUSH
+_flush_tlb = getattr(_lib, "vcpu_flush_tlb", None)
 
 CR0_PE, CR0_PG = 1, 1 << 31
 CR4_PAE = 0x20
@@ -189,6 +197,7 @@ class UnicornVcpu:
         uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
 
         self._ctx = None
+        self._c_flush = False         # flush_tlb through the C module (_setup_c)
         self._hh = []
         if hook == "c" or (_lib is not None and _uclib is not None):
             self._setup_c(fill=(hook == "c"))
@@ -220,6 +229,10 @@ class UnicornVcpu:
         ctx.vmsa = self._vmsa
         ctx.uc = _ffi.cast("void *", self.uc._uch.value)
         ctx.reg_read = _ffi.cast("void *", ctypes.cast(_uclib.uc_reg_read, ctypes.c_void_p).value)
+        if _flush_tlb is not None:        # (else a _vcpu_c older than vcpu_flush_tlb)
+            ctx.uc_ctl = _ffi.cast("void *", ctypes.cast(_uclib.uc_ctl, ctypes.c_void_p).value)
+            ctx.ctl_tlb_flush = _CTL_TLB_FLUSH_WRITE
+            self._c_flush = True
         ctx.sentinel_page = self._sentinel_page
         ctx.sentinel_hpa = self._sentinel_hpa
         ctx.handle = id(self)
@@ -260,7 +273,14 @@ class UnicornVcpu:
     # -- CPU state -----------------------------------------------------------
     def flush_tlb(self):
         if self.uc is not None:
-            self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+            if self._c_flush:
+                # uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE) as one C call,
+                # without the binding's ctypes varargs call
+                err = _flush_tlb(self._ctx)
+                if err:
+                    raise UcError(err)
+            else:
+                self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
 
     @property
     def pc(self):
@@ -376,32 +396,35 @@ class UnicornVcpu:
         """Resolve one NPF through the VMM.  Returns 0 to retry the walk, 1 to stop."""
         kind = ACC_X if err & PF_ID else (ACC_W if err & PF_W else ACC_R)
         bits = 64 if mode == MODE_LONG4 else (32 if self.bits == 32 or mode else self.bits)
-        cache = {}
-
-        def insn():
-            if "b" not in cache:
-                cache["b"] = self.insn_bytes(rip)
-            return cache["b"]
-
         self.npf_log.append((gpa, kind, err, rip))
+        record = self.record
+        if record is None and not _npflog.isEnabledFor(_INFO):
+            insn = None         # nothing will read the instruction bytes
+        else:
+            cache = {}
+
+            def insn():
+                if "b" not in cache:
+                    cache["b"] = self.insn_bytes(rip)
+                return cache["b"]
+
         try:
-            self.vmm.handle_npf(self.vm, gpa, kind, err, rip=rip, insn=insn, mode=bits)
+            self.vmm.handle_npf(self.vm, gpa, kind, err, rip, insn, bits)
         except VmStopped as e:
-            npflog = logging.getLogger("hv.npf")
-            if npflog.isEnabledFor(logging.INFO):
+            if _npflog.isEnabledFor(_INFO):
                 from .disasm import disasm_one
-                b = insn()
-                npflog.info("npf gpa=%#x access=%s err=%#x rip=%#x refused: %s insn=%s", gpa, "rwx"[kind],
-                            err, rip, e, disasm_one(b, rip, bits) if b else
-                            "(unreadable: the fetch of it is what faulted)")
+                b = insn() if insn is not None else self.insn_bytes(rip)
+                _npflog.info("npf gpa=%#x access=%s err=%#x rip=%#x refused: %s insn=%s", gpa, "rwx"[kind],
+                             err, rip, e, disasm_one(b, rip, bits) if b else
+                             "(unreadable: the fetch of it is what faulted)")
             self._stopped = e
             self._stop_fault = {"va": va, "gpa": gpa, "access": kind, "errcode": err, "rip": rip,
                                 "walk": bool(err & PF_WALK), "final": bool(err & PF_FINAL)}
-            if self.record is not None:
-                self.record.write(kind, gpa, rip=rip, insn=insn())
+            if record is not None:
+                record.write(kind, gpa, rip=rip, insn=insn())
             return 1
-        if self.record is not None:
-            self.record.write(kind, gpa, rip=rip, insn=insn())
+        if record is not None:
+            record.write(kind, gpa, rip=rip, insn=insn())
         return 0
 
     # -- the Python TLB-fill hook ---------------------------------------------

@@ -4,6 +4,7 @@ The VMM never writes an NPT entry itself: on a nested page fault it picks a
 GPA range and an HPA range and asks the PSP (UPDATE_NPT) to install them.
 """
 import logging
+import struct
 from dataclasses import dataclass, field
 
 from nptcore import get_engine
@@ -23,6 +24,11 @@ HUGE = 2 << 20
 ACCESS_NAMES = {ACC_R: "r", ACC_W: "w", ACC_X: "x"}
 DEFAULT_FW_SIZE = 16 << 20
 POOL_CHUNK = 64
+NCR3_MASK = 0x000F_FFFF_FFFF_F000
+_U64 = struct.Struct("<Q")
+_INFO = logging.INFO
+_RESOURCE_EXHAUSTED = Status.RESOURCE_EXHAUSTED
+_SUCCESS = Status.SUCCESS
 
 
 class VmStopped(Exception):
@@ -47,7 +53,10 @@ class Vm:
     npf: int = 0
     pages_mapped: int = 0
     hpa_of: dict = field(default_factory=dict)    # first GPA page of a range -> (hpa, npages, level)
-    on_npt_change: list = field(default_factory=list)   # callbacks (TLB flush)
+    # callbacks (TLB flush) after an NPT change a TLB may have cached. Not
+    # called for the mapping an NPF adds: a not-present entry is never
+    # cached, so making it present needs no flush (as on x86 hardware)
+    on_npt_change: list = field(default_factory=list)
     fatal: Status = None
 
 
@@ -107,10 +116,11 @@ class Vmm:
             self.alloc.free(hpa, n)
             raise RuntimeError(f"PSP refused POOL_ADD: {r.name}")
 
-    def _psp_retry_pool(self, command, *args):
+    def _psp_retry_pool(self, command, *args, reply=None):
         """Send a PSP command; while the PSP's table pool is empty, donate
-        more frames and send it again."""
-        r = command(*args)
+        more frames and send it again. reply: the answer to a first try the
+        caller already sent (it is not sent again)."""
+        r = command(*args) if reply is None else reply
         while r.status == Status.RESOURCE_EXHAUSTED:
             self._donate_pool(POOL_CHUNK)
             r = command(*args)
@@ -131,7 +141,10 @@ class Vmm:
 
     def npt_root(self, vm):
         """The root the CPU walks: nCR3 as it is in the VM's control page."""
-        return self.mem.read_u64(vm.vmsa) & 0x000F_FFFF_FFFF_F000
+        mem, vmsa = self.mem, vm.vmsa
+        if 0 <= vmsa <= mem.size - 8:
+            return _U64.unpack_from(mem.buf, vmsa)[0] & NCR3_MASK
+        return mem.read_u64(vmsa) & NCR3_MASK      # (raises, saying why)
 
     def load_page(self, vm, gpa, data):
         """Launch: copy image bytes into a fresh frame, have the PSP measure and map it."""
@@ -150,28 +163,31 @@ class Vmm:
             raise RuntimeError(f"PSP refused LAUNCH_FINISH: {r.name}")
         return r.measurement
 
-    def _record(self, vm, first_page, npages, hpa, level):
+    def _record(self, vm, first_page, npages, hpa, level, notify=True):
+        """The VMM's view of a mapping the PSP made; notify: run the
+        vm.on_npt_change callbacks."""
         vm.hpa_of[first_page] = (hpa, npages, level)
         if level == 2:
             vm.huge_blocks.add(first_page >> 9)
+        elif npages == 1:
+            vm.mapped.add(first_page)
+            spb = vm.small_per_block
+            b = first_page >> 9
+            spb[b] = spb.get(b, 0) + 1
         else:
             last = first_page + npages - 1
             spb = vm.small_per_block
-            if npages == 1:
-                vm.mapped.add(first_page)
-                b = first_page >> 9
-                spb[b] = spb.get(b, 0) + 1
-            else:
-                vm.mapped.update(range(first_page, last + 1))
-                p = first_page
-                while p <= last:                 # per 2 MiB block the range touches
-                    b = p >> 9
-                    n = min(last + 1, (b + 1) << 9) - p
-                    spb[b] = spb.get(b, 0) + n
-                    p += n
+            vm.mapped.update(range(first_page, last + 1))
+            p = first_page
+            while p <= last:                 # per 2 MiB block the range touches
+                b = p >> 9
+                n = min(last + 1, (b + 1) << 9) - p
+                spb[b] = spb.get(b, 0) + n
+                p += n
         vm.pages_mapped += npages if level == 1 else 512
-        for cb in vm.on_npt_change:
-            cb()
+        if notify:
+            for cb in vm.on_npt_change:
+                cb()
 
     def is_mapped(self, vm, gpa):
         p = gpa >> 12
@@ -191,11 +207,15 @@ class Vmm:
             return page << 12, 1, 1
         lo = page - page % n
         hi = min(lo + n, limit)
+        mapped, huge_blocks = vm.mapped, vm.huge_blocks
+        if page < hi and mapped.isdisjoint(range(lo, hi)) and (
+                not huge_blocks or huge_blocks.isdisjoint(range(lo >> 9, ((hi - 1) >> 9) + 1))):
+            return lo << 12, hi - lo, 1     # nothing mapped in the window: all of it
         start = page
-        while start > lo and (start - 1) not in vm.mapped and ((start - 1) >> 9) not in vm.huge_blocks:
+        while start > lo and (start - 1) not in mapped and ((start - 1) >> 9) not in huge_blocks:
             start -= 1
         end = page + 1
-        while end < hi and end not in vm.mapped and (end >> 9) not in vm.huge_blocks:
+        while end < hi and end not in mapped and (end >> 9) not in huge_blocks:
             end += 1
         return start << 12, end - start, 1
 
@@ -213,25 +233,38 @@ class Vmm:
         if vm.ram_size is not None and gpa >= vm.ram_size:
             raise VmStopped(Status.OUT_OF_RANGE,
                             f"guest accessed GPA {gpa:#x} beyond its RAM ({vm.ram_size:#x})")
-        g, npages, level = self._choose_range(vm, gpa)
-        size = PAGE if level == 1 else HUGE
-        try:
-            hpa = self.alloc.alloc(npages if level == 1 else 512, align=size)
-        except OutOfMemory as e:
-            raise VmStopped(Status.RESOURCE_EXHAUSTED, str(e)) from None
-        r = self._psp_retry_pool(self.psp.update_npt, vm.handle, g, hpa, level, ATTR_RWX, npages)
-        if log.isEnabledFor(logging.INFO):
+        if vm.fault_around == 1 and not vm.huge:
+            # _choose_range's answer for one 4 KiB page, without the call
+            g, npages, level = gpa & ~0xFFF, 1, 1
+            try:
+                hpa = self.alloc.alloc(1)
+            except OutOfMemory as e:
+                raise VmStopped(Status.RESOURCE_EXHAUSTED, str(e)) from None
+        else:
+            g, npages, level = self._choose_range(vm, gpa)
+            size = PAGE if level == 1 else HUGE
+            try:
+                hpa = self.alloc.alloc(npages if level == 1 else 512, align=size)
+            except OutOfMemory as e:
+                raise VmStopped(Status.RESOURCE_EXHAUSTED, str(e)) from None
+        # (None for SUCCESS: no Reply is made for it)
+        r = self.psp.update_npt_fast(vm.handle, g, hpa, level, ATTR_RWX, npages)
+        if r is not None and r.status == _RESOURCE_EXHAUSTED:
+            r = self._psp_retry_pool(self.psp.update_npt, vm.handle, g, hpa, level, ATTR_RWX, npages,
+                                     reply=r)
+        if log.isEnabledFor(_INFO):
             log.info("npf gpa=%#x access=%s err=%#x level=%s hpa=%#x npages=%d status=%s%s",
                      gpa, ACCESS_NAMES.get(access, access), errcode, "2M" if level == 2 else "4K",
-                     hpa, npages, r.name, _insn_text(insn, rip, mode))
-        if not r.ok:
+                     hpa, npages, "SUCCESS" if r is None else r.name, _insn_text(insn, rip, mode))
+        if r is not None and r.status != _SUCCESS:
             self.alloc.free(hpa, npages if level == 1 else 512)
             if r.status in (Status.INTEGRITY_FAILURE, Status.GUEST_STOPPED):
                 vm.fatal = r.status
             raise VmStopped(r.status, f"PSP refused UPDATE_NPT for GPA {gpa:#x}: {r.name}",
                             fields=r.fields)
-        self._record(vm, g >> 12, npages, hpa, level)
-        return r.status
+        # (GPAs that were not mapped: no TLB holds them, nothing to flush)
+        self._record(vm, g >> 12, npages, hpa, level, False)
+        return _SUCCESS
 
     def touch(self, vm, gpa, access=ACC_R):
         """Access one GPA as the guest would: walk, take an NPF on a miss.
