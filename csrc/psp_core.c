@@ -1,27 +1,78 @@
 /* psp_core.c: the PSP's C fast path (psp_firmware._psp_core_c).
  *
- * Pure functions used by psp_firmware/merkle.py and psp_firmware/psp.py:
- * the merkle chunk/node/root hashes (SHA-256 from OpenSSL's libcrypto),
- * hashing a 512-byte chunk straight from host memory with the A/D bits
- * masked, the leaf-range scan and bulk entry write of an UPDATE_NPT, and the
- * scrub. No Python objects, no policy: every decision stays in the Python
- * firmware (the twin these functions mirror byte for byte). PSP state passed
- * in (shadow pages, child-hash slots, stored hashes) lives in buffers the
- * PSP allocated; host memory is only read (hash, scan) or written where the
- * Python twin writes it (entries, scrub).
+ * Two kinds of code live here.
+ *
+ * 1. Pure helpers used by psp_firmware/merkle.py and psp_firmware/psp.py:
+ *    the merkle chunk/node/root hashes and the line hashes (SHA-256 from
+ *    OpenSSL's libcrypto), hashing straight from host memory with the A/D
+ *    bits masked, the leaf-range scan and bulk entry write, and the scrub.
+ *    Each mirrors a Python twin byte for byte.
+ *
+ * 2. psp_update_fast / psp_ring_fast: the whole of an ordinary UPDATE_NPT
+ *    (the common case of an NPF: leaves inside one existing leaf table) as
+ *    one call, over PSP state kept in flat per-frame arrays (struct psp_ctx).
+ *    It either commits exactly what the Python handler would commit for the
+ *    same command and returns 0, or returns 1 having changed nothing; the
+ *    Python handler (psp_firmware/psp.py cmd_update_npt) then runs its full
+ *    path, which decides the status (refusals, new tables, integrity stops).
+ *    So the C code never has to reproduce a refusal, only the success case.
+ *
+ * Host memory is only read (hash, scan) or written where the Python twin
+ * writes it (entries, scrub). PSP state passed in (shadow pages, line
+ * hashes, child-hash slots, stored hashes) lives in buffers the PSP owns.
  */
 #include <stdint.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <openssl/sha.h>
+
+#include "psp_core.h"
+
+/* One-shot SHA-256 through the low-level API: OpenSSL 3's SHA256() goes
+ * through an EVP fetch on every call (about 1.5 us here), which would
+ * dominate the small hashes of an update. */
+static void sha256(const uint8_t *p, size_t n, uint8_t *out)
+{
+    SHA256_CTX c;
+    SHA256_Init(&c);
+    SHA256_Update(&c, p, n);
+    SHA256_Final(out, &c);
+}
 
 #define CHUNK_BYTES 512
 #define SLOT_BYTES  2048            /* 64 child node hashes of 32 bytes */
 #define AD_MASK     0x60ULL
 #define P_BIT       1ULL
 #define PS_BIT      0x80ULL
+#define W_BIT       0x2ULL
+#define U_BIT       0x4ULL
+#define NX_BIT      (1ULL << 63)
+#define ADDR_MASK   0x000FFFFFFFFFF000ULL
+#define GPA_LIMIT   (1ULL << 48)
+#define MAX_NPAGES  (1u << 20)
+#define LINE_BYTES  64
+#define ATTR_W      1u
+#define ATTR_X      2u
+/* psp_firmware.frames.F */
+#define F_HV        0
+#define F_PRIVATE   5
+#define F_MAPPED    6
+/* psp_firmware.status.Status / commands / mailbox_layout */
+#define ST_SUCCESS  0u
+#define CMD_UPDATE_NPT 0x20u
+#define CMD_NOP     0x3Fu
+#define UPDATE_NPT_LEN 32u
+#define RING_ENTRY  256u
+#define RE_STATUS   8u
+#define RE_OUT_LEN  12u
+#define RE_IN       16u
+#define RE_OUT      128u
+#define DONE_BIT    (1u << 31)
 
 static inline uint64_t ld64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
 static inline void st64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
+static inline uint32_t ld32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static inline void st32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
 
 /* SHA-256("C" || chunk (A/D cleared when mask_ad) || slots[0..2048) if slots) */
 void psp_chunk_hash(const uint8_t *src, int mask_ad, const uint8_t *slots, uint8_t *out)
@@ -60,7 +111,7 @@ void psp_node_hash(uint64_t hpa, int level, const uint8_t *chunks, uint8_t *out)
     st64(buf + 1, hpa);
     buf[9] = (uint8_t)level;
     memcpy(buf + 10, chunks, 256);
-    SHA256(buf, sizeof buf, out);
+    sha256(buf, sizeof buf, out);
 }
 
 /* SHA-256("R" || root (u64 LE) || node[0..32)) */
@@ -70,17 +121,7 @@ void psp_root_hash(uint64_t root, const uint8_t *node, uint8_t *out)
     buf[0] = 'R';
     st64(buf + 1, root);
     memcpy(buf + 9, node, 32);
-    SHA256(buf, sizeof buf, out);
-}
-
-/* Re-hash chunk j of a page from its shadow and the page's node hash:
- * chunks (256 bytes, the page's 8 chunk hashes) gets chunk j replaced. */
-void psp_rehash_chunk_node(const uint8_t *shadow, int j, const uint8_t *slots,
-                           uint64_t hpa, int level, uint8_t *chunks, uint8_t *node_out)
-{
-    psp_chunk_hash(shadow + j * CHUNK_BYTES, 0, slots ? slots + j * SLOT_BYTES : 0,
-                   chunks + 32 * j);
-    psp_node_hash(hpa, level, chunks, node_out);
+    sha256(buf, sizeof buf, out);
 }
 
 /* Scrub [off, off+n) of host memory a page at a time, leaving pages that
@@ -96,6 +137,25 @@ void psp_scrub(uint8_t *mem, uint64_t off, uint64_t n)
             memset(p, 0, k);
         p += k;
     }
+}
+
+/* Scrub by giving the pages back: with advice MADV_DONTNEED (a private
+ * anonymous mapping) or MADV_REMOVE (a shared one: punches a hole in the
+ * memfd/file), the range reads as zero afterwards and costs no page fault
+ * now; the guest's first touch allocates a zeroed page, as a fresh KVM page
+ * would. The caller picks the advice that is right for the mapping
+ * (psp_firmware/psp.py: Psp(scrub=...)); if the kernel refuses, write zeros.
+ * Below SCRUB_MADVISE_MIN bytes the pages are compared and written instead:
+ * a madvise costs a fixed 1-5 us (5 for a memfd hole punch), and pages the
+ * VMM keeps resident would be faulted back in; 16 pages and up it wins. */
+#define SCRUB_MADVISE_MIN (16 * 4096)
+void psp_scrub_advised(uint8_t *mem, uint64_t off, uint64_t n, int advice)
+{
+    if (advice && n >= SCRUB_MADVISE_MIN && !(off & 4095) && !(n & 4095) &&
+        !((uintptr_t)mem & 4095) &&
+        madvise(mem + off, n, advice) == 0)
+        return;
+    psp_scrub(mem, off, n);
 }
 
 /* The leaf scan of a one-table plan: entries [idx, idx+n) of a shadow page.
@@ -134,4 +194,184 @@ void psp_page_hash(const uint8_t *page, int mask_ad, const uint8_t *slots, int s
                        (slots && ((slot_mask >> j) & 1)) ? slots + j * SLOT_BYTES : 0,
                        chunks + 32 * j);
     psp_node_hash(hpa, level, chunks, node_out);
+}
+
+/* ---------------------------------------------------------------------------
+ * Line hashes: the index an update's path check uses.
+ * L = SHA-256("L" || 64 bytes of entries with A/D cleared): one cache line,
+ * 8 entries, two SHA-256 blocks. */
+void psp_line_hash(const uint8_t *src, uint8_t *out)
+{
+    uint8_t buf[1 + LINE_BYTES];
+    buf[0] = 'L';
+    for (int i = 0; i < LINE_BYTES; i += 8)
+        st64(buf + 1 + i, ld64(src + i) & ~AD_MASK);
+    sha256(buf, sizeof buf, out);
+}
+
+int psp_line_check(const uint8_t *src, const uint8_t *expected)
+{
+    uint8_t h[32];
+    psp_line_hash(src, h);
+    return memcmp(h, expected, 32) == 0;
+}
+
+/* All 64 line hashes of a page into out[0..2048). */
+void psp_lines_hash(const uint8_t *page, uint8_t *out)
+{
+    for (int k = 0; k < 4096 / LINE_BYTES; k++)
+        psp_line_hash(page + k * LINE_BYTES, out + 32 * k);
+}
+
+/* ---------------------------------------------------------------------------
+ * UPDATE_NPT, the common case, in one call.
+ *
+ * Frame-state model (psp_firmware/frames.py): the frames [hpa, hpa+total)
+ * go HV | PRIVATE(g) -> MAPPED(g, gpa + i*4K). Table pages are untouched
+ * (no new table: an update that needs one is declined, and the Python
+ * handler takes table pages from the pool). */
+static inline const uint8_t *shadow_of(const struct psp_ctx *c, uint64_t t)
+{
+    return (const uint8_t *)(uintptr_t)((const uint64_t *)c->shadow_of)[t >> 12];
+}
+
+static inline uint8_t *lines_of(const struct psp_ctx *c, uint64_t t)
+{
+    return (uint8_t *)(uintptr_t)((const uint64_t *)c->lines_of)[t >> 12];
+}
+
+/* Does line k of table page t in host memory hash to the stored line hash? */
+static int line_matches(const struct psp_ctx *c, uint64_t t, int k)
+{
+    const uint8_t *lines = lines_of(c, t);
+    if (!lines)
+        return 0;
+    return psp_line_check((const uint8_t *)c->mem + t + (uint64_t)k * LINE_BYTES, lines + 32 * k);
+}
+
+int psp_update_fast(struct psp_ctx *c, struct psp_guest *g, uint32_t level, uint64_t gpa,
+                    uint64_t hpa, uint32_t attrs, uint32_t npages)
+{
+    uint8_t *mem = (uint8_t *)c->mem;
+    uint8_t *fstate = (uint8_t *)c->fstate;
+    uint32_t *fowner = (uint32_t *)c->fowner;
+    uint64_t *fgpa = (uint64_t *)c->fgpa;
+    uint8_t *dirty = (uint8_t *)c->dirty;
+
+    /* -- arguments (the same checks as _map_checks, in any order: any
+     *    failure declines, and the Python handler names the status) -- */
+    if (!g->accepting || (level != 1 && level != 2) || (attrs & ~(ATTR_W | ATTR_X)))
+        return 1;
+    if (npages < 1 || npages > MAX_NPAGES)
+        return 1;
+    unsigned shift = level == 1 ? 12 : 21;
+    uint64_t size = 1ULL << shift, total = (uint64_t)npages << shift;
+    if ((gpa & (size - 1)) || gpa >= GPA_LIMIT || total > GPA_LIMIT - gpa)
+        return 1;
+    if ((hpa & (size - 1)) || hpa >= c->host_size || total > c->host_size - hpa)
+        return 1;
+    uint64_t lo = hpa >> 12, nfr = total >> 12;
+    if (lo < c->fw_hi && lo + nfr > c->fw_lo)
+        return 1;
+    for (uint64_t f = lo; f < lo + nfr; f++) {
+        uint8_t st = fstate[f];
+        if (st != F_HV && !(st == F_PRIVATE && fowner[f] == g->handle))
+            return 1;
+    }
+
+    /* -- integrity: the root pointer, then every line the walk reads -- */
+    if ((ld64(mem + g->vmsa) & ADDR_MASK) != g->root)
+        return 1;
+    uint64_t t = g->root;
+    for (unsigned lvl = 4; lvl > level; lvl--) {
+        int idx = (int)((gpa >> (12 + 9 * (lvl - 1))) & 511);
+        const uint8_t *sh = shadow_of(c, t);
+        if (!sh || !line_matches(c, t, idx >> 3))
+            return 1;
+        uint64_t e = ld64(sh + 8 * idx);
+        if (!(e & P_BIT) || (e & PS_BIT))       /* needs a new table / a large leaf */
+            return 1;
+        t = e & ADDR_MASK;
+    }
+    uint8_t *lsh = (uint8_t *)shadow_of(c, t);
+    uint8_t *lines = lines_of(c, t);
+    int idx = (int)((gpa >> (12 + 9 * (level - 1))) & 511);
+    if (!lsh || !lines || idx + npages > 512)
+        return 1;
+    int k0 = idx >> 3, k1 = (int)((idx + npages - 1) >> 3);
+    for (int k = k0; k <= k1; k++)
+        if (!line_matches(c, t, k))
+            return 1;
+    for (uint32_t i = 0; i < npages; i++)
+        if (ld64(lsh + 8 * (idx + i)) & P_BIT)
+            return 1;
+
+    /* ---- all checks passed: commit ---- */
+    psp_scrub_advised(mem, hpa, total, (int)c->scrub_advice);
+    uint64_t flags = P_BIT | U_BIT | ((attrs & ATTR_W) ? W_BIT : 0) |
+                     ((attrs & ATTR_X) ? 0 : NX_BIT) | (level == 2 ? PS_BIT : 0);
+    psp_write_leaves(mem, t, lsh, idx, (int)npages, hpa | flags, size);
+    for (uint64_t j = 0; j < nfr; j++) {
+        fstate[lo + j] = F_MAPPED;
+        fowner[lo + j] = g->handle;
+        fgpa[lo + j] = gpa + (j << 12);
+    }
+    for (int k = k0; k <= k1; k++)
+        psp_line_hash(lsh + k * LINE_BYTES, lines + 32 * k);
+    /* stale merkle chunks: the leaf chunks written (the flush in merkle.py
+     * carries the change up the tree: each parent's chunk above them) */
+    for (int j = idx >> 6; j <= (int)((idx + npages - 1) >> 6); j++)
+        dirty[t >> 12] |= (uint8_t)(1u << j);
+    g->mapped_pages += nfr;
+    return 0;
+}
+
+/* An UPDATE_NPT command buffer (32 bytes: handle, level, gpa, hpa, attrs,
+ * npages) through the fast path, for a guest the ring table knows.
+ * Returns npages (>= 1) when committed, 0 when declined (nothing changed). */
+static uint32_t update_from_buf(struct psp_ctx *c, const uint8_t *buf)
+{
+    uint8_t in[UPDATE_NPT_LEN];
+    memcpy(in, buf, sizeof in);                /* a copy: the VMM may race us */
+    uint32_t handle = ld32(in), npages = ld32(in + 28);
+    struct psp_guest *g = c->ring_guests[handle & 63];
+    if (!g || g->handle != handle)
+        return 0;
+    if (psp_update_fast(c, g, ld32(in + 4), ld64(in + 8), ld64(in + 16), ld32(in + 24), npages))
+        return 0;
+    return npages;
+}
+
+uint32_t psp_mailbox_update(struct psp_ctx *c, const uint8_t *buf)
+{
+    return update_from_buf(c, buf);
+}
+
+/* Answer ring entries [start, n) (psp_firmware/mailbox_layout.py) while they
+ * are NOPs or UPDATE_NPTs the fast path takes; returns the index of the first entry
+ * it did not answer (n when all were), which the caller answers through the
+ * full mailbox. progress (may be NULL) gets the count answered so far. */
+uint32_t psp_ring_fast(struct psp_ctx *c, uint8_t *ring, uint32_t start, uint32_t n,
+                       uint32_t *progress)
+{
+    for (uint32_t i = start; i < n; i++) {
+        uint8_t *e = ring + (uint64_t)i * RING_ENTRY;
+        uint32_t cmd = ld32(e), in_len = ld32(e + 4);
+        if (cmd == CMD_NOP && in_len == 0) {       /* cmd_nop: SUCCESS, no output */
+            st32(e + RE_OUT_LEN, 0);
+        } else {
+            if (cmd != CMD_UPDATE_NPT || in_len != UPDATE_NPT_LEN)
+                return i;
+            uint32_t npages = update_from_buf(c, e + RE_IN);
+            if (!npages)
+                return i;
+            st32(e + RE_OUT, npages);              /* done */
+            st32(e + RE_OUT + 4, 0);               /* tables_used */
+            st32(e + RE_OUT_LEN, 8);
+        }
+        __atomic_store_n((uint32_t *)(e + RE_STATUS), ST_SUCCESS | DONE_BIT, __ATOMIC_RELEASE);
+        if (progress)
+            __atomic_store_n(progress, i + 1, __ATOMIC_RELEASE);
+    }
+    return n;
 }

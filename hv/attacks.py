@@ -405,11 +405,12 @@ def sc_severed_remap(cfg):
 @scenario("severed_remap_npf", "severed_remap", DETECTED)
 def sc_severed_remap_npf(cfg):
     """SEVered remap next to the slot of the next NPF: caught by that UPDATE_NPT."""
-    with Lab(cfg) as lab:
-        gpa = lab.work[5]
+    with Lab(cfg, pages=12) as lab:
+        gpa = lab.work[9]
         slot = lab.leaf(gpa)
-        # the next fault fills the slot right after the working set: same leaf
-        # table, same 64-entry chunk, so both integrity modes check it
+        # the next fault fills the slot right after the working set (leaf
+        # entries 256..267 are mapped, the fault fills 268): the same 64-byte
+        # line of the same leaf table, so both integrity modes check it
         fresh_gpa = lab.base + len(lab.work) * PAGE
         pattern = [(g, ACC_R) for g in lab.work] + [(gpa, ACC_R)] * 8 + [(fresh_gpa, ACC_W)]
 
@@ -1056,6 +1057,12 @@ def sc_race_window(cfg):
         bad = (good & ~ADDR_MASK) | lab.other_page
         real_apply = psp_obj._apply_writes
         fired = []
+        # the window is opened in the Python handler: keep the C fast path
+        # (which has the same check-then-write-from-shadow order, in one C
+        # call that cannot be interrupted from here) out of this update
+        g = psp_obj._guests[v.handle]
+        fast_ok, g.fast_ok = g.fast_ok, False
+        g.state = g.state
 
         def apply_with_race(g, writes, new_tables):
             # the moment between the PSP's integrity check and its write: the
@@ -1068,6 +1075,8 @@ def sc_race_window(cfg):
             r = lab.psp.update_npt(v.handle, lab.base + len(lab.work) * PAGE, lab.fresh())
         finally:
             psp_obj._apply_writes = real_apply
+            g.fast_ok = fast_ok
+            g.state = g.state
         if not fired or not r.ok:
             raise RuntimeError(f"race window not exercised ({r.name})")
         loop = AccessLoop(lab, v, [(target, ACC_R)] + [(g, ACC_R) for g in lab.work], cfg.check_every,

@@ -243,10 +243,7 @@ def _swap_integrity(vmm, vm, mode):
     """Give the guest a fresh integrity object of `mode` over the same table
     (the benchmark builds large tables once, in merkle mode, then measures
     each mode on them; building them in full mode would take quadratic time)."""
-    from psp_firmware import INTEGRITY_MODES
-    psp = vmm._psp_obj
-    g = psp._guests[vm.handle]
-    g.integrity = INTEGRITY_MODES[mode](g.npt, psp._eng.canon_page, psp._read_u64, g.vmsa)
+    vmm._psp_obj._switch_integrity(vm.handle, mode)
 
 
 def bench_integrity(p, log):

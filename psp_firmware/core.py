@@ -6,6 +6,7 @@ csrc/psp_core.c when a compiler and OpenSSL's libcrypto are available).
 is built, unless the environment says HV_PSP_CORE=python. Both give the same
 statuses, table bytes, digests and frame states; tests run both.
 """
+import mmap
 import os
 
 try:
@@ -45,3 +46,42 @@ class Ptrs(dict):
     def __missing__(self, key):
         p = self[key] = ffi.from_buffer(self.src[key])
         return p
+
+
+class PageTables:
+    """Per-frame pointer arrays for the C fast path (struct psp_ctx): for
+    every table page, where its shadow copy and its line hashes live.
+
+    Indexed by host frame number, over anonymous mmaps (lazily zero: a large
+    host costs nothing until table pages exist). The buffers registered are
+    PSP-owned bytearrays that are never resized or rebound; the cffi handles
+    kept here pin them (a bytearray with an exported buffer cannot resize)."""
+
+    def __init__(self, nframes):
+        self._mms = [mmap.mmap(-1, max(8, nframes * 8),
+                               flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) for _ in range(2)]
+        self.shadow_of = memoryview(self._mms[0]).cast("Q")
+        self.lines_of = memoryview(self._mms[1]).cast("Q")
+        self.c_shadow_of = ffi.from_buffer(self._mms[0])
+        self.c_lines_of = ffi.from_buffer(self._mms[1])
+        self._keep = {}
+
+    @staticmethod
+    def _addr(cdata):
+        return int(ffi.cast("uintptr_t", cdata))
+
+    def set_shadow(self, hpa, buf):
+        p = ffi.from_buffer(buf, require_writable=True)
+        self._keep[("s", hpa)] = p
+        self.shadow_of[hpa >> 12] = self._addr(p)
+
+    def set_lines(self, hpa, buf):
+        p = ffi.from_buffer(buf, require_writable=True)
+        self._keep[("l", hpa)] = p
+        self.lines_of[hpa >> 12] = self._addr(p)
+
+    def drop(self, hpa):
+        self.shadow_of[hpa >> 12] = 0
+        self.lines_of[hpa >> 12] = 0
+        self._keep.pop(("s", hpa), None)
+        self._keep.pop(("l", hpa), None)

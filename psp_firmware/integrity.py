@@ -41,11 +41,13 @@ def level_size(level):
 
 
 class ShadowNpt:
-    def __init__(self, root):
+    def __init__(self, root, ptabs=None):
         self.root = root
-        self.pages = {root: bytearray(PAGE)}     # hpa -> canonical content
-        self.levels = {root: 4}
+        self.pages = {}           # hpa -> canonical content
+        self.levels = {}
         self.cptr = None          # hpa -> C pointer into pages[hpa] (psp_firmware.core.Ptrs)
+        self.ptabs = ptabs        # psp_firmware.core.PageTables, for the C fast path, or None
+        self.add_page(root, 4)
 
     def c_pages(self):
         """Pointers for the C core into the shadow pages (made once per page)."""
@@ -61,8 +63,16 @@ class ShadowNpt:
         _Q.pack_into(self.pages[table], idx * 8, value & ~AD)
 
     def add_page(self, hpa, level):
-        self.pages[hpa] = bytearray(PAGE)
+        self.pages[hpa] = page = bytearray(PAGE)
         self.levels[hpa] = level
+        if self.ptabs is not None:
+            self.ptabs.set_shadow(hpa, page)
+
+    def drop_all(self):
+        """Forget every page (DECOMMISSION): the C fast path loses them too."""
+        if self.ptabs is not None:
+            for hpa in self.pages:
+                self.ptabs.drop(hpa)
 
     def leaf(self, gpa):
         """(table, idx, entry, level) of the leaf or hole covering gpa."""
@@ -153,7 +163,7 @@ class FullIntegrity:
     mode = "full"
     mode_id = 0
 
-    def __init__(self, shadow, canon_page, read_u64, vmsa, mem=None, core=None):
+    def __init__(self, shadow, canon_page, read_u64, vmsa, mem=None, core=None, dirty=None):
         self.shadow = shadow
         self._canon = canon_page      # hpa -> canonical bytes of the host page
         self._read_u64 = read_u64
@@ -206,6 +216,7 @@ class FullIntegrity:
         """Patent step 3: recompute and compare before touching the table."""
         return self.verify_all()
 
-    def after_update(self, modified_pages):
-        """Patent step 4: recompute the digest (from the trusted shadow)."""
+    def after_update(self, modified):
+        """Patent step 4: recompute the digest (from the trusted shadow).
+        `modified` (table hpa -> lines written) is not needed: all is re-hashed."""
         self.digest = self._digest_from_shadow()

@@ -17,8 +17,24 @@ Each table page is split in 8 chunks of 64 entries (512 bytes), so that
 changing one entry re-hashes 512 bytes (+ the child hashes of that chunk, at
 most 64 x 32 bytes) and a 256-byte node header, not the whole page.
 
-The PSP keeps C and N for every table page (40 bytes per chunk... 288 bytes
-per page) next to its shadow copy of the table (`ShadowNpt`, integrity.py).
+The PSP keeps C and N for every table page (8 x 32 + 32 bytes) next to its
+shadow copy of the table (`ShadowNpt`, integrity.py), plus an index for the
+update's path check: the line hashes
+
+    line hash   L(p, k) = SHA-256("L" || entries 8k..8k+7 of page p, canonical)
+
+one per 64-byte line (8 entries, one cache line; 2 KiB per table page).
+
+The tree is kept lazily. An update re-hashes only the lines it wrote (from
+the shadow) and marks stale the chunks it wrote (a per-frame bit mask
+`dirty`, shared with the C fast path in csrc/psp_core.c, which commits
+ordinary updates itself). The chunk, node and root hashes are brought up to
+date, leaves first, when the digest is next needed: each re-hashed page
+marks its parent's chunk stale in turn, up to the root. That happens on
+GUEST_STATUS, VERIFY, CHECK_ALL and the periodic
+checker. A run of NPFs into one table re-hashes its upper levels once, not
+once per fault. The digest is the same as an eager tree's (tests compare
+with a rebuild from scratch).
 
 What each mode detects, and when
 --------------------------------
@@ -30,16 +46,16 @@ full (patent-literal): before every UPDATE_NPT / UNMAP / LAUNCH_UPDATE_DATA the
     Cost: O(table pages) per update.
 
 merkle (default): before an update the PSP checks the root pointer and
-    re-hashes from host memory the chunk holding every entry the update's walk
+    re-hashes from host memory the line holding every entry the update's walk
     reads or writes: for each page of the update (all `npages` of them), the
-    chunk of its entry at each level from the root down to the leaf (or down to
+    line of its entry at each level from the root down to the leaf (or down to
     the first absent entry, below which the PSP creates fresh, scrubbed tables).
-    Each is compared with the stored chunk hash. A tamper on that path, i.e.
-    in any of the 64-entry chunks the walk goes through at any level
+    Each is compared with the stored line hash. A tamper on that path, i.e.
+    in any of the 8-entry lines the walk goes through at any level
     (a re-pointed PML4/PDPT/PD entry, a pre-planted or altered leaf, a
-    permission flip next to the slot being filled), is refused by that update
-    and the guest is stopped, exactly as in full mode. A tamper anywhere else
-    (another chunk, another table page) is not looked at by the update; it is
+    permission flip in the line of the slot being filled), is refused by that
+    update and the guest is stopped, exactly as in full mode. A tamper anywhere else
+    (another line, another table page) is not looked at by the update; it is
     caught by the next periodic check (CHECK_ALL) or VERIFY, which recompute
     every chunk and node hash bottom-up from host memory and compare the
     resulting root digest, as full mode does. Cost: O(depth) per update,
@@ -62,12 +78,24 @@ CHUNK_BYTES = CHUNK_ENTRIES * 8
 NCHUNKS = 512 // CHUNK_ENTRIES
 HBYTES = 32
 SLOT_BYTES = CHUNK_ENTRIES * HBYTES      # child-hash slots of one chunk
+LINE_ENTRIES = 8
+LINE_BYTES = LINE_ENTRIES * 8
+NLINES = 512 // LINE_ENTRIES
+LINES_PER_CHUNK = CHUNK_ENTRIES // LINE_ENTRIES
+ALL_CHUNKS = (1 << NCHUNKS) - 1
 
 _Q = struct.Struct("<Q")
 _NODE_HDR = struct.Struct("<cQB")
 _ROOT_HDR = struct.Struct("<cQ")
 _sha = hashlib.sha256
 _SHIFT = {1: 12, 2: 21, 3: 30, 4: 39}
+_ZERO_LINE_H = _sha(b"L" + bytes(LINE_BYTES)).digest()
+_ZERO_LINES = _ZERO_LINE_H * NLINES
+
+
+def line_hash(line_bytes):
+    """L = SHA-256("L" || 64 canonical bytes): the Python twin of psp_line_hash."""
+    return _sha(b"L" + line_bytes).digest()
 
 
 def _slot_mask(nkids):
@@ -81,35 +109,60 @@ def _slot_mask(nkids):
     return m
 
 
+class _NoDirtyArray(dict):
+    """pfn -> stale-chunk mask, 0 when absent: the store of an integrity
+    object made without the PSP's per-frame array (a standalone rebuild)."""
+
+    def __missing__(self, key):
+        return 0
+
+
 class MerkleIntegrity:
     mode = "merkle"
     mode_id = 1
 
-    def __init__(self, shadow, canon_page, read_u64, vmsa, mem=None, core=None):
+    def __init__(self, shadow, canon_page, read_u64, vmsa, mem=None, core=None, dirty=None,
+                 ptabs=None):
+        """dirty: the PSP's per-frame stale-chunk masks (shared with the C
+        fast path); ptabs: its psp_firmware.core.PageTables, where this
+        object registers its line hashes for the fast path. A standalone
+        object (a rebuild to compare with) passes neither."""
         self.shadow = shadow
+        self._ptabs = ptabs
         self._canon = canon_page
         self._read_u64 = read_u64
         self.vmsa = vmsa
         # the C core (csrc/psp_core.c) or None (the Python twin); same hashes
         self._c = _core.resolve(core)
+        self.dirty = dirty if dirty is not None else _NoDirtyArray()  # pfn -> stale chunks
         self.chunk_h = {}     # hpa -> bytearray(NCHUNKS * 32): the chunk hashes, in order
         self.node_h = {}      # hpa -> node hash
+        self.line_h = {}      # hpa -> bytearray(NLINES * 32): the line hashes
         self.kids = {}        # hpa (level > 1) -> list of 512 child table hpas (0: none)
         self.slots = {}       # hpa (level > 1) -> bytearray(512 * 32): child node hashes by index
         self.nkids = {}       # hpa (level > 1) -> list of NCHUNKS child counts
         self.parent = {}      # child table hpa -> (parent hpa, index)
-        self._pending = None  # what check_before_update verified, for after_update
+        self._by_level = {1: [], 2: [], 3: [], 4: []}
+        self._digest = None
         if self._c is not None:
             ffi = _core.ffi
-            # host memory (read only here: the path check hashes chunks in place)
+            # host memory (read only here: the path check hashes lines in place)
             self._memc = ffi.from_buffer(mem) if mem is not None else None
             self._shadow_c = shadow.c_pages()
             self._slots_c = _core.Ptrs(self.slots)
             self._chunk_c = _core.Ptrs(self.chunk_h)
+            self._lines_c = _core.Ptrs(self.line_h)
             self._out = ffi.new("char[32]")
             self._obuf = ffi.buffer(self._out)
             self._null = ffi.NULL
         self._rebuild()
+
+    # ------------------------------------------------------------------
+    # the digest: brought up to date on demand
+    @property
+    def digest(self):
+        self._flush()
+        return self._digest
 
     # ------------------------------------------------------------------
     # hashing. A chunk with child tables hashes their node hashes by
@@ -134,36 +187,66 @@ class MerkleIntegrity:
 
     def _root_digest(self):
         c = self._c
+        root = self.shadow.root
         if c is not None:
-            root = self.shadow.root
             c.psp_root_hash(root, self.node_h[root], self._out)
             return self._obuf[:]
-        return _sha(_ROOT_HDR.pack(b"R", self.shadow.root) + self.node_h[self.shadow.root]).digest()
+        return _sha(_ROOT_HDR.pack(b"R", root) + self.node_h[root]).digest()
 
-    def _hash_page_full(self, hpa):
-        """All chunks and the node hash of a page, from the shadow."""
+    def _rehash_chunks(self, hpa, mask):
+        """Chunks in `mask` and the node hash of a page, from the shadow."""
+        lvl = self.shadow.levels[hpa]
         c = self._c
         if c is not None:
-            if hpa not in self.chunk_h:
-                self.chunk_h[hpa] = bytearray(NCHUNKS * HBYTES)
             n = self.nkids.get(hpa)
-            c.psp_page_hash(self._shadow_c[hpa], 0,
-                            self._slots_c[hpa] if n is not None else self._null,
-                            _slot_mask(n), hpa, self.shadow.levels[hpa],
-                            self._chunk_c[hpa], self._out)
+            if mask == ALL_CHUNKS:
+                c.psp_page_hash(self._shadow_c[hpa], 0,
+                                self._slots_c[hpa] if n is not None else self._null,
+                                _slot_mask(n), hpa, lvl, self._chunk_c[hpa], self._out)
+            else:
+                sp, chp = self._shadow_c[hpa], self._chunk_c[hpa]
+                for j in range(NCHUNKS):
+                    if mask >> j & 1:
+                        c.psp_chunk_hash(sp + j * CHUNK_BYTES, 0,
+                                         self._slots_c[hpa] + j * SLOT_BYTES
+                                         if n is not None and n[j] else self._null,
+                                         chp + j * HBYTES)
+                c.psp_node_hash(hpa, lvl, chp, self._out)
             self.node_h[hpa] = self._obuf[:]
             return
         page = self.shadow.pages[hpa]
-        chunks = b"".join([self._chunk_hash(page, hpa, j) for j in range(NCHUNKS)])
-        ch = self.chunk_h.get(hpa)
-        if ch is None:
-            self.chunk_h[hpa] = bytearray(chunks)
-        else:
-            ch[:] = chunks               # in place: the C core may hold a pointer to it
-        self.node_h[hpa] = self._node_hash(hpa, self.shadow.levels[hpa], chunks)
+        ch = self.chunk_h[hpa]
+        for j in range(NCHUNKS):
+            if mask >> j & 1:
+                ch[j * HBYTES:(j + 1) * HBYTES] = self._chunk_hash(page, hpa, j)
+        self.node_h[hpa] = self._node_hash(hpa, lvl, ch)
 
-    def _new_node(self, hpa):
-        if self.shadow.levels[hpa] > 1:
+    def _rehash_lines(self, hpa, lines):
+        """Line hashes of `lines` (None: all) of a page, from the shadow."""
+        lh = self.line_h[hpa]
+        c = self._c
+        if c is not None:
+            sp, lp = self._shadow_c[hpa], self._lines_c[hpa]
+            if lines is None:
+                c.psp_lines_hash(sp, lp)
+            else:
+                for k in lines:
+                    c.psp_line_hash(sp + k * LINE_BYTES, lp + k * HBYTES)
+            return
+        page = self.shadow.pages[hpa]
+        for k in (range(NLINES) if lines is None else lines):
+            lh[k * HBYTES:(k + 1) * HBYTES] = _sha(
+                b"L" + page[k * LINE_BYTES:(k + 1) * LINE_BYTES]).digest()
+
+    def _new_page(self, hpa):
+        """PSP state for a table page (its shadow is all zeros when it is new)."""
+        self.chunk_h[hpa] = bytearray(NCHUNKS * HBYTES)
+        self.line_h[hpa] = lines = bytearray(_ZERO_LINES)
+        if self._ptabs is not None:
+            self._ptabs.set_lines(hpa, lines)
+        lvl = self.shadow.levels[hpa]
+        self._by_level[lvl].append(hpa)
+        if lvl > 1:
             self.kids[hpa] = [0] * 512
             self.slots[hpa] = bytearray(512 * HBYTES)
             self.nkids[hpa] = [0] * NCHUNKS
@@ -177,27 +260,49 @@ class MerkleIntegrity:
 
     def _rebuild(self):
         """Hash the whole shadow (construction)."""
-        for d in (self.kids, self.slots, self.nkids, self.parent, self.chunk_h, self.node_h):
+        for d in (self.kids, self.slots, self.nkids, self.parent, self.chunk_h, self.node_h,
+                  self.line_h):
             d.clear()
+        for lst in self._by_level.values():
+            lst.clear()
         if self._c is not None:
-            for d in (self._slots_c, self._chunk_c):
+            for d in (self._slots_c, self._chunk_c, self._lines_c):
                 d.clear()
         levels, pages = self.shadow.levels, self.shadow.pages
         for hpa in levels:
-            self._new_node(hpa)
+            self._new_page(hpa)
         for hpa, lvl in levels.items():
             if lvl == 1:
                 continue
             for i, e in enumerate(struct.unpack_from("<512Q", pages[hpa])):
                 if e & P and not e & PS and (e & ADDR) in levels:
                     self._link(hpa, i, e & ADDR)
-        for hpa in sorted(levels, key=lambda h: levels[h]):     # leaves first
-            self._hash_page_full(hpa)
-            par = self.parent.get(hpa)
-            if par is not None:
-                p, i = par
-                self.slots[p][i * HBYTES:(i + 1) * HBYTES] = self.node_h[hpa]
-        self.digest = self._root_digest()
+        dirty = self.dirty
+        for hpa in levels:
+            self._rehash_lines(hpa, None)
+            dirty[hpa >> 12] = ALL_CHUNKS
+        self._flush(force=True)
+
+    def _flush(self, force=False):
+        """Bring stale chunk, node and root hashes up to date, leaves first."""
+        dirty = self.dirty
+        slots, parent, node_h = self.slots, self.parent, self.node_h
+        changed = force
+        for lvl in (1, 2, 3, 4):
+            for t in self._by_level[lvl]:
+                m = dirty[t >> 12]
+                if not m:
+                    continue
+                self._rehash_chunks(t, m)
+                dirty[t >> 12] = 0
+                changed = True
+                par = parent.get(t)
+                if par is not None:
+                    p, i = par
+                    slots[p][i * HBYTES:(i + 1) * HBYTES] = node_h[t]
+                    dirty[p >> 12] |= 1 << (i // CHUNK_ENTRIES)
+        if changed:
+            self._digest = self._root_digest()
 
     # ------------------------------------------------------------------
     # checks
@@ -216,23 +321,24 @@ class MerkleIntegrity:
                 return Mismatch(hpa, i, a, b, "table entry")
         return None
 
-    def _path_chunks(self, gpa, level, npages):
-        """[(table hpa, chunk)] for every entry the update's walk reads or
-        writes, following the (trusted) shadow, root first, no repeats."""
+    def _path_lines(self, gpa, level, npages):
+        """[(table hpa, line)] for every entry the update's walk reads or
+        writes, following the (trusted) shadow, root first, no repeats.
+        The C fast path (psp_update_fast) checks the same lines."""
         sh = self.shadow
         pages, levels = sh.pages, sh.levels
         out = []
         seen = set()
         size = level_size(level)
         end = gpa + npages * size
-        step = size * CHUNK_ENTRIES       # one leaf chunk covers this much
+        step = size * LINE_ENTRIES       # one leaf line covers this much
         va = gpa
         unpack = _Q.unpack_from
         while va < end:
             t = sh.root
             for lvl in range(4, level - 1, -1):
                 i = (va >> _SHIFT[lvl]) & 511
-                key = (t, i >> 6)
+                key = (t, i >> 3)
                 if key not in seen:
                     seen.add(key)
                     out.append(key)
@@ -246,43 +352,40 @@ class MerkleIntegrity:
         return out
 
     def check_before_update(self, gpa=None, level=None, npages=1):
-        """Verify the root pointer and every chunk on the update's walk path:
+        """Verify the root pointer and every line on the update's walk path:
         re-hash each from host memory and compare with the stored hash."""
-        self._pending = None
         mm = self._root_pointer_mismatch()
         if mm is not None:
             return mm
         if gpa is None or level is None:
             return self.verify_all()
-        path = self._path_chunks(gpa, level, max(1, npages or 1))
-        chunk_h = self.chunk_h
-        canon = self._canon
+        path = self._path_lines(gpa, level, max(1, npages or 1))
         c = self._c
         if c is not None and self._memc is not None:
-            # C: hash each chunk straight from host memory, A/D masked
-            memc, chp, slp, nkids, null = (self._memc, self._chunk_c, self._slots_c,
-                                           self.nkids, self._null)
-            check = c.psp_chunk_check
-            for hpa, j in path:
-                n = nkids.get(hpa)
-                s = slp[hpa] + j * SLOT_BYTES if n is not None and n[j] else null
-                if not check(memc + (hpa + j * CHUNK_BYTES), 1, s, chp[hpa] + j * HBYTES):
-                    mem = canon(hpa)
-                    return (self._locate_in(hpa, mem, j * CHUNK_ENTRIES, (j + 1) * CHUNK_ENTRIES)
-                            or Mismatch(hpa, j * CHUNK_ENTRIES, 0, 0, "chunk hash"))
-            self._pending = path
+            # C: hash each line straight from host memory, A/D masked
+            memc, lp, check = self._memc, self._lines_c, c.psp_line_check
+            for hpa, k in path:
+                if not check(memc + (hpa + k * LINE_BYTES), lp[hpa] + k * HBYTES):
+                    return self._line_mismatch(hpa, k)
             return None
+        line_h, canon = self.line_h, self._canon
         mem = None
         last = None
-        for hpa, j in path:
+        for hpa, k in path:
             if hpa != last:
                 mem = canon(hpa)
                 last = hpa
-            if self._chunk_hash(mem, hpa, j) != chunk_h[hpa][j * HBYTES:(j + 1) * HBYTES]:
-                return (self._locate_in(hpa, mem, j * CHUNK_ENTRIES, (j + 1) * CHUNK_ENTRIES)
-                        or Mismatch(hpa, j * CHUNK_ENTRIES, 0, 0, "chunk hash"))
-        self._pending = path
+            if line_hash(mem[k * LINE_BYTES:(k + 1) * LINE_BYTES]) != \
+                    line_h[hpa][k * HBYTES:(k + 1) * HBYTES]:
+                return self._line_mismatch(hpa, k, mem)
         return None
+
+    def _line_mismatch(self, hpa, k, mem=None):
+        if mem is None:
+            mem = self._canon(hpa)
+        lo = k * LINE_ENTRIES
+        return (self._locate_in(hpa, mem, lo, lo + LINE_ENTRIES)
+                or Mismatch(hpa, lo, 0, 0, "line hash"))
 
     def verify_all(self):
         """Periodic check: recompute the whole tree from host memory, bottom-up,
@@ -290,6 +393,7 @@ class MerkleIntegrity:
         mm = self._root_pointer_mismatch()
         if mm is not None:
             return mm
+        self._flush()
         levels = self.shadow.levels
         mem_node = {}
         mem_slots = {h: bytearray(512 * HBYTES) for h in self.slots}
@@ -321,9 +425,9 @@ class MerkleIntegrity:
         root = self.shadow.root
         if c is not None:
             c.psp_root_hash(root, mem_node[root], out)
-            ok = obuf[:] == self.digest
+            ok = obuf[:] == self._digest
         else:
-            ok = _sha(_ROOT_HDR.pack(b"R", root) + mem_node[root]).digest() == self.digest
+            ok = _sha(_ROOT_HDR.pack(b"R", root) + mem_node[root]).digest() == self._digest
         if ok:
             return None
         if bad is not None:
@@ -333,95 +437,27 @@ class MerkleIntegrity:
 
     # ------------------------------------------------------------------
     # update
-    def after_update(self, modified_pages):
-        """Re-hash the modified chunks and their ancestors, from the shadow."""
-        pending, self._pending = self._pending, None
-        sh = self.shadow
-        levels, pages = sh.levels, sh.pages
-        node_h, chunk_h = self.node_h, self.chunk_h
-        if pending is not None and len(pending) <= 4:
-            # fast path: one walk path, no new table, every write in a path chunk
-            on_path = {t for t, _ in pending}
-            if all(t in on_path for t in modified_pages):
-                c = self._c
-                if c is not None:
-                    sp, slp, chp, nkids = self._shadow_c, self._slots_c, self._chunk_c, self.nkids
-                    out, obuf, null, slots, parent = (self._out, self._obuf, self._null,
-                                                      self.slots, self.parent)
-                    rehash = c.psp_rehash_chunk_node
-                    for t, j in reversed(pending):        # leaf first
-                        n = nkids.get(t)
-                        rehash(sp[t], j, slp[t] if n is not None and n[j] else null,
-                               t, levels[t], chp[t], out)
-                        h = node_h[t] = obuf[:]
-                        par = parent.get(t)
-                        if par is not None:
-                            p, i = par
-                            slots[p][i * HBYTES:(i + 1) * HBYTES] = h
-                    self.digest = self._root_digest()
-                    return
-                for t, j in reversed(pending):        # leaf first
-                    ch = chunk_h[t]
-                    ch[j * HBYTES:(j + 1) * HBYTES] = self._chunk_hash(pages[t], t, j)
-                    h = node_h[t] = self._node_hash(t, levels[t], ch)
-                    par = self.parent.get(t)
-                    if par is not None:
-                        p, i = par
-                        self.slots[p][i * HBYTES:(i + 1) * HBYTES] = h
-                self.digest = self._root_digest()
-                return
-        self._after_update_general(modified_pages, pending or ())
-
-    def _after_update_general(self, modified_pages, pending):
-        sh = self.shadow
-        levels, pages = sh.levels, sh.pages
-        dirty = {}                                   # hpa -> set(chunks) or None (all)
-        new = [t for t in modified_pages if t not in self.node_h]
+    def after_update(self, modified):
+        """The PSP wrote `modified` (table hpa -> the lines it wrote, from
+        the shadow): re-hash those lines now and mark their chunks stale;
+        the next _flush re-hashes them and carries the change up the tree."""
+        dirty = self.dirty
+        new = [t for t in modified if t not in self.line_h]
         for t in new:
-            self._new_node(t)
-            dirty[t] = None
+            self._new_page(t)
         for t in new:
-            self._attach(t, modified_pages)
-        announced = {}
-        for t, j in pending:
-            announced.setdefault(t, set()).add(j)
-        for t in modified_pages:
-            if t in dirty:
-                continue
-            s = announced.get(t)
-            dirty[t] = None if s is None else set(s)
-        by_level = {1: [], 2: [], 3: [], 4: []}
-        for t in dirty:
-            by_level[levels[t]].append(t)
-        for lvl in (1, 2, 3, 4):
-            for t in by_level[lvl]:
-                chunks = dirty[t]
-                if chunks is None:
-                    self._hash_page_full(t)
-                else:
-                    ch = self.chunk_h[t]
-                    c = self._c
-                    if c is not None:
-                        n = self.nkids.get(t)
-                        for j in chunks:
-                            c.psp_chunk_hash(self._shadow_c[t] + j * CHUNK_BYTES, 0,
-                                             self._slots_c[t] + j * SLOT_BYTES
-                                             if n is not None and n[j] else self._null,
-                                             self._chunk_c[t] + j * HBYTES)
-                    else:
-                        for j in chunks:
-                            ch[j * HBYTES:(j + 1) * HBYTES] = self._chunk_hash(pages[t], t, j)
-                    self.node_h[t] = self._node_hash(t, lvl, ch)
-                par = self.parent.get(t)
-                if par is not None:
-                    p, i = par
-                    self.slots[p][i * HBYTES:(i + 1) * HBYTES] = self.node_h[t]
-                    if p not in dirty:
-                        dirty[p] = set()
-                        by_level[levels[p]].append(p)
-                    if dirty[p] is not None:
-                        dirty[p].add(i // CHUNK_ENTRIES)
-        self.digest = self._root_digest()
+            self._attach(t, modified)
+        for t, lines in modified.items():
+            # a new table's shadow was all zeros: its other lines keep the
+            # zero-line hash _new_page gave them
+            self._rehash_lines(t, lines)
+            if t in new:
+                m = ALL_CHUNKS
+            else:
+                m = 0
+                for k in lines:
+                    m |= 1 << (k // LINES_PER_CHUNK)
+            dirty[t >> 12] |= m
 
     def _attach(self, t, modified_pages):
         """Find the new table t's parent entry among the modified pages."""

@@ -13,14 +13,17 @@ serializes them.
 """
 import hashlib
 import logging
+import mmap
+import os
 import struct
 import threading
+import time
 
 from nptcore import get_engine
 from nptcore.bits import GPA_LIMIT
 
 from . import core as _core
-from .commands import (_OUT, ATTR_VALID, ATTR_W, ATTR_X, MAX_NPAGES, Cmd, DecodeError,
+from .commands import (_IN, _OUT, ATTR_VALID, ATTR_W, ATTR_X, MAX_NPAGES, Cmd, DecodeError,
                        encode_out, in_fields, unpack_args)
 from .frames import F, FrameTable
 from .integrity import (AD, ADDR, NX, PAGE, PS, ShadowNpt, FullIntegrity, P, U, W, index,
@@ -33,6 +36,40 @@ _Q = struct.Struct("<Q")
 _UPDATE_NPT_OUT = struct.Struct(_OUT[Cmd.UPDATE_NPT][0])      # done, tables_used
 assert _OUT[Cmd.UPDATE_NPT][1] == ("done", "tables_used")
 _SUCCESS = int(Status.SUCCESS)
+_UPDATE_NPT = int(Cmd.UPDATE_NPT)
+_UPDATE_NPT_LEN = struct.calcsize(_IN[Cmd.UPDATE_NPT][0])
+assert _IN[Cmd.UPDATE_NPT][1] == ("handle", "level", "gpa", "hpa", "attrs", "npages")
+_SCRUB_MADVISE_MIN = 16 * PAGE       # as csrc/psp_core.c: smaller ranges are written
+_SCRUB_ADVICE = {"auto": None, "write": 0, "dontneed": mmap.MADV_DONTNEED,
+                 "remove": mmap.MADV_REMOVE}
+
+
+def scrub_mode_for(membuf):
+    """How frames of `membuf` can be zeroed: "dontneed" for a private
+    anonymous mmap (MADV_DONTNEED makes it demand-zero), "remove" for a
+    shared mapping (MADV_REMOVE punches the pages out of the memfd or file),
+    "write" for anything else: a private file mapping (DONTNEED would bring
+    the file's bytes back), a buffer that is not an mmap object (its pages
+    may hold other objects), or when /proc/self/maps cannot tell."""
+    if not isinstance(membuf, mmap.mmap) or len(membuf) == 0:
+        return "write"
+    try:
+        import ctypes
+        export = ctypes.c_char.from_buffer(membuf)
+        addr = ctypes.addressof(export)
+        del export
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split()
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                if lo <= addr < hi:
+                    if parts[1][3] == "s":
+                        return "remove"
+                    return "dontneed" if int(parts[4]) == 0 else "write"
+    except (OSError, ValueError, TypeError, IndexError):
+        pass
+    return "write"
+_DONE_OUT = {n: _UPDATE_NPT_OUT.pack(n, 0) for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)}
 
 PLATFORM_UNINIT, PLATFORM_INIT = 0, 1
 G_LAUNCHING, G_RUNNING, G_STOPPED = 1, 2, 3
@@ -83,35 +120,93 @@ class _Refuse(Exception):
 
 
 class Guest:
-    def __init__(self, handle, vmsa, root, integrity_cls, canon, read_u64, mem=None, core=None):
+    """A guest's PSP-private state. `rec` (a struct psp_guest, or None) is
+    what the C fast path knows of it; the handlers keep it in step."""
+
+    def __init__(self, handle, vmsa, root, integrity_cls, canon, read_u64, mem=None, core=None,
+                 dirty=None, ptabs=None):
         self.handle = handle
         self.vmsa = vmsa
-        self.state = G_LAUNCHING
-        self.npt = ShadowNpt(root)
-        if integrity_cls in _BUILTIN_MODES:
+        self._state = G_LAUNCHING
+        self._mapped = 0
+        self.rec = None
+        self.fast_ok = integrity_cls is MerkleIntegrity   # the fast path keeps merkle's index
+        self.npt = ShadowNpt(root, ptabs)
+        if integrity_cls is MerkleIntegrity:
+            self.integrity = integrity_cls(self.npt, canon, read_u64, vmsa, mem=mem, core=core,
+                                           dirty=dirty, ptabs=ptabs)
+            if ptabs is not None:
+                # the C fast path commits ordinary UPDATE_NPTs of this guest
+                self.rec = _core.ffi.new("struct psp_guest *")
+                self.rec.handle, self.rec.vmsa, self.rec.root = handle, vmsa, root
+                self.rec.accepting = 1
+        elif integrity_cls in _BUILTIN_MODES:
             self.integrity = integrity_cls(self.npt, canon, read_u64, vmsa, mem=mem, core=core)
         else:
             self.integrity = integrity_cls(self.npt, canon, read_u64, vmsa)
         self.measurement = hashlib.sha256()
         self.final_measurement = b""
-        self.mapped_pages = 0
         self.stop_reason = None
+
+    @property
+    def state(self):
+        return self._state
+
+    @state.setter
+    def state(self, value):
+        self._state = value
+        if self.rec is not None:
+            self.rec.accepting = 1 if self.fast_ok and value in (G_LAUNCHING, G_RUNNING) else 0
+
+    @property
+    def mapped_pages(self):
+        return self.rec.mapped_pages if self.rec is not None else self._mapped
+
+    @mapped_pages.setter
+    def mapped_pages(self, value):
+        if self.rec is not None:
+            self.rec.mapped_pages = value
+        else:
+            self._mapped = value
 
 
 class Psp:
-    def __init__(self, membuf, backend=None, integrity=DEFAULT_INTEGRITY, core=None):
+    def __init__(self, membuf, backend=None, integrity=DEFAULT_INTEGRITY, core=None,
+                 scrub="auto", fast=None):
+        """fast: use the C core's UPDATE_NPT fast path (csrc/psp_core.c) for
+        merkle guests; None: yes unless HV_PSP_FAST=0 (for A/B comparisons
+        and tests; statuses, bytes and digests are the same either way).
+        scrub: how a frame is zeroed. "write" writes zeros (any buffer);
+        "dontneed" (a private anonymous mmap) and "remove" (a shared mmap of
+        a memfd or file) hand the pages back with madvise(), so they read as
+        zero without being faulted in now; if the kernel refuses, zeros are
+        written (and always for ranges under 16 pages, where a madvise costs
+        more than it saves). "auto" (the default) picks by what /proc/self/maps says the
+        buffer is (scrub_mode_for); anything it cannot tell gets "write"."""
         if integrity not in INTEGRITY_MODES:
             raise ValueError(f"unknown integrity mode {integrity!r} (have {sorted(INTEGRITY_MODES)})")
+        if scrub not in _SCRUB_ADVICE:
+            raise ValueError(f"unknown scrub mode {scrub!r} (have {sorted(_SCRUB_ADVICE)})")
+        if scrub == "auto":
+            scrub = scrub_mode_for(membuf)
+        self.scrub = scrub
+        self._scrub_advice = _SCRUB_ADVICE[scrub]
         self._mem = membuf
         # the C core (csrc/psp_core.c) or None: the Python twin. Same results.
         self._c = _core.resolve(core)
         self.core = "c" if self._c is not None else "python"
+        if fast is None:
+            fast = os.environ.get("HV_PSP_FAST", "1") != "0"
+        self.fast = bool(fast) and self._c is not None
         self._memc = (_core.ffi.from_buffer(membuf, require_writable=True)
                       if self._c is not None else None)
         self._eng = get_engine(membuf, backend)
         self._integrity_cls = INTEGRITY_MODES[integrity]
         self._platform = PLATFORM_UNINIT
         self._frames = None
+        self._dirty = None      # per-frame stale merkle chunk masks (PLATFORM_INIT)
+        self._ptabs = None      # per-frame shadow / line-hash pointers, C core only
+        self._ctx = None        # struct psp_ctx: the C fast path's view of the state
         self._guests = {}
         self._next_handle = 1
         self._pool = []
@@ -144,6 +239,15 @@ class Psp:
     def mailbox(self, cmd, buf):
         with self._lock:
             self._commands += 1
+            if cmd == _UPDATE_NPT and self._ctx is not None and type(buf) is bytes \
+                    and len(buf) == _UPDATE_NPT_LEN:
+                # an ordinary UPDATE_NPT goes straight to the C fast path, the
+                # same psp_update_fast cmd_update_npt starts with; if it
+                # declines (nothing changed), decode and dispatch as usual
+                done = self._c.psp_mailbox_update(self._ctx, buf)
+                if done:
+                    out = _DONE_OUT.get(done)
+                    return _SUCCESS, out if out is not None else _UPDATE_NPT_OUT.pack(done, 0)
             try:
                 args = unpack_args(cmd, buf)
                 handler = self._handlers.get(cmd)
@@ -159,6 +263,71 @@ class Psp:
                 return int(Status.INTERNAL_ERROR), b""
             return int(st), out
 
+    def run_ring(self, ring, n, progress=None):
+        """Answer a CSV-style ring of `n` commands in place (one wake-up).
+
+        `ring` is a writable buffer laid out as psp_firmware.mailbox_layout's
+        ring entries (RING_ENTRY_SIZE bytes each: cmd, in_len, status,
+        out_len, in buffer, out buffer). Each entry is answered exactly as
+        `mailbox(cmd, in buffer)` would: its status word gets DONE set.
+        `progress`, if given, is a writable u32 memoryview whose element 0
+        is set to the count of entries answered so far (the VMM's timeout
+        watches it). Returns the ns spent in firmware handlers."""
+        from . import mailbox_layout as L
+        if not 0 <= n <= len(ring) // L.RING_ENTRY_SIZE:
+            raise ValueError(f"ring of {n} entries does not fit the buffer")
+        if self._ctx is None or n == 0:
+            return self._run_ring_py(ring, 0, n, progress, L)
+        # C: psp_ring_fast answers the run of ordinary UPDATE_NPTs; any other
+        # entry (or one it declines) goes through the mailbox, then C resumes
+        ffi = _core.ffi
+        ringc = ffi.from_buffer(ring, require_writable=True)
+        progc = (ffi.from_buffer("uint32_t[]", progress, require_writable=True)
+                 if progress is not None else ffi.NULL)
+        fast, ctx, lock = self._c.psp_ring_fast, self._ctx, self._lock
+        ns = time.perf_counter_ns
+        fw = 0
+        i = 0
+        while i < n:
+            t0 = ns()
+            with lock:
+                j = fast(ctx, ringc, i, n, progc)
+                self._commands += j - i
+            fw += ns() - t0
+            if j >= n:
+                break
+            fw += self._run_ring_py(ring, j, j + 1, progress, L)
+            i = j + 1
+        return fw
+
+    def _run_ring_py(self, ring, start, n, progress, L):
+        ns = time.perf_counter_ns
+        mailbox = self.mailbox
+        entry_unpack = L.ENTRY_HDR.unpack_from
+        result_pack = L.ENTRY_RESULT.pack_into
+        size, re_in, re_in_size = L.RING_ENTRY_SIZE, L.RE_IN, L.RE_IN_SIZE
+        re_out, re_out_size, re_status = L.RE_OUT, L.RE_OUT_SIZE, L.RE_STATUS
+        done, mask = L.DONE, L.STATUS_MASK
+        fw = 0
+        for i in range(start, n):
+            e = i * size
+            cmd, in_len = entry_unpack(ring, e)
+            if in_len > re_in_size:
+                st, out = int(Status.INVALID_LENGTH), b""
+            else:
+                buf = bytes(ring[e + re_in:e + re_in + in_len])   # a copy: the VMM may race us
+                t0 = ns()
+                st, out = mailbox(cmd, buf)
+                fw += ns() - t0
+                if len(out) > re_out_size:
+                    st, out = int(Status.INTERNAL_ERROR), b""
+                elif out:
+                    ring[e + re_out:e + re_out + len(out)] = out
+            result_pack(ring, e + re_status, (st & mask) | done, len(out))
+            if progress is not None:
+                progress[0] = i + 1
+        return fw
+
     # ------------------------------------------------------------------
     # memory helpers (host memory is the VMM's: read it, never trust it)
     def _read_u64(self, hpa):
@@ -168,13 +337,20 @@ class Psp:
         _Q.pack_into(self._mem, hpa, value)
 
     def _scrub(self, hpa, nbytes):
+        if hpa < 0 or nbytes < 0 or hpa + nbytes > len(self._mem):
+            raise ValueError("scrub outside host memory")
         if self._c is not None:
-            # C: zero a page at a time, leaving pages that already read as zero
-            # untouched (same bytes, no dirtying of never-used frames)
-            if hpa < 0 or nbytes < 0 or hpa + nbytes > len(self._memc):
-                raise ValueError("scrub outside host memory")
-            self._c.psp_scrub(self._memc, hpa, nbytes)
+            # C: madvise when the mapping allows (see __init__), else zero a
+            # page at a time, leaving pages that already read as zero untouched
+            self._c.psp_scrub_advised(self._memc, hpa, nbytes, self._scrub_advice)
             return
+        if self._scrub_advice and nbytes >= _SCRUB_MADVISE_MIN and not hpa % mmap.PAGESIZE \
+                and not nbytes % mmap.PAGESIZE:
+            try:
+                self._mem.madvise(self._scrub_advice, hpa, nbytes)
+                return
+            except (AttributeError, OSError, ValueError):
+                pass
         self._mem[hpa:hpa + nbytes] = bytes(nbytes)
 
     # ------------------------------------------------------------------
@@ -251,7 +427,7 @@ class Psp:
         range inside one leaf table: its upper writes, then n leaves)."""
         def real(x):
             return new_tables[x[1]] if isinstance(x, tuple) else x
-        modified = set()
+        modified = {}           # table hpa -> the 64-byte lines written
         leaves = None
         if type(writes) is _Leaves:
             leaves = writes
@@ -261,7 +437,7 @@ class Psp:
             v = (real(value) | P | W | U) if isinstance(value, tuple) else value
             self._write_u64(t + idx * 8, v)
             g.npt.set_entry(t, idx, v)
-            modified.add(t)
+            modified.setdefault(t, set()).add(idx >> 3)
         if leaves is not None:
             t = real(leaves.table)
             idx, n, v0, step = leaves.idx, leaves.n, leaves.value0, leaves.step
@@ -271,7 +447,7 @@ class Psp:
                 vals = [v0 + i * step for i in range(n)]
                 struct.pack_into("<%dQ" % n, self._mem, t + idx * 8, *vals)
                 struct.pack_into("<%dQ" % n, g.npt.pages[t], idx * 8, *[v & ~AD for v in vals])
-            modified.add(t)
+            modified.setdefault(t, set()).update(range(idx >> 3, ((idx + n - 1) >> 3) + 1))
         return modified
 
     @staticmethod
@@ -328,8 +504,33 @@ class Psp:
             raise _Refuse(Status.OUT_OF_RANGE)
         # ---- all checks passed: commit ----
         self._frames = FrameTable(host_size, fw_base, fw_size)
+        nframes = host_size // PAGE
+        # private: a shared anonymous mapping costs memory for pages merely read
+        self._dirty_mm = mmap.mmap(-1, max(1, nframes),
+                                   flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._dirty = memoryview(self._dirty_mm)
+        if self.fast:
+            self._make_ctx(nframes)
         self._platform = PLATFORM_INIT
         return Status.SUCCESS, b""
+
+    def _make_ctx(self, nframes):
+        """The C fast path's struct psp_ctx over the PSP's per-frame arrays."""
+        ffi = _core.ffi
+        ft = self._frames
+        self._ptabs = _core.PageTables(nframes)
+        keep = [ffi.from_buffer(ft.state_buf), ffi.from_buffer(ft.owner_buf),
+                ffi.from_buffer(ft.gpa_buf), ffi.from_buffer(self._dirty_mm)]
+        ctx = ffi.new("struct psp_ctx *")
+        ctx.mem = self._memc
+        ctx.host_size = ft.host_size
+        ctx.fw_lo, ctx.fw_hi = ft.fw_lo, ft.fw_hi
+        ctx.fstate, ctx.fowner, ctx.fgpa, ctx.dirty = keep
+        ctx.shadow_of = self._ptabs.c_shadow_of
+        ctx.lines_of = self._ptabs.c_lines_of
+        ctx.scrub_advice = self._scrub_advice
+        self._ctx_keep = keep
+        self._ctx = ctx
 
     def cmd_platform_status(self):
         counts = self._frames.counts() if self._frames else {}
@@ -368,9 +569,12 @@ class Psp:
         self._frames.set(vmsa_hpa // PAGE, F.VMSA, handle)
         self._write_u64(vmsa_hpa, root)          # nCR3
         self._write_u64(vmsa_hpa + 8, handle)    # ASID
-        self._guests[handle] = Guest(handle, vmsa_hpa, root, self._integrity_cls,
-                                     self._eng.canon_page, self._read_u64,
-                                     mem=self._mem, core=self.core)
+        g = self._guests[handle] = Guest(handle, vmsa_hpa, root, self._integrity_cls,
+                                         self._eng.canon_page, self._read_u64,
+                                         mem=self._mem, core=self.core, dirty=self._dirty,
+                                         ptabs=self._ptabs)
+        if g.rec is not None and self._ctx.ring_guests[handle & 63] == _core.ffi.NULL:
+            self._ctx.ring_guests[handle & 63] = g.rec
         return Status.SUCCESS, encode_out(Cmd.LAUNCH_START, handle=handle)
 
     def cmd_set_private_memory(self, handle, hpa, npages):
@@ -427,6 +631,13 @@ class Psp:
 
     def cmd_update_npt(self, handle, level, gpa, hpa, attrs, npages):
         g = self._guest(handle)
+        if g.rec is not None and not self._c.psp_update_fast(self._ctx, g.rec, level, gpa, hpa,
+                                                             attrs, npages):
+            # psp_update_fast ran every check of _map_checks and committed what
+            # _commit_map would (csrc/psp_core.c): leaves in one existing table
+            return _SUCCESS, _UPDATE_NPT_OUT.pack(npages, 0)
+        # the general path: refusals, new tables, integrity stops (the C fast
+        # path declined, having changed nothing)
         writes, new_levels = self._map_checks(g, gpa, hpa, level, attrs, npages)
         # ---- all checks passed: commit ----
         new_tables = self._commit_map(g, gpa, hpa, level, npages, writes, new_levels, scrub=True)
@@ -447,11 +658,11 @@ class Psp:
                 raise _Refuse(Status.GPA_NOT_MAPPED)
             leaves.append((t, idx, e))
         # ---- all checks passed: commit ----
-        modified = set()
+        modified = {}
         for i, (t, idx, e) in enumerate(leaves):
             self._write_u64(t + idx * 8, 0)
             g.npt.set_entry(t, idx, 0)
-            modified.add(t)
+            modified.setdefault(t, set()).add(idx >> 3)
             self._frames.set_range(e & ADDR & ~(size - 1), size, F.PRIVATE, g.handle)
         g.mapped_pages -= npages * size // PAGE
         g.integrity.after_update(modified)
@@ -537,8 +748,15 @@ class Psp:
         return (Status.GUEST_STOPPED if g.state == G_STOPPED else Status.SUCCESS), out
 
     def cmd_decommission(self, handle):
-        self._guest(handle, (G_LAUNCHING, G_RUNNING, G_STOPPED))
+        g = self._guest(handle, (G_LAUNCHING, G_RUNNING, G_STOPPED))
         # ---- all checks passed: commit ----
+        if g.rec is not None:
+            g.rec.accepting = 0
+            if self._ctx.ring_guests[handle & 63] == g.rec:
+                self._ctx.ring_guests[handle & 63] = _core.ffi.NULL
+        g.npt.drop_all()
+        for hpa in g.npt.pages:
+            self._dirty[hpa >> 12] = 0
         for pfn in self._frames.frames_of(handle):
             st = self._frames.state(pfn)
             self._scrub(pfn * PAGE, PAGE)
@@ -551,8 +769,28 @@ class Psp:
         return Status.SUCCESS, b""
 
     # ------------------------------------------------------------------
-    # introspection for tests and fuzzers of the firmware itself. The VMM
-    # never calls these: it holds a transport, not the Psp object.
+    # introspection for tests, fuzzers and benchmarks of the firmware itself.
+    # The VMM never calls these: it holds a transport, not the Psp object.
+    def _switch_integrity(self, handle, mode):
+        """Benchmarks: give guest `handle` a fresh integrity object of `mode`
+        over its current table (hv bench builds large tables once, in merkle
+        mode, then times each mode on them). The C fast path serves the
+        guest only while it is in merkle mode."""
+        cls = INTEGRITY_MODES[mode]
+        with self._lock:
+            g = self._guests[handle]
+            if cls is MerkleIntegrity:
+                g.integrity = cls(g.npt, self._eng.canon_page, self._read_u64, g.vmsa,
+                                  mem=self._mem, core=self.core, dirty=self._dirty,
+                                  ptabs=self._ptabs)
+            elif cls in _BUILTIN_MODES:
+                g.integrity = cls(g.npt, self._eng.canon_page, self._read_u64, g.vmsa,
+                                  mem=self._mem, core=self.core)
+            else:
+                g.integrity = cls(g.npt, self._eng.canon_page, self._read_u64, g.vmsa)
+            g.fast_ok = cls is MerkleIntegrity
+            g.state = g.state             # the C view follows
+
     def _check_invariants(self):
         if self._frames is None:
             return

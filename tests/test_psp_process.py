@@ -160,6 +160,177 @@ def test_call_batch_larger_than_ring(pvmm):
     assert pvmm.transport.call_batch([]) == []
 
 
+def _mixed_ring(vmm, vm, n):
+    """n ring items mixing NOPs, UPDATE_NPTs (new, remapped, refused) and malformed
+    entries; deterministic for two VMMs set up the same way."""
+    base = vmm.alloc.alloc(n)
+    gs = encode(Cmd.GUEST_STATUS, handle=vm.handle)
+    items = []
+    for i in range(n):
+        upd = encode(Cmd.UPDATE_NPT, handle=vm.handle, level=1, gpa=0x800000 + (i // 14) * PAGE,
+                     hpa=base + i * PAGE, attrs=3, npages=1)
+        items.append([
+            (Cmd.NOP, b""),
+            (Cmd.UPDATE_NPT, upd),
+            (int(Cmd.UPDATE_NPT), bytearray(upd)),          # the same GPA: GPA_MAPPED
+            (Cmd.NOP, b"\x00" * (L.RE_IN_SIZE + 1)),        # in_len beyond the ring slot
+            (Cmd.UPDATE_NPT, memoryview(upd + b"\xff" * 300)),
+            (Cmd.NOP, b"\x00" * (L.CMD_BUF_SIZE + 7)),      # beyond the command buffer too
+            (0x99, b""), (0xFFFF_FFFF, b"xyz"), (-1, b""), (1 << 40, upd), (7.0, b""),
+            (Cmd.GUEST_STATUS, gs),                         # 96 bytes out
+            (Cmd.UPDATE_NPT, upd[:5]),                      # short
+            (Cmd.UPDATE_NPT, encode(Cmd.UPDATE_NPT, handle=vm.handle, level=1,
+                                    gpa=0x40_0000_0000 + i * PAGE, hpa=vmm.fw_base,
+                                    attrs=3, npages=1)),    # PSP memory
+        ][i % 14])
+    return items
+
+
+def _ring_vs_calls(backend, kind, n):
+    """The same items through call_batch on one VMM and call() one by one on a
+    twin: the statuses, outputs and resulting table are the same."""
+    res = []
+    for batch in (True, False):
+        v = _make_vmm(kind, backend=backend)
+        try:
+            vm = v.create_vm()
+            v._donate_pool(max(64, n // 256 + 16))
+            items = _mixed_ring(v, vm, n)
+            if batch:
+                out = v.transport.call_batch(items)
+            else:
+                out = [v.transport.call(c, b) for c, b in items]
+            res.append((out, v.psp.guest_status(vm.handle).fields))
+        finally:
+            v.close()
+    (ring, gs_ring), (calls, gs_calls) = res
+    assert len(ring) == n
+    for i, (a, b) in enumerate(zip(ring, calls)):
+        assert a == b, (i, a, b)
+        assert type(a[0]) is int and type(a[1]) is bytes
+    assert gs_ring == gs_calls
+    return ring
+
+
+def test_ring_matches_calls_one_by_one(backend, psp_transport):
+    out = _ring_vs_calls(backend, psp_transport, 14 * 9)
+    st = [s for s, _ in out]
+    assert st[0] == 0 and out[1][0] == 0 and len(out[1][1]) > 0
+    assert Status.INVALID_LENGTH in st and Status.INVALID_COMMAND in st
+    assert Status.GPA_MAPPED in st and Status.FIRMWARE_PAGE in st
+    assert out[11][0] == 0 and len(out[11][1]) == 96
+
+
+def test_ring_larger_than_ring_matches_calls(backend, psp_transport):
+    out = _ring_vs_calls(backend, psp_transport, 2 * L.RING_ENTRIES + 33)
+    assert len({s for s, _ in out}) > 3
+
+
+@pytest.mark.parametrize("kind", ["nop", "update"])
+def test_uniform_rings(pvmm, kind):
+    """The all-alike fast paths (one status, one out_len) of reading a ring back."""
+    t = pvmm.transport
+    vm = pvmm.create_vm()
+    pvmm._donate_pool(64)
+    n = L.RING_ENTRIES + 5
+    if kind == "nop":
+        items = [(Cmd.NOP, b"")] * n
+    else:
+        base = pvmm.alloc.alloc(n)
+        items = [(Cmd.UPDATE_NPT, encode(Cmd.UPDATE_NPT, handle=vm.handle, level=1,
+                                         gpa=0x1000_0000 + i * PAGE, hpa=base + i * PAGE,
+                                         attrs=3, npages=1)) for i in range(n)]
+    before = t.psp_commands()
+    out = t.call_batch(items)
+    assert t.psp_commands() == before + n
+    assert t._w32[L.I_RING_DONE] == n - L.RING_ENTRIES      # the last chunk's progress
+    assert [st for st, _ in out] == [0] * n
+    if kind == "nop":
+        assert out == [(0, b"")] * n
+    else:
+        assert len({len(o) for _, o in out}) == 1 and len(out[0][1]) > 0   # one out_len
+        # again: every page is mapped now; one refusal status for all
+        assert t.call_batch(items) == [(Status.PAGE_OWNED, b"")] * n
+    assert t.last_fw_ns > 0
+
+
+def test_ring_entries_not_done_are_internal_errors(pvmm):
+    """Reading a ring back: an entry without DONE is INTERNAL_ERROR (no output),
+    out_len beyond the out buffer is clamped, a shorter one is trimmed."""
+    t = pvmm.transport
+    mm = t._mm
+    k = 6
+    with t._lock:
+        for i, (st, n, out) in enumerate([
+                (L.DONE | 0, 8, b"A" * 8), (L.DONE | 3, 0, b""), (7, 8, b"C" * 8),
+                (L.DONE | 0, 1000, b"D" * L.RE_OUT_SIZE), (L.DONE | 0xFFFF, 2, b"EE"),
+                (0, 0, b"")]):
+            e = L.entry_off(i)
+            L.ENTRY_RESULT.pack_into(mm, e + L.RE_STATUS, st, n)
+            mm[e + L.RE_OUT:e + L.RE_OUT + L.RE_OUT_SIZE] = out.ljust(L.RE_OUT_SIZE, b"z")
+        assert t._ring_results(k) == [
+            (0, b"A" * 8), (3, b""), (Status.INTERNAL_ERROR, b""), (0, b"D" * L.RE_OUT_SIZE),
+            (0xFFFF, b"EE"), (Status.INTERNAL_ERROR, b"")]
+        for i in range(k):                    # all alike but not done
+            L.ENTRY_RESULT.pack_into(mm, L.entry_off(i) + L.RE_STATUS, 5, 4)
+        assert t._ring_results(k) == [(Status.INTERNAL_ERROR, b"")] * k
+        for i in range(k):                    # all alike, out_len beyond the buffer
+            L.ENTRY_RESULT.pack_into(mm, L.entry_off(i) + L.RE_STATUS, L.DONE | 2, 999)
+        assert t._ring_results(k) == [(2, o.ljust(L.RE_OUT_SIZE, b"z")) for o in (
+            b"A" * 8, b"", b"C" * 8, b"D" * L.RE_OUT_SIZE, b"EE", b"")]
+    assert t.call(Cmd.NOP, b"") == (0, b"")
+
+
+def test_server_ring_in_one_firmware_call(backend):
+    """Server._ring hands the ring region to Psp.run_ring: every entry answered,
+    progress and the command count right, no memoryview left on the mailbox."""
+    import mmap
+    from psp_firmware.psp import Psp
+    from psp_firmware.server import Server
+    mem, mem2 = HostMemory(64 << 20), HostMemory(64 << 20)
+    mbox = mmap.mmap(-1, L.REGION_SIZE)
+    r, w = os.pipe()
+    try:
+        psp = Psp(mem.buf, backend=backend)
+        twin = Psp(mem2.buf, backend=backend)        # the same commands, one by one
+        srv = Server(mbox, psp, r, w, r)
+        assert not srv.hooks
+        items = [(Cmd.NOP, b""), (Cmd.NOP, b"x"), (0x99, b""), (Cmd.PLATFORM_STATUS, b""),
+                 (Cmd.NOP, b"\x00" * 200)] * 7
+        for i, (cmd, buf) in enumerate(items):
+            e = L.entry_off(i)
+            L.ENTRY_ALL.pack_into(mbox, e, cmd, len(buf), 0, 0)
+            mbox[e + L.RE_IN:e + L.RE_IN + min(len(buf), L.RE_IN_SIZE)] = buf[:L.RE_IN_SIZE]
+        srv._ring(len(items))
+        assert srv.commands == len(items) and srv.w32[L.I_RING_DONE] == len(items)
+        assert srv.fw_ns > 0
+        for i, (cmd, buf) in enumerate(items):
+            st, n = L.ENTRY_RESULT.unpack_from(mbox, L.entry_off(i) + L.RE_STATUS)
+            o = L.entry_off(i) + L.RE_OUT
+            assert st & L.DONE
+            expect = twin.mailbox(int(cmd), buf) if len(buf) <= L.RE_IN_SIZE \
+                else (Status.INVALID_LENGTH, b"")
+            assert (st & L.STATUS_MASK, mbox[o:o + n]) == expect, i
+        srv.w32.release()
+        srv.w64.release()
+        mbox.close()                       # BufferError if a view were left
+    finally:
+        os.close(r)
+        os.close(w)
+        mem.close()
+        mem2.close()
+
+
+def test_bad_batch_item_raises_before_anything_runs(pvmm):
+    t = pvmm.transport
+    before = t.psp_commands()
+    for bad in ((Cmd.NOP, None), (Cmd.NOP,), (Cmd.NOP, b"", 1), ("x", b""), 17):
+        with pytest.raises((TypeError, ValueError)):
+            t.call_batch([(Cmd.NOP, b"")] * (L.RING_ENTRIES + 10) + [bad])
+    assert t.psp_commands() == before
+    assert t.call_batch(iter([(Cmd.NOP, b"")] * 3)) == [(0, b"")] * 3
+
+
 def test_malformed_buffers_through_transport(pvmm):
     t = pvmm.transport
     assert t.call(Cmd.UPDATE_NPT, b"\xff" * (L.CMD_BUF_SIZE + 100))[0] == Status.INVALID_LENGTH

@@ -113,10 +113,15 @@ def assert_stopped(lab, vm=None):
 def _tamper_kinds(lab):
     """name -> (slot address, new value fn(old), gpa of an update on its path)."""
     w3 = lab.work[3]
-    near = BASE + 40 * PAGE          # unmapped, same 64-entry chunk of the leaf table
+    near = BASE + 40 * PAGE          # unmapped: leaf entry 296, line 37 (entries 296..303)
+    # a mapped leaf in the same 64-byte line as near's slot: merkle's update
+    # checks the lines its walk reads (full mode checks everything)
+    lone = BASE + 47 * PAGE
+    if lab.frame(lone) is None:
+        lab.vmm.touch(lab.victim, lone, ACC_W)
     root = lab.vmm.npt_root(lab.victim)
     other_root = lab.vmm.npt_root(lab.other)
-    leaf = lab.slot(w3)
+    leaf = lab.slot(lone)
     return {
         "leaf_pat_bit7": (leaf, lambda v: v | PS, near),
         "leaf_clear_user": (leaf, lambda v: v & ~U, near),
@@ -622,8 +627,8 @@ def test_process_psp_detects_and_survives_garbage():
             for n in (0, 5, 28, 4096, 10000):
                 st, _ = vmm.psp.raw(cmd, bytes([0xAB]) * n)
                 assert st in set(Status) and st not in (Status.INTERNAL_ERROR, Status.PSP_DEAD)
-        s = lb.slot(lb.work[1])
-        vmm.mem.write_u64(s, (vmm.mem.read_u64(s) & ~ADDR_MASK) | lb.other_page)
+        s = lb.slot(BASE + 41 * PAGE)        # not present, in the update's line
+        vmm.mem.write_u64(s, lb.other_page | P | W | U)
         r = vmm.psp.update_npt(lb.victim.handle, BASE + 40 * PAGE, vmm.alloc.alloc(1))
         assert r.status == Status.INTEGRITY_FAILURE
         assert_stopped(lb)
