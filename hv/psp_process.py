@@ -540,6 +540,9 @@ def measure_roundtrip(kind, n=5000, batch=256, rounds=8, backend=None, integrity
       ring_us_per_cmd: median over `rounds` batches of `batch` UPDATE_NPT
         commands through call_batch (one doorbell each), each mapping a fresh
         4 KiB page, per command;
+      ring_resident_us_per_cmd: the same, but the VMM has touched each frame
+        before (a recycled frame holding old data, or memory the VMM keeps
+        resident): no page allocation by the host kernel in the scrub;
       ring_nop_us_per_cmd: the same ring of NOPs;
       update_us_per_cmd: the same UPDATE_NPT commands one call() at a time.
     For "process" also the transport's own share (the total minus the time the
@@ -579,8 +582,12 @@ def measure_roundtrip(kind, n=5000, batch=256, rounds=8, backend=None, integrity
         vmm._donate_pool(max(64, rounds * 2 * batch // 256 + 16))
         gpa = [0x1000_0000]
 
-        def updates():
+        def updates(resident=False):
             hpa = vmm.alloc.alloc(batch)
+            if resident:
+                buf = vmm.mem.buf
+                for i in range(batch):
+                    buf[hpa + i * 4096] = 0x5A     # old data: the PSP must scrub it
             cmds = []
             for i in range(batch):
                 cmds.append((int(Cmd.UPDATE_NPT),
@@ -590,6 +597,7 @@ def measure_roundtrip(kind, n=5000, batch=256, rounds=8, backend=None, integrity
             return cmds
 
         ring, ring_t, single, ring_nop, ring_nop_t = [], [], [], [], []
+        ring_res, ring_res_t = [], []
         nops = [(nop, b"")] * batch
         for _ in range(rounds):
             cmds = updates()
@@ -598,6 +606,14 @@ def measure_roundtrip(kind, n=5000, batch=256, rounds=8, backend=None, integrity
             d = clock() - t0
             ring.append(d / 1000.0 / batch)
             ring_t.append((d - ring_fw_ns()) / 1000.0 / batch)
+            if any(st != 0 for st, _ in out):
+                raise RuntimeError(f"ring UPDATE_NPT refused: {sorted({st for st, _ in out})}")
+            cmds = updates(resident=True)
+            t0 = clock()
+            out = t.call_batch(cmds)
+            d = clock() - t0
+            ring_res.append(d / 1000.0 / batch)
+            ring_res_t.append((d - ring_fw_ns()) / 1000.0 / batch)
             if any(st != 0 for st, _ in out):
                 raise RuntimeError(f"ring UPDATE_NPT refused: {sorted({st for st, _ in out})}")
             cmds = updates()
@@ -619,6 +635,7 @@ def measure_roundtrip(kind, n=5000, batch=256, rounds=8, backend=None, integrity
             "roundtrip_us_mean": round(statistics.fmean(lat), 3),
             "ring_batch": batch,
             "ring_us_per_cmd": round(med(ring), 3),
+            "ring_resident_us_per_cmd": round(med(ring_res), 3),
             "ring_nop_us_per_cmd": round(med(ring_nop), 3),
             "update_us_per_cmd": round(med(single), 3),
             "backend": vmm.backend,
@@ -628,6 +645,7 @@ def measure_roundtrip(kind, n=5000, batch=256, rounds=8, backend=None, integrity
                 "roundtrip_transport_us_median": round(med(tra), 3),
                 "roundtrip_transport_us_p99": round(_pct(tra, 0.99), 3),
                 "ring_transport_us_per_cmd": round(med(ring_t), 3),
+                "ring_resident_transport_us_per_cmd": round(med(ring_res_t), 3),
                 "ring_nop_transport_us_per_cmd": round(med(ring_nop_t), 3),
             })
         return r
@@ -642,7 +660,9 @@ def bench_psp_figures(n=3000, batch=256, rounds=8, backend=None, integrity=None)
     of an empty command (NOP); psp_ring_us_per_cmd: per-command time of a
     batch of `batch` UPDATE_NPT commands through the process transport's ring
     (firmware work included; psp_ring_transport_us_per_cmd is the ring's own
-    share). psp_transport_detail holds both measure_roundtrip() dicts."""
+    share), each on a fresh frame the host kernel must allocate on the PSP's
+    scrub; psp_ring_us_per_cmd_resident the same on frames the VMM had
+    touched. psp_transport_detail holds both measure_roundtrip() dicts."""
     ip = measure_roundtrip("inprocess", n=n, batch=batch, rounds=rounds, backend=backend,
                            integrity=integrity)
     pr = measure_roundtrip("process", n=n, batch=batch, rounds=rounds, backend=backend,
@@ -651,6 +671,7 @@ def bench_psp_figures(n=3000, batch=256, rounds=8, backend=None, integrity=None)
         "psp_roundtrip_us_process": pr["roundtrip_us_median"],
         "psp_roundtrip_us_inprocess": ip["roundtrip_us_median"],
         "psp_ring_us_per_cmd": pr["ring_us_per_cmd"],
+        "psp_ring_us_per_cmd_resident": pr["ring_resident_us_per_cmd"],
         "psp_roundtrip_us_process_p99": pr["roundtrip_us_p99"],
         "psp_roundtrip_transport_us_process": pr["roundtrip_transport_us_median"],
         "psp_ring_transport_us_per_cmd": pr["ring_transport_us_per_cmd"],
