@@ -544,6 +544,9 @@ def measure_roundtrip(kind, n=5000, batch=256, rounds=8, backend=None, integrity
         before (a recycled frame holding old data, or memory the VMM keeps
         resident): no page allocation by the host kernel in the scrub;
       ring_nop_us_per_cmd: the same ring of NOPs;
+      ring_nop_awake_us_per_cmd: a ring of NOPs sent right after another one,
+        while the PSP process still spins on the mailbox (no wake-up: what a
+        PSP that never sleeps, like the real chip, would cost per command);
       update_us_per_cmd: the same UPDATE_NPT commands one call() at a time.
     For "process" also the transport's own share (the total minus the time the
     PSP process spent inside its firmware handlers, which it reports in the
@@ -597,7 +600,7 @@ def measure_roundtrip(kind, n=5000, batch=256, rounds=8, backend=None, integrity
             return cmds
 
         ring, ring_t, single, ring_nop, ring_nop_t = [], [], [], [], []
-        ring_res, ring_res_t = [], []
+        ring_res, ring_res_t, ring_awake = [], [], []
         nops = [(nop, b"")] * batch
         for _ in range(rounds):
             cmds = updates()
@@ -626,6 +629,9 @@ def measure_roundtrip(kind, n=5000, batch=256, rounds=8, backend=None, integrity
             d = clock() - t0
             ring_nop.append(d / 1000.0 / batch)
             ring_nop_t.append((d - ring_fw_ns()) / 1000.0 / batch)
+            t0 = clock()
+            t.call_batch(nops)
+            ring_awake.append((clock() - t0) / 1000.0 / batch)
         med = statistics.median
         r = {
             "kind": kind,
@@ -637,6 +643,7 @@ def measure_roundtrip(kind, n=5000, batch=256, rounds=8, backend=None, integrity
             "ring_us_per_cmd": round(med(ring), 3),
             "ring_resident_us_per_cmd": round(med(ring_res), 3),
             "ring_nop_us_per_cmd": round(med(ring_nop), 3),
+            "ring_nop_awake_us_per_cmd": round(med(ring_awake), 3),
             "update_us_per_cmd": round(med(single), 3),
             "backend": vmm.backend,
         }
