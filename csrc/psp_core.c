@@ -197,6 +197,44 @@ void psp_page_hash(const uint8_t *page, int mask_ad, const uint8_t *slots, int s
 }
 
 /* ---------------------------------------------------------------------------
+ * The merkle periodic check (MerkleIntegrity.verify_all) in one call: every
+ * table page's chunk and node hashes recomputed straight from host memory
+ * (A/D masked), leaves first, each parent's child-hash slots built from its
+ * children's recomputed node hashes, then the root digest.
+ *
+ * Pages k = 0 .. n-1 in the order given (leaves first: a child before its
+ * parent); for page k:
+ *   hpa[k], level[k]  the page and its level (its node header),
+ *   slot_mask[k]      chunks whose hash covers child-hash slots,
+ *   slots_of[k]       its slot buffer: scratch + slots_of[k] * 16384, or -1,
+ *   parent_at[k]      where its node hash goes: scratch + parent_at[k]
+ *                     (its parent's slot for its entry), or -1.
+ * scratch (scratch_len bytes) is zeroed first; a slot no child writes stays
+ * zero. nodes_out[32k..32k+32) gets page k's node hash (the caller names the
+ * first page that differs from its stored one); root_out gets
+ * SHA-256("R" || root || node hash of page root_k).
+ * The caller guarantees every hpa[k] + 4096 lies inside host memory. */
+void psp_merkle_verify(const uint8_t *mem, uint32_t n, const uint64_t *hpa,
+                       const uint8_t *level, const uint8_t *slot_mask,
+                       const int32_t *slots_of, const int64_t *parent_at,
+                       uint8_t *scratch, uint64_t scratch_len, uint8_t *nodes_out,
+                       uint32_t root_k, uint64_t root, uint8_t *root_out)
+{
+    uint8_t chunks[256];
+    memset(scratch, 0, scratch_len);
+    for (uint32_t k = 0; k < n; k++) {
+        const uint8_t *sl = slots_of[k] >= 0 ? scratch + (uint64_t)slots_of[k] * (8 * SLOT_BYTES)
+                                             : NULL;
+        uint8_t *node = nodes_out + 32 * (uint64_t)k;
+        psp_page_hash(mem + hpa[k], 1, sl, slot_mask[k], hpa[k], level[k], chunks, node);
+        if (parent_at[k] >= 0)
+            memcpy(scratch + parent_at[k], node, 32);
+    }
+    if (root_k < n)
+        psp_root_hash(root, nodes_out + 32 * (uint64_t)root_k, root_out);
+}
+
+/* ---------------------------------------------------------------------------
  * Line hashes: the index an update's path check uses.
  * L = SHA-256("L" || 64 bytes of entries with A/D cleared): one cache line,
  * 8 entries, two SHA-256 blocks. */

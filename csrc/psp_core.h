@@ -1,10 +1,12 @@
 /* psp_core.h: the PSP C core's interface (psp_firmware._psp_core_c).
- * csrc/build_psp_core.py repeats the two structs in its cdef (pointer
- * members are void * so that any cffi buffer can be stored) and declares the
- * functions with char * for Python bytes; keep them in step. */
+ * csrc/build_psp_core.py builds its cffi cdef from this file: the text
+ * between the cdef-begin / cdef-end comments (structs, then functions), so
+ * keep preprocessor lines out of those blocks. Pointer members of the structs
+ * are void * so that any cffi buffer can be stored in them. */
 #ifndef PSP_CORE_H
 #define PSP_CORE_H
 
+/* cdef-begin */
 /* What the UPDATE_NPT fast path knows of one guest (PSP private memory,
  * kept in step by psp_firmware/psp.py). */
 struct psp_guest {
@@ -31,27 +33,39 @@ struct psp_ctx {
                                 makes the mapping read as zero (psp_scrub_advised) */
     struct psp_guest *ring_guests[64];   /* handle % 64 -> guest, for the ring loop */
 };
+/* cdef-end */
 
-#ifndef PSP_CORE_NO_PROTOS
-void psp_chunk_hash(const uint8_t *src, int mask_ad, const uint8_t *slots, uint8_t *out);
-int psp_chunk_check(const uint8_t *src, int mask_ad, const uint8_t *slots, const uint8_t *expected);
-void psp_node_hash(uint64_t hpa, int level, const uint8_t *chunks, uint8_t *out);
-void psp_root_hash(uint64_t root, const uint8_t *node, uint8_t *out);
-void psp_line_hash(const uint8_t *src, uint8_t *out);
-int psp_line_check(const uint8_t *src, const uint8_t *expected);
-void psp_lines_hash(const uint8_t *page, uint8_t *out);
-void psp_scrub(uint8_t *mem, uint64_t off, uint64_t n);
-void psp_scrub_advised(uint8_t *mem, uint64_t off, uint64_t n, int advice);
-int64_t psp_leaf_scan(const uint8_t *shadow, int idx, int n, int level);
-void psp_write_leaves(uint8_t *mem, uint64_t table, uint8_t *shadow, int idx, int n,
+/* The functions. Byte buffers are PSP_BYTE: uint8_t for the C sources,
+ * char for cffi (csrc/build_psp_core.py reads this block as its cdef with
+ * PSP_BYTE = char, so Python bytes and cffi buffers pass straight in). */
+#ifndef PSP_BYTE
+#define PSP_BYTE uint8_t
+#endif
+/* cdef-begin */
+void psp_chunk_hash(const PSP_BYTE *src, int mask_ad, const PSP_BYTE *slots, PSP_BYTE *out);
+int psp_chunk_check(const PSP_BYTE *src, int mask_ad, const PSP_BYTE *slots, const PSP_BYTE *expected);
+void psp_node_hash(uint64_t hpa, int level, const PSP_BYTE *chunks, PSP_BYTE *out);
+void psp_root_hash(uint64_t root, const PSP_BYTE *node, PSP_BYTE *out);
+void psp_line_hash(const PSP_BYTE *src, PSP_BYTE *out);
+int psp_line_check(const PSP_BYTE *src, const PSP_BYTE *expected);
+void psp_lines_hash(const PSP_BYTE *page, PSP_BYTE *out);
+void psp_scrub(PSP_BYTE *mem, uint64_t off, uint64_t n);
+void psp_scrub_advised(PSP_BYTE *mem, uint64_t off, uint64_t n, int advice);
+int64_t psp_leaf_scan(const PSP_BYTE *shadow, int idx, int n, int level);
+void psp_write_leaves(PSP_BYTE *mem, uint64_t table, PSP_BYTE *shadow, int idx, int n,
                       uint64_t value0, uint64_t step);
-void psp_page_hash(const uint8_t *page, int mask_ad, const uint8_t *slots, int slot_mask,
-                   uint64_t hpa, int level, uint8_t *chunks, uint8_t *node_out);
+void psp_page_hash(const PSP_BYTE *page, int mask_ad, const PSP_BYTE *slots, int slot_mask,
+                   uint64_t hpa, int level, PSP_BYTE *chunks, PSP_BYTE *node_out);
+void psp_merkle_verify(const PSP_BYTE *mem, uint32_t n, const uint64_t *hpa,
+                       const uint8_t *level, const uint8_t *slot_mask,
+                       const int32_t *slots_of, const int64_t *parent_at,
+                       PSP_BYTE *scratch, uint64_t scratch_len, PSP_BYTE *nodes_out,
+                       uint32_t root_k, uint64_t root, PSP_BYTE *root_out);
 int psp_update_fast(struct psp_ctx *c, struct psp_guest *g, uint32_t level, uint64_t gpa,
                     uint64_t hpa, uint32_t attrs, uint32_t npages);
-uint32_t psp_mailbox_update(struct psp_ctx *c, const uint8_t *buf);
-uint32_t psp_ring_fast(struct psp_ctx *c, uint8_t *ring, uint32_t start, uint32_t n,
+uint32_t psp_mailbox_update(struct psp_ctx *c, const PSP_BYTE *buf);
+uint32_t psp_ring_fast(struct psp_ctx *c, PSP_BYTE *ring, uint32_t start, uint32_t n,
                        uint32_t *progress);
-#endif
+/* cdef-end */
 
 #endif

@@ -69,9 +69,12 @@ them; that is not tampering). A mismatch is reported as the same `Mismatch`
 """
 import hashlib
 import struct
+from array import array
+from functools import reduce
+from operator import or_
 
 from . import core as _core
-from .integrity import ADDR, PS, P, Mismatch, level_size
+from .integrity import ADDR, PAGE, PS, P, Mismatch, level_size
 
 CHUNK_ENTRIES = 64
 CHUNK_BYTES = CHUNK_ENTRIES * 8
@@ -117,6 +120,54 @@ class _NoDirtyArray(dict):
         return 0
 
 
+class _VerifyPlan:
+    """What MerkleIntegrity.verify_all walks, made once per set of table
+    pages: `order` (leaves first, a stable sort by level of the shadow's
+    order: the mismatch reported is the first page in it whose node hash
+    differs) and, for the C core with host memory, the arguments of
+    psp_merkle_verify after `mem` (None: the check runs in Python)."""
+    __slots__ = ("key", "order", "c_args", "nodes_buf", "_keep")
+
+    def __init__(self, integ, key):
+        self.key = key
+        levels = integ.shadow.levels
+        self.order = order = sorted(levels, key=levels.__getitem__)
+        self.c_args = self.nodes_buf = self._keep = None
+        memc = integ._memc if integ._c is not None else None
+        if memc is None or not order:
+            return
+        if reduce(or_, order) & 0xFFF or max(order) + PAGE > len(memc):
+            return                 # the Python check raises what canon_page raises
+        ffi = _core.ffi
+        n = len(order)
+        pos = {h: k for k, h in enumerate(order)}
+        slots_of = array("i", [-1]) * n         # page k's slot buffer in scratch
+        mask = bytearray(n)                     # page k's slot mask
+        nslots = 0
+        nkids = integ.nkids
+        for h in integ.slots:
+            k = pos[h]
+            slots_of[k] = nslots
+            mask[k] = _slot_mask(nkids[h])
+            nslots += 1
+        parent_at = array("q", [-1]) * n        # where page k's node hash goes
+        for h, (p, i) in integ.parent.items():
+            parent_at[pos[h]] = slots_of[pos[p]] * (512 * HBYTES) + i * HBYTES
+        hpa_c = ffi.new("uint64_t[]", order)
+        level_c = ffi.from_buffer("uint8_t[]", bytes(map(levels.__getitem__, order)))
+        mask_c = ffi.from_buffer("uint8_t[]", mask)
+        slots_c = ffi.from_buffer("int32_t[]", slots_of)
+        parent_c = ffi.from_buffer("int64_t[]", parent_at)
+        scratch_len = max(1, nslots) * 512 * HBYTES
+        scratch_c = ffi.new("char[]", scratch_len)
+        nodes_c = ffi.new("char[]", n * HBYTES)
+        self.nodes_buf = ffi.buffer(nodes_c)
+        self._keep = (mask, slots_of, parent_at)
+        root = integ.shadow.root
+        self.c_args = (n, hpa_c, level_c, mask_c, slots_c, parent_c, scratch_c, scratch_len,
+                       nodes_c, pos[root], root)
+
+
 class MerkleIntegrity:
     mode = "merkle"
     mode_id = 1
@@ -144,6 +195,8 @@ class MerkleIntegrity:
         self.parent = {}      # child table hpa -> (parent hpa, index)
         self._by_level = {1: [], 2: [], 3: [], 4: []}
         self._digest = None
+        self._vplan = None      # verify_all's page order (_VerifyPlan)
+        self._memc = None
         if self._c is not None:
             ffi = _core.ffi
             # host memory (read only here: the path check hashes lines in place)
@@ -394,6 +447,41 @@ class MerkleIntegrity:
         if mm is not None:
             return mm
         self._flush()
+        plan = self._verify_plan()
+        if plan.c_args is not None:
+            return self._verify_all_c(plan)
+        return self._verify_all_py(plan.order)
+
+    def _verify_plan(self):
+        """The check's page order (leaves first; within a level, the shadow's
+        order), kept until the set of table pages or of parent links
+        changes: during a guest's life pages are only ever added (_new_page,
+        _link), so their counts say when to rebuild."""
+        levels = self.shadow.levels
+        key = (self.shadow.root, len(levels), len(self.parent))
+        plan = self._vplan
+        if plan is None or plan.key != key:
+            plan = self._vplan = _VerifyPlan(self, key)
+        return plan
+
+    def _verify_all_c(self, plan):
+        """The C check (psp_merkle_verify): one call hashes every page in
+        place in host memory; Python only names a mismatch."""
+        c = self._c
+        c.psp_merkle_verify(self._memc, *plan.c_args, self._out)
+        if self._obuf[:] == self._digest:
+            return None
+        nodes, node_h = plan.nodes_buf, self.node_h
+        for k, hpa in enumerate(plan.order):
+            if nodes[k * HBYTES:(k + 1) * HBYTES] != node_h[hpa]:
+                mem = self._canon(hpa)
+                return self._locate_in(hpa, mem) or Mismatch(hpa, 0, 0, 0, "node hash")
+        return Mismatch(0, 0, 0, 0, "digest")
+
+    def _verify_all_py(self, order):
+        """The check in Python, a page at a time from canonical copies (the
+        twin of psp_merkle_verify; the C core hashes each copy when it is
+        built but has no host memory to read in place)."""
         levels = self.shadow.levels
         mem_node = {}
         mem_slots = {h: bytearray(512 * HBYTES) for h in self.slots}
@@ -404,7 +492,7 @@ class MerkleIntegrity:
             ffi = _core.ffi
             chunks_c = ffi.new("char[]", NCHUNKS * HBYTES)
             out, obuf, null = self._out, self._obuf, self._null
-        for hpa in sorted(levels, key=lambda h: levels[h]):
+        for hpa in order:
             mem = self._canon(hpa)
             s = mem_slots.get(hpa)
             if c is not None:

@@ -202,7 +202,13 @@ def test_merkle_update_cost_does_not_scan_the_table(monkeypatch):
         assert len(set(calls)) <= 4
         calls.clear()
         assert vmm.psp.verify(vm.handle).ok
-        assert len(set(calls)) == len(integ.shadow.pages)
+        if integ._c is not None and integ._memc is not None:
+            # the C check (psp_merkle_verify) hashes every page in place in
+            # host memory: no copies, and its plan covers every table page
+            assert calls == []
+            assert sorted(integ._vplan.order) == sorted(integ.shadow.pages)
+        else:
+            assert len(set(calls)) == len(integ.shadow.pages)
     finally:
         vmm.close()
 
