@@ -1,9 +1,41 @@
-"""`hv bench [--quick] [--json] [--plot DIR]`: see hv/bench.py."""
+"""`hv bench [--quick] [--json] [--plot DIR]`: see hv/bench.py.
+
+`hv bench` does not take the options the other commands share (--backend,
+--psp, --integrity, --host-mem, ...): it measures the alternatives side by
+side in one run and sets up its own host memory per section.  Given anyway,
+they are refused with a line saying which section measures what.
+"""
 import argparse
 import os
 import sys
 
+from .errors import BadInput
+
 EXIT_OK = 0
+
+# the shared options of the other commands -> why hv bench has none of them
+_NOT_FOR_BENCH = {
+    "--backend": "it measures both NPT engines itself: section walks times C (batch, single) "
+                 "against pure Python; the other sections use the C engine when built",
+    "--psp": "it measures both PSP transports itself: section psp times the in-process "
+             "mailbox against the PSP process; the other sections run the PSP in-process",
+    "--psp-timeout": "section psp starts and times its own PSP process; the other sections "
+                     "run the PSP in-process",
+    "--integrity": "it measures both integrity modes itself: section integrity times full "
+                   "against merkle; the other sections use merkle",
+    "--host-mem": "every section sets up host memory of the sizes it measures (section "
+                  "memory: peak RSS at two --host-mem sizes)",
+    "--host-mem-file": "every section sets up its own anonymous host memory",
+    "--host-mem-file-overwrite": "every section sets up its own anonymous host memory",
+}
+
+
+class _NotForBench(argparse.Action):
+    """A shared option hv bench does not take: refuse it and say why."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise BadInput(f"bench: {option_string} is not an option of hv bench: "
+                       f"{_NOT_FOR_BENCH[option_string]} (see hv bench --help)")
 
 
 def add_parser(sub, common):
@@ -15,7 +47,11 @@ def add_parser(sub, common):
                    help="write PNG plots (matplotlib) into DIR")
     p.add_argument("--only", metavar="SECTIONS", default=None,
                    help="comma-separated sections: sha256,walks,integrity,npf,replay,kvm,guest,psp,memory")
-    common(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="log progress to stderr also with --json")
+    for opt in _NOT_FOR_BENCH:       # hidden: refused with the reason, not "unrecognized"
+        p.add_argument(opt, action=_NotForBench, nargs="?", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)
     return p
 
@@ -23,7 +59,6 @@ def add_parser(sub, common):
 def cmd_bench(args):
     from . import bench
     from .cli import emit_json
-    from .errors import BadInput
     profile = "full"
     if args.quick:
         profile = "quick"

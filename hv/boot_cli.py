@@ -3,15 +3,19 @@
 Without --json the guest's serial output streams to stdout as it is
 written, and the report (exit reason, NPFs, launch measurement, ...) goes
 to stderr.  With --json one object is printed on stdout.  Exit code: the
-guest's own (port 0xF4; 0 for hlt or an exhausted --max-insns), 1 when the
-guest failed (triple fault, access outside its RAM, emulator error), 2 for
-bad input, 3 when the PSP stopped the VM (tamper detected).
+guest's own (port 0xF4; 0 for hlt), 1 when the guest failed (triple fault,
+access outside its RAM, emulator error) or did not finish within
+--max-insns (exit_reason insn_limit; 0 instead with --insn-limit-ok), 2 for
+bad input, 3 when the PSP stopped the VM (tamper detected).  The report's
+exit_code is always the process's.
 """
 import argparse
 import os
 import sys
 
 from .errors import BadInput
+
+EXIT_OK, EXIT_GUEST = 0, 1
 
 
 def _size(text):
@@ -50,7 +54,10 @@ def add_parser(sub, common):
     p.add_argument("--record", metavar="TRACE.csv",
                    help="write the fault trace (one row per NPF, with rip and instruction bytes)")
     p.add_argument("--max-insns", type=_pos_int, default=None, metavar="N",
-                   help="stop after N instructions (exit_reason insn_limit)")
+                   help="stop after N instructions (exit_reason insn_limit, exit code 1)")
+    p.add_argument("--insn-limit-ok", action="store_true",
+                   help="a run stopped by --max-insns exits 0 (a guest that runs forever "
+                        "by design)")
     p.add_argument("--serial", metavar="FILE", help="also write the serial output to FILE")
     p.add_argument("--check-insns", type=_pos_int, default=None, metavar="N",
                    help="PSP integrity check (CHECK_ALL) every N instructions")
@@ -91,6 +98,8 @@ def cmd_boot(args):
     from .cli import emit_json, make_vmm
     from .loader import load_image
 
+    if args.insn_limit_ok and args.max_insns is None:
+        raise BadInput("boot: --insn-limit-ok needs --max-insns N")
     args.image = resolve_image(args.image)
     # a bad image (or --mem that cannot hold it) is refused before any
     # output file is created and before host memory is set up
@@ -121,6 +130,9 @@ def cmd_boot(args):
         boot = Boot(vmm, args.image, mem=args.mem, hook=args.hook, check_insns=args.check_insns,
                     check_ms=args.check_ms, record=args.record, serial_sink=sink, vga=args.vga)
         res = boot.run(args.max_insns)
+        if res.exit_reason == "insn_limit":
+            # cut short is not a clean guest exit, unless the user said so
+            res.exit_code = EXIT_OK if args.insn_limit_ok else EXIT_GUEST
         if args.json:
             d = res.to_dict()
             if not args.vga:

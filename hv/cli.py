@@ -1,7 +1,8 @@
 """`hv` command line: boot, replay, attack, bench, inspect.
 
-Exit codes: 0 ok; 1 the guest failed; 2 bad input or usage (one line on
-stderr, never a traceback); 3 the PSP stopped the VM (tamper detected).
+Exit codes: 0 ok; 1 the guest failed (or, for `hv boot`, did not finish
+within --max-insns); 2 bad input or usage (one line on stderr, never a
+traceback); 3 the PSP stopped the VM (tamper detected).
 """
 import argparse
 import json
@@ -30,6 +31,15 @@ def _size_arg(text):
     if n % PAGE:
         raise argparse.ArgumentTypeError(f"size must be a multiple of 4 KiB: {text!r}")
     return n
+
+
+def _bytes_arg(text):
+    """A byte count (--max-trace-bytes): positive, with an optional unit (512M, 4G)."""
+    from .hostmem import parse_size
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _timeout_arg(text):
@@ -61,7 +71,10 @@ def _common(p, psp=True):
     p.add_argument("--host-mem", type=_size_arg, default=1 << 30, metavar="SIZE",
                    help="host memory size (default 1G; untouched pages cost nothing)")
     p.add_argument("--host-mem-file", default=None, metavar="FILE",
-                   help="back host memory with this file instead of anonymous memory")
+                   help="back host memory with this file instead of anonymous memory "
+                        "(a new or empty file; it starts zero-filled and is kept)")
+    p.add_argument("--host-mem-file-overwrite", action="store_true",
+                   help="let --host-mem-file overwrite an existing non-empty file")
     from psp_firmware import INTEGRITY_MODES
     p.add_argument("--integrity", default=None, choices=sorted(INTEGRITY_MODES),
                    help="PSP integrity mode: full (patent-literal: re-hash the whole table on "
@@ -88,6 +101,10 @@ def build_parser():
     p.add_argument("--huge", action="store_true", help="map 2 MiB pages where possible")
     p.add_argument("--save", metavar="FILE", help="save the table for `hv inspect FILE`")
     p.add_argument("--inspect", action="store_true", help="show the table after the replay")
+    from .trace import MAX_TRACE_BYTES
+    p.add_argument("--max-trace-bytes", type=_bytes_arg, default=MAX_TRACE_BYTES, metavar="SIZE",
+                   help="refuse a trace file, or gzip data decompressing, larger than SIZE "
+                        "(default 4G; e.g. 512M)")
     _common(p)
 
     p = sub.add_parser("inspect", help="show a saved NPT snapshot")
@@ -140,7 +157,7 @@ def cmd_replay(args):
     from .inspect_npt import analyse, format_report, load_snapshot, save_snapshot, take_snapshot
     from .replay import replay
     from .trace import load_trace
-    trace = load_trace(args.trace, args.format)
+    trace = load_trace(args.trace, args.format, max_bytes=args.max_trace_bytes)
     if args.save:
         _check_output_path(args.save, "--save")
     vmm = make_vmm(args)
@@ -228,6 +245,19 @@ def _check_output_path(path, option):
         raise BadInput(f"cannot write {path} ({option}): permission denied")
 
 
+def _check_host_mem_file(args):
+    """Refuse --host-mem-file naming a non-empty file before any work is done
+    (HostMemory refuses it too; with --host-mem-file-overwrite it is allowed
+    for every host memory this run sets up)."""
+    path = getattr(args, "host_mem_file", None)
+    overwrite = getattr(args, "host_mem_file_overwrite", False)
+    if overwrite and path is None:
+        raise BadInput("--host-mem-file-overwrite needs --host-mem-file FILE")
+    if path is not None:
+        from .hostmem import check_file
+        check_file(path, overwrite=overwrite)
+
+
 def _psp_dead(args, e):
     """hv.psp_process.PspDead: the PSP process crashed, hung or was killed."""
     if getattr(args, "json", False) and not _json_printed:
@@ -246,6 +276,7 @@ def main(argv=None):
         if not args.cmd:
             raise BadInput("usage: hv {boot,replay,attack,bench,inspect} ... (hv --help)")
         _setup_logging(getattr(args, "verbose", 0))
+        _check_host_mem_file(args)
         handler = getattr(args, "func", None) or {"replay": cmd_replay, "inspect": cmd_inspect}[args.cmd]
         return handler(args)
     except BadInput as e:

@@ -2,7 +2,9 @@
 
 Untouched pages cost nothing (MAP_NORESERVE, demand-zero). The buffer can be
 anonymous, backed by a file (`path`), or a memfd (`shared=True`) that another
-process (the PSP in its own process) maps too. The VMM can read and write
+process (the PSP in its own process) maps too. A backing file is never one
+the user had data in, unless they said so (`overwrite=True`,
+`--host-mem-file-overwrite`). The VMM can read and write
 every byte of it, NPT pages included: that is the threat model.
 """
 import mmap
@@ -44,25 +46,92 @@ def parse_size(text):
     return n * mult
 
 
+OVERWRITE_FLAG = "--host-mem-file-overwrite"
+
+# Files this process may (re)use as host memory although they are not empty:
+# (st_dev, st_ino, st_size) of each file a HostMemory set up (a later Vmm on
+# the same --host-mem-file, as `hv attack` makes one per scenario) or that
+# check_file(overwrite=True) was told about.  The size is part of the key so that a
+# recycled inode number holding someone else's data does not match.
+_reusable = set()
+
+
+def _file_key(st):
+    return (st.st_dev, st.st_ino, st.st_size)
+
+
+def _refuse_existing(path, nbytes):
+    raise HostMemoryError(f"refusing to overwrite {path} (--host-mem-file): it exists and is not "
+                          f"empty ({nbytes} bytes); pass {OVERWRITE_FLAG} (Python: "
+                          f"overwrite=True) to use it as host memory anyway")
+
+
+def check_file(path, overwrite=False):
+    """Refuse (HostMemoryError) an existing non-empty regular file at ``path``
+    unless ``overwrite`` (then it is remembered as allowed: how the CLI's
+    --host-mem-file-overwrite reaches the HostMemory that Vmm and the attack
+    suite create) or this process already used it as host memory.  Anything else (a new path, an empty
+    file, a directory, a device) is left to ``HostMemory`` to accept or
+    refuse.  Changes nothing on disk."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return
+    if not stat.S_ISREG(st.st_mode) or not st.st_size:
+        return
+    if overwrite:
+        _reusable.add(_file_key(st))
+    elif _file_key(st) not in _reusable:
+        _refuse_existing(path, st.st_size)
+
+
 class HostMemory:
-    def __init__(self, size=1 << 30, path=None, shared=False):
+    """``size`` bytes of host memory, zero-filled.
+
+    ``path``: back it with this file (``--host-mem-file``).  A new path or
+    an existing empty file is used; an existing non-empty regular file is
+    refused unless ``overwrite=True`` (or :func:`check_file` allowed it, or
+    this process set it up as host memory before).  A file in use is truncated
+    and starts zero-filled, like anonymous memory; it is left in place at
+    ``close()``.  A file this object created is removed again when setting
+    up fails; a file that existed before is never removed.
+    """
+
+    def __init__(self, size=1 << 30, path=None, shared=False, *, overwrite=False):
         if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % PAGE:
             raise HostMemoryError(f"host memory size must be a positive multiple of 4 KiB, "
                                   f"not {size!r}")
+        if path is not None:
+            path = os.fspath(path)
         self.size = size
         self.path = path
         self.fd = None
         created = False
         try:
             if path is not None:
-                created = not os.path.lexists(path)
-                self.fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NONBLOCK", 0)
-                                  | getattr(os, "O_CLOEXEC", 0), 0o600)
-                if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+                flags = os.O_RDWR | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+                try:    # O_EXCL: know for sure whether the file is ours to remove
+                    self.fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+                    created = True
+                except FileExistsError:
+                    try:
+                        self.fd = os.open(path, flags)
+                    except FileNotFoundError:
+                        raise HostMemoryError(f"cannot use {path} as host memory "
+                                              f"(--host-mem-file): a symbolic link to a missing "
+                                              f"file") from None
+                st = os.fstat(self.fd)
+                if not stat.S_ISREG(st.st_mode):
                     raise HostMemoryError(f"cannot use {path} as host memory (--host-mem-file): "
                                           f"not a regular file")
+                if st.st_size and not overwrite and _file_key(st) not in _reusable:
+                    _refuse_existing(path, st.st_size)
+                # from here on the file is ours: start zero-filled, as
+                # anonymous memory does, not with the file's old bytes
+                os.ftruncate(self.fd, 0)
                 os.ftruncate(self.fd, size)
                 self.buf = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED)
+                _reusable.add(_file_key(os.fstat(self.fd)))
             elif shared:
                 self.fd = os.memfd_create("hv-host-memory", 0)
                 os.ftruncate(self.fd, size)
@@ -74,11 +143,11 @@ class HostMemory:
             if self.fd is not None:
                 os.close(self.fd)
                 self.fd = None
-                if created:         # leave no file behind that we made for nothing
-                    try:
-                        os.unlink(path)
-                    except OSError:
-                        pass
+            if created:         # leave no file behind that we made for nothing
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
             if isinstance(e, HostMemoryError):
                 raise
             why = getattr(e, "strerror", None) or str(e)

@@ -49,7 +49,19 @@ Formats (``fmt``; ``None`` detects it from the first meaningful lines):
 
 In every format blank lines and lines whose first non-blank character is
 ``#`` are skipped; lines end at ``\\n`` (a ``\\r`` before it is ignored).
-Gzip-compressed files are accepted.
+Gzip-compressed files are accepted (also several concatenated members).
+
+Size cap (``max_bytes``, default :data:`MAX_TRACE_BYTES` = 4 GiB; the CLI's
+``hv replay --max-trace-bytes SIZE``): a file larger than the cap, or gzip
+data that decompresses to more than it (a decompression bomb), is refused
+with a :class:`TraceError` naming the limit.  Decompression stops as soon as
+the cap is passed (nested gzip too), so the text in memory stays bounded by
+it; both parser backends parse only text that passed the cap.  The cap
+applies to uncompressed files (and pipes) too: parsing needs memory in
+proportion to the text (the columns take up to ~6x a text of short
+dense lines; lines that give no access, such as blank lines, take none), so a
+plain file above the cap is as much a problem as a bomb.  ``max_bytes=None``:
+no cap.
 
 Errors are :class:`hv.errors.TraceError` (``PATH:LINE: what``), raised for the
 first bad line; nothing is returned half-parsed.  Refused: missing or
@@ -84,7 +96,7 @@ except ImportError:  # pragma: no cover - depends on the build
 
 __all__ = [
     "ACC_R", "ACC_W", "ACC_X", "GPA_LIMIT", "MAX_ACCESS_SIZE", "MAX_INSN_LEN",
-    "PAGE_SHIFT", "FORMATS", "CSV_COLUMNS", "Access", "Trace", "TraceError",
+    "PAGE_SHIFT", "FORMATS", "CSV_COLUMNS", "MAX_TRACE_BYTES", "Access", "Trace", "TraceError",
     "load_trace", "parse_trace", "detect_format", "available_backends",
     "write_csv", "CsvTraceWriter",
 ]
@@ -99,6 +111,11 @@ FORMATS = ("csv", "lackey", "ftrace")
 CSV_COLUMNS = ("access", "gpa", "size", "rip", "vcpu", "insn")
 _REQUIRED = ("access", "gpa")
 _U64 = 1 << 64
+MAX_TRACE_BYTES = 4 << 30   # default cap on a trace file and on its decompressed text
+_GZ_MAGIC = b"\x1f\x8b"
+_READ_CHUNK = 1 << 20       # reading a pipe
+_GZ_CHUNK = 64 << 20        # output per decompression step
+_SPLIT_BLOCK = 1 << 20      # the pure-Python parsers split lines a block at a time
 
 # reason codes shared with csrc/trace.c
 (E_OK, E_SYNTAX, E_NFIELDS, E_ACCESS, E_NUMBER, E_RANGE, E_EMPTY, E_ADDR,
@@ -233,7 +250,75 @@ class _Fail(Exception):
         self.line, self.code, self.col, self.val, self.val2 = line, code, col, val, val2
 
 
-def _read_file(path):
+def _fmt_bytes(n):
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and not n % (1 << shift):
+            return f"{n >> shift} {unit}"
+    return f"{n} bytes"
+
+
+def _check_max_bytes(max_bytes):
+    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int)
+                                  or max_bytes <= 0):
+        raise ValueError(f"max_bytes must be a positive int or None, not {max_bytes!r}")
+
+
+def _too_big(path, what, max_bytes):
+    return TraceError(path, None, f"{what} the {_fmt_bytes(max_bytes)} trace size limit "
+                                  f"(--max-trace-bytes SIZE raises it)")
+
+
+def _gunzip(data, path, max_bytes):
+    """Decompress gzip ``data`` (one or more members, NUL padding between them
+    allowed, as ``gzip.decompress``), stopping with a TraceError as soon as
+    the output passes ``max_bytes`` (None: no cap)."""
+    out = []
+    total = 0
+    buf = data
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)     # gzip header and trailer (CRC, length)
+    try:
+        while True:
+            want = _GZ_CHUNK if max_bytes is None else min(_GZ_CHUNK, max_bytes + 1 - total)
+            chunk = d.decompress(buf, want)
+            if chunk:
+                total += len(chunk)
+                if max_bytes is not None and total > max_bytes:
+                    raise _too_big(path, "gzip data decompresses to more than", max_bytes)
+                out.append(chunk)
+            if d.eof:
+                rest = d.unused_data.lstrip(b"\0")
+                if not rest:
+                    break
+                if rest[:2] != _GZ_MAGIC:
+                    raise TraceError(path, None, "corrupt gzip data: trailing bytes after "
+                                                 "the compressed stream")
+                d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                buf = rest
+                continue
+            buf = d.unconsumed_tail
+            if not buf and len(chunk) < want:
+                raise TraceError(path, None, "corrupt gzip data: compressed file ended before "
+                                             "the end-of-stream marker was reached")
+    except zlib.error as e:
+        raise TraceError(path, None, f"corrupt gzip data: {e}") from None
+    return out[0] if len(out) == 1 else b"".join(out)
+
+
+def _read_capped(f, path, max_bytes):
+    """Read a pipe to its end, refusing more than ``max_bytes``."""
+    chunks = []
+    total = 0
+    while True:
+        b = f.read(_READ_CHUNK)
+        if not b:
+            return b"".join(chunks)
+        total += len(b)
+        if max_bytes is not None and total > max_bytes:
+            raise _too_big(path, "input is larger than", max_bytes)
+        chunks.append(b)
+
+
+def _read_file(path, max_bytes=MAX_TRACE_BYTES):
     try:
         mode = os.stat(path).st_mode
     except OSError:
@@ -244,7 +329,15 @@ def _read_file(path):
         raise TraceError(path, None, "is a device or socket, not a trace file")
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            st = os.fstat(f.fileno())
+            if stat.S_ISREG(st.st_mode):
+                if max_bytes is not None and st.st_size > max_bytes:
+                    raise _too_big(path, f"file ({st.st_size} bytes) is larger than", max_bytes)
+                data = f.read()
+                if max_bytes is not None and len(data) > max_bytes:    # it grew meanwhile
+                    raise _too_big(path, "file is larger than", max_bytes)
+            else:
+                data = _read_capped(f, path, max_bytes)
     except FileNotFoundError:
         raise TraceError(path, None, "no such file") from None
     except IsADirectoryError:
@@ -253,11 +346,8 @@ def _read_file(path):
         raise TraceError(path, None, "permission denied") from None
     except OSError as e:
         raise TraceError(path, None, f"cannot read: {e.strerror or e}") from None
-    if data[:2] == b"\x1f\x8b":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as e:
-            raise TraceError(path, None, f"corrupt gzip data: {e}") from None
+    if data[:2] == _GZ_MAGIC:
+        data = _gunzip(data, path, max_bytes)
     return data
 
 
@@ -389,6 +479,23 @@ def _message(fmt, fail, line, colnames):
     return f"internal parser error (code {code})"
 
 
+def _split_lines(data, block=_SPLIT_BLOCK):
+    """The items of ``data.split(b"\\n")``, a block of about ``block`` bytes
+    at a time: a trace of millions of blank lines does not become one list
+    of millions of lines."""
+    n = len(data)
+    start = 0
+    while n - start > block:
+        cut = data.rfind(b"\n", start, start + block)
+        if cut < 0:                         # a line longer than a block
+            cut = data.find(b"\n", start + block)
+            if cut < 0:
+                break
+        yield from data[start:cut].split(b"\n")
+        start = cut + 1
+    yield from data[start:].split(b"\n")
+
+
 def _line_of(data, lineno):
     start = 0
     for _ in range(lineno - 1):
@@ -487,7 +594,7 @@ def _py_lackey(data, first_line):
     a_app, g_app, s_app, r_app = acc.append, gpa.append, size.append, rip.append
     match = _LACKEY_RE.fullmatch
     cur = 0
-    for no, line in enumerate(data.split(b"\n"), first_line):
+    for no, line in enumerate(_split_lines(data), first_line):
         m = match(line)
         if m is None:
             if line[:2] in (b"==", b"--", b"**") or not _meaningful(line):
@@ -528,7 +635,7 @@ def _py_ftrace(data, first_line):
     vcpu = array.array("H")
     has_v = False
     body = _FTRACE_BODY.fullmatch
-    for no, line in enumerate(data.split(b"\n"), first_line):
+    for no, line in enumerate(_split_lines(data), first_line):
         if not _meaningful(line):
             continue
         i = _ft_token_at(line)
@@ -579,7 +686,7 @@ def _py_csv(data, first_line, names):
     rip = array.array("Q") if "rip" in idx else None
     vcpu = array.array("H") if "vcpu" in idx else None
     insn = [] if "insn" in idx else None
-    for no, line in enumerate(data.split(b"\n"), first_line):
+    for no, line in enumerate(_split_lines(data), first_line):
         if not _meaningful(line):
             continue
         fields = line.split(b",")
@@ -651,9 +758,20 @@ def _zeros(typecode, n):
 
 def _c_parse(fmt, data, first_line, names):
     ffi, lib = _trace_c.ffi, _trace_c.lib
+    # output capacity: an upper bound on the accesses, from what every
+    # accepted line must contain, so that blank lines, comments or other
+    # lines that give no access (a cheap way to blow up a small gzip file)
+    # cost no column memory
     nlines = data.count(b"\n") + 1
-    # lackey: an M record gives two accesses; each has an 'M' in its line
-    cap = nlines + data.count(b"M") if fmt == "lackey" else nlines
+    if fmt == "lackey":
+        # one comma per record; an M record gives two accesses and has an 'M'
+        rec = min(nlines, data.count(b","))
+        cap = rec + min(rec, data.count(b"M"))
+    elif fmt == "ftrace":
+        cap = min(nlines, data.count(_FT_TOKEN))
+    else:
+        # every data line has exactly len(names) - 1 commas (>= 1: access, gpa)
+        cap = min(nlines, data.count(b",") // max(len(names) - 1, 1))
     res = ffi.new("trace_result *")
     buf = ffi.from_buffer("char[]", data)
     acc, gpa, size = _zeros("B", cap), _zeros("Q", cap), _zeros("I", cap)
@@ -707,8 +825,9 @@ def _c_parse(fmt, data, first_line, names):
 # --- entry points ------------------------------------------------------------
 
 
-def parse_trace(data, fmt=None, path="<trace>", backend=None):
+def parse_trace(data, fmt=None, path="<trace>", backend=None, max_bytes=MAX_TRACE_BYTES):
     """Parse trace text (bytes) -> :class:`Trace`.  See :func:`load_trace`."""
+    _check_max_bytes(max_bytes)
     if isinstance(data, str):
         data = data.encode("utf-8")
     if backend is None:
@@ -720,11 +839,10 @@ def parse_trace(data, fmt=None, path="<trace>", backend=None):
     if fmt is not None and fmt not in FORMATS:
         raise TraceError(path, None, f"unknown trace format {fmt!r}"
                          f" (expected one of: {', '.join(FORMATS)})")
-    if data[:2] == b"\x1f\x8b":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as e:
-            raise TraceError(path, None, f"corrupt gzip data: {e}") from None
+    if data[:2] == _GZ_MAGIC:
+        data = _gunzip(data, path, max_bytes)   # capped: a gzip bomb stops here
+    elif max_bytes is not None and len(data) > max_bytes:
+        raise _too_big(path, f"trace text ({len(data)} bytes) is larger than", max_bytes)
     _check_text(data, path)
     if data[:3] == b"\xef\xbb\xbf":  # UTF-8 byte order mark
         data = b"   " + data[3:]
@@ -762,15 +880,18 @@ def parse_trace(data, fmt=None, path="<trace>", backend=None):
     return tr
 
 
-def load_trace(path, fmt=None, backend=None):
+def load_trace(path, fmt=None, backend=None, max_bytes=MAX_TRACE_BYTES):
     """Load a fault trace file (optionally gzip-compressed) -> :class:`Trace`.
 
     ``fmt``: ``"csv"``, ``"lackey"``, ``"ftrace"`` or ``None`` (detect from
     the content).  ``backend``: ``"c"``, ``"python"`` or ``None`` (C if
-    built).  Raises :class:`TraceError` on any problem with the file.
+    built).  ``max_bytes``: the size cap on the file and on its decompressed
+    text (default 4 GiB; ``None``: none).  Raises :class:`TraceError` on any
+    problem with the file.
     """
+    _check_max_bytes(max_bytes)
     path = os.fspath(path)
-    return parse_trace(_read_file(path), fmt, path, backend)
+    return parse_trace(_read_file(path, max_bytes), fmt, path, backend, max_bytes)
 
 
 # ---------------------------------------------------------------------------
