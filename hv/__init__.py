@@ -20,9 +20,10 @@ __all__ = ["Vmm", "Vm", "VmStopped", "HostMemory", "PspClient", "Reply", "Cmd", 
            "status_name", "BadInput", "TraceError", "parse_size", "load_trace", "replay"]
 
 
-def load_trace(path, fmt=None):
+def load_trace(path, fmt=None, **kw):
+    """hv.trace.load_trace (keywords: backend, max_bytes)."""
     from .trace import load_trace as _lt
-    return _lt(path, fmt)
+    return _lt(path, fmt, **kw)
 
 
 def replay(vmm, vm, trace, progress=None):

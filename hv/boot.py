@@ -84,8 +84,10 @@ class BootResult:
 def exit_code_for(reason, guest_code=None):
     if reason == "exit_port":
         return guest_code
-    if reason in ("hlt", "insn_limit"):
+    if reason == "hlt":
         return 0
+    # insn_limit: cut short by --max-insns, not a clean exit (the CLI's
+    # --insn-limit-ok makes it 0)
     if reason == "psp_stopped":
         return 3
     return 1

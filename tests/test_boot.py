@@ -173,7 +173,7 @@ def test_npf_count_is_distinct_pages(guests, name):
 
 def test_max_insns(guests, hook):
     r = boot(guests["compute"], 16 * MiB, hook, max_insns=50_000)
-    assert r.exit_reason == "insn_limit" and r.instructions == 50_000 and r.exit_code == 0
+    assert r.exit_reason == "insn_limit" and r.instructions == 50_000 and r.exit_code == 1
 
 
 def test_measurement(guests):

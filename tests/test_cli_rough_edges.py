@@ -512,3 +512,13 @@ def test_boot_clean_exit_unaffected_by_insn_limit_ok(tmp_path, capsys):
         rc, out, err = run_main(capsys, "boot", img, *BOOT, "--max-insns", "1000", "--json", *extra)
         d = json.loads(out)
         assert (rc, d["exit_reason"], d["exit_code"]) == (0, "hlt", 0), err
+
+
+def test_package_load_trace_passes_the_cap(tmp_path):
+    import hv
+    from hv.trace import TraceError
+    p = tmp_path / "t.csv"
+    p.write_text("access,gpa,size\n" + "r,0x1000,8\n" * 200)
+    assert len(hv.load_trace(str(p)).gpa) == 200
+    with pytest.raises(TraceError, match="t.csv"):
+        hv.load_trace(str(p), max_bytes=100)
