@@ -19,6 +19,7 @@ import zlib
 import pytest
 
 from hv import trace as trace_mod
+from test_cli_badinput import assert_bad_input   # one definition of "bad input"
 from hv.cli import main
 from hv.errors import TraceError
 from hv.hostmem import HostMemory, HostMemoryError
@@ -37,17 +38,6 @@ def hv(*args, timeout=120):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def assert_bad_input(r, *names):
-    """exit 2, one stderr line naming every one of `names`, no traceback, no stdout."""
-    ctx = f"rc={r.returncode} stdout={r.stdout[:300]!r} stderr={r.stderr[-600:]!r}"
-    assert r.returncode == 2, ctx
-    assert "Traceback" not in r.stderr, ctx
-    lines = r.stderr.strip("\n").split("\n")
-    assert len(lines) == 1 and lines[0].startswith("hv: "), ctx
-    assert "internal error" not in lines[0], ctx
-    for n in names:
-        assert str(n) in lines[0], (n, ctx)
-    assert r.stdout == "", ctx
 
 
 def run_main(capsys, *argv):
