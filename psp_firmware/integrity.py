@@ -163,7 +163,7 @@ class FullIntegrity:
     mode = "full"
     mode_id = 0
 
-    def __init__(self, shadow, canon_page, read_u64, vmsa, mem=None, core=None, dirty=None):
+    def __init__(self, shadow, canon_page, read_u64, vmsa, mem=None, core=None):
         self.shadow = shadow
         self._canon = canon_page      # hpa -> canonical bytes of the host page
         self._read_u64 = read_u64

@@ -130,23 +130,29 @@ class Guest:
         self._state = G_LAUNCHING
         self._mapped = 0
         self.rec = None
-        self.fast_ok = integrity_cls is MerkleIntegrity   # the fast path keeps merkle's index
         self.npt = ShadowNpt(root, ptabs)
-        if integrity_cls is MerkleIntegrity:
-            self.integrity = integrity_cls(self.npt, canon, read_u64, vmsa, mem=mem, core=core,
-                                           dirty=dirty, ptabs=ptabs)
-            if ptabs is not None:
-                # the C fast path commits ordinary UPDATE_NPTs of this guest
-                self.rec = _core.ffi.new("struct psp_guest *")
-                self.rec.handle, self.rec.vmsa, self.rec.root = handle, vmsa, root
-                self.rec.accepting = 1
-        elif integrity_cls in _BUILTIN_MODES:
-            self.integrity = integrity_cls(self.npt, canon, read_u64, vmsa, mem=mem, core=core)
-        else:
-            self.integrity = integrity_cls(self.npt, canon, read_u64, vmsa)
+        if integrity_cls is MerkleIntegrity and ptabs is not None:
+            # the C fast path commits ordinary UPDATE_NPTs of this guest
+            self.rec = _core.ffi.new("struct psp_guest *")
+            self.rec.handle, self.rec.vmsa, self.rec.root = handle, vmsa, root
+        self.set_integrity(integrity_cls, canon, read_u64, mem, core, dirty, ptabs)
         self.measurement = hashlib.sha256()
         self.final_measurement = b""
         self.stop_reason = None
+
+    def set_integrity(self, cls, canon, read_u64, mem, core, dirty, ptabs):
+        """A fresh integrity object of `cls` over the guest's current table.
+        The C fast path serves the guest only in merkle mode (it keeps
+        merkle's line-hash index)."""
+        if cls is MerkleIntegrity:
+            self.integrity = cls(self.npt, canon, read_u64, self.vmsa, mem=mem, core=core,
+                                 dirty=dirty, ptabs=ptabs)
+        elif cls in _BUILTIN_MODES:
+            self.integrity = cls(self.npt, canon, read_u64, self.vmsa, mem=mem, core=core)
+        else:
+            self.integrity = cls(self.npt, canon, read_u64, self.vmsa)
+        self.fast_ok = cls is MerkleIntegrity
+        self.state = self._state          # the C view follows
 
     @property
     def state(self):
@@ -263,7 +269,7 @@ class Psp:
                 return int(Status.INTERNAL_ERROR), b""
             return int(st), out
 
-    def run_ring(self, ring, n, progress=None):
+    def run_ring(self, ring, n, progress=None, before_entry=None):
         """Answer a CSV-style ring of `n` commands in place (one wake-up).
 
         `ring` is a writable buffer laid out as psp_firmware.mailbox_layout's
@@ -272,12 +278,15 @@ class Psp:
         `mailbox(cmd, in buffer)` would: its status word gets DONE set.
         `progress`, if given, is a writable u32 memoryview whose element 0
         is set to the count of entries answered so far (the VMM's timeout
-        watches it). Returns the ns spent in firmware handlers."""
+        watches it). `before_entry`, if given, is called before each entry
+        is read (the PSP process's test hooks count and crash there); the
+        entries then go one by one through the mailbox. Returns the ns spent
+        in firmware handlers."""
         from . import mailbox_layout as L
         if not 0 <= n <= len(ring) // L.RING_ENTRY_SIZE:
             raise ValueError(f"ring of {n} entries does not fit the buffer")
-        if self._ctx is None or n == 0:
-            return self._run_ring_py(ring, 0, n, progress, L)
+        if self._ctx is None or n == 0 or before_entry is not None:
+            return self._run_ring_py(ring, 0, n, progress, L, before_entry)
         # C: psp_ring_fast answers the run of ordinary UPDATE_NPTs; any other
         # entry (or one it declines) goes through the mailbox, then C resumes
         ffi = _core.ffi
@@ -300,7 +309,7 @@ class Psp:
             i = j + 1
         return fw
 
-    def _run_ring_py(self, ring, start, n, progress, L):
+    def _run_ring_py(self, ring, start, n, progress, L, before_entry=None):
         ns = time.perf_counter_ns
         mailbox = self.mailbox
         entry_unpack = L.ENTRY_HDR.unpack_from
@@ -311,6 +320,8 @@ class Psp:
         fw = 0
         for i in range(start, n):
             e = i * size
+            if before_entry is not None:
+                before_entry()
             cmd, in_len = entry_unpack(ring, e)
             if in_len > re_in_size:
                 st, out = int(Status.INVALID_LENGTH), b""
@@ -776,20 +787,10 @@ class Psp:
         over its current table (hv bench builds large tables once, in merkle
         mode, then times each mode on them). The C fast path serves the
         guest only while it is in merkle mode."""
-        cls = INTEGRITY_MODES[mode]
         with self._lock:
-            g = self._guests[handle]
-            if cls is MerkleIntegrity:
-                g.integrity = cls(g.npt, self._eng.canon_page, self._read_u64, g.vmsa,
-                                  mem=self._mem, core=self.core, dirty=self._dirty,
-                                  ptabs=self._ptabs)
-            elif cls in _BUILTIN_MODES:
-                g.integrity = cls(g.npt, self._eng.canon_page, self._read_u64, g.vmsa,
-                                  mem=self._mem, core=self.core)
-            else:
-                g.integrity = cls(g.npt, self._eng.canon_page, self._read_u64, g.vmsa)
-            g.fast_ok = cls is MerkleIntegrity
-            g.state = g.state             # the C view follows
+            self._guests[handle].set_integrity(INTEGRITY_MODES[mode], self._eng.canon_page,
+                                               self._read_u64, self._mem, self.core,
+                                               self._dirty, self._ptabs)
 
     def _check_invariants(self):
         if self._frames is None:
