@@ -216,15 +216,11 @@ class Lab:
         self.vmm.mem.write(self.other_page, b"OTHER GUEST SECRET")
         self.vmm.touch(self.other, base + PAGE, ACC_W)
         self.last_failure = None        # the last INTEGRITY_FAILURE reply any command got
-        client = self.vmm.psp
-        real_call = client.call
+        self.vmm.psp.on_refusal = self._record_refusal
 
-        def recording_call(cmd, **fields):
-            r = real_call(cmd, **fields)
-            if r.status == Status.INTEGRITY_FAILURE:
-                self.last_failure = r
-            return r
-        client.call = recording_call    # an instance attribute: the typed methods use it
+    def _record_refusal(self, r):
+        if r.status == Status.INTEGRITY_FAILURE:
+            self.last_failure = r
 
     def close(self):
         self.vmm.close()

@@ -41,6 +41,13 @@ class PspClient:
         self.commands = 0
         self.refused = 0
         self.by_status = {}
+        self.on_refusal = None      # called with every refused Reply a typed method returns
+
+    def _reply(self, cmd, st, out):
+        r = _reply(cmd, st, out)
+        if st != _SUCCESS and self.on_refusal is not None:
+            self.on_refusal(r)
+        return r
 
     def raw(self, cmd, buf):
         """Send any command id with any bytes. Returns (status, out_bytes)."""
@@ -58,7 +65,7 @@ class PspClient:
             raise ValueError(f"{Cmd(cmd).name}: a field does not fit the command buffer "
                              f"({e}); use raw() to send arbitrary bytes") from None
         st, out = self.raw(cmd, buf)
-        return _reply(cmd, st, out)
+        return self._reply(cmd, st, out)
 
     # typed helpers (one per command; all arguments are passed through as is)
     def platform_init(self, host_size, fw_base, fw_size):
@@ -89,18 +96,14 @@ class PspClient:
     def update_npt_fast(self, handle, gpa, hpa, level=1, attrs=3, npages=1):
         """update_npt() for the NPF path: None when the PSP answered
         SUCCESS (no Reply is made), else the Reply update_npt() returns. The
-        same buffer, errors and counters (through raw()); an instance whose
-        call() is wrapped (hv.attacks records replies so) goes through it."""
-        if "call" in self.__dict__:
-            r = self.update_npt(handle, gpa, hpa, level, attrs, npages)
-            return None if r.status == _SUCCESS else r
+        same buffer, errors, counters (through raw()) and on_refusal."""
         try:
             buf = _UPDATE_NPT_IN.pack(handle, level, gpa, hpa, attrs, npages)
         except struct.error as e:   # as call() says it
             raise ValueError(f"UPDATE_NPT: a field does not fit the command buffer "
                              f"({e}); use raw() to send arbitrary bytes") from None
         st, out = self.raw(_UPDATE_NPT, buf)
-        return None if st == _SUCCESS else _reply(_UPDATE_NPT, st, out)
+        return None if st == _SUCCESS else self._reply(_UPDATE_NPT, st, out)
 
     def unmap(self, handle, gpa, level=1, npages=1):
         return self.call(Cmd.UNMAP, handle=handle, level=level, gpa=gpa, npages=npages)

@@ -449,21 +449,21 @@ def test_update_npt_fast_errors_as_call():
         assert a.commands == b.commands == 0
 
 
-def test_update_npt_fast_goes_through_a_wrapped_call():
-    """hv.attacks wraps call() on the instance to see every reply."""
-    c = PspClient(_Scripted([(int(Status.INTEGRITY_FAILURE), b""), (0, b"")]))
+def test_refusals_reach_on_refusal_from_every_path():
+    """hv.attacks sees every refused reply (the NPF path's update_npt_fast
+    included) through on_refusal; successes do not call it."""
+    c = PspClient(_Scripted([(int(Status.INTEGRITY_FAILURE), b""), (0, b""),
+                             (int(Status.GPA_MAPPED), b""), (0, b"")]))
     seen = []
-    real = c.call
-
-    def wrapped(cmd, **fields):
-        r = real(cmd, **fields)
-        seen.append((cmd, r.status))
-        return r
-    c.call = wrapped
+    c.on_refusal = seen.append
     r = c.update_npt_fast(1, 0x1000, 0x2000)
     assert r.status == Status.INTEGRITY_FAILURE
     assert c.update_npt_fast(1, 0x2000, 0x3000) is None
-    assert seen == [(Cmd.UPDATE_NPT, Status.INTEGRITY_FAILURE), (Cmd.UPDATE_NPT, Status.SUCCESS)]
+    r2 = c.update_npt(1, 0x3000, 0x4000)
+    assert r2.status == Status.GPA_MAPPED
+    assert c.nop().ok
+    assert seen == [r, r2]
+    assert [x.status for x in seen] == [Status.INTEGRITY_FAILURE, Status.GPA_MAPPED]
 
 
 def test_inprocess_transport_hands_the_firmware_int_and_bytes():
