@@ -91,7 +91,7 @@ class Vmm:
             raise BadInput(f"the PSP's check interval must be > 0 ms, not {check_ms}")
         if psp == "inprocess":
             kw = {} if integrity is None else {"integrity": integrity}
-            self._psp_obj = Psp(self.mem.buf, backend=backend, **kw)
+            self._psp_obj = Psp(self.mem.buf, backend=backend, mem_fd=self.mem.fd, **kw)
             if check_ms:
                 self._psp_obj.start_periodic_check(check_ms)
             return InProcessTransport(self._psp_obj)

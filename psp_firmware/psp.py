@@ -11,6 +11,7 @@ id and a packed command buffer in, a status and an output buffer out. It
 never raises. Commands are serialized by a lock, as the real mailbox
 serializes them.
 """
+import errno
 import hashlib
 import logging
 import mmap
@@ -18,6 +19,7 @@ import os
 import struct
 import threading
 import time
+import weakref
 
 from nptcore import get_engine
 from nptcore.bits import GPA_LIMIT
@@ -69,6 +71,72 @@ def scrub_mode_for(membuf):
     except (OSError, ValueError, TypeError, IndexError):
         pass
     return "write"
+HOLE_NONE, HOLE_SEEK, HOLE_PAGEMAP = 0, 1, 2        # struct psp_ctx.hole_kind
+_HOLE_NAMES = {HOLE_NONE: "none", HOLE_SEEK: "seek_data", HOLE_PAGEMAP: "pagemap"}
+_PM_DATA = (1 << 63) | (1 << 62)          # pagemap: present | swapped
+
+
+def _buffer_address(membuf):
+    import ctypes
+    export = ctypes.c_char.from_buffer(membuf)
+    try:
+        return ctypes.addressof(export)
+    finally:
+        del export
+
+
+def _mapping_of(membuf):
+    """The /proc/self/maps fields of the mapping that holds `membuf`, or None."""
+    if not isinstance(membuf, mmap.mmap) or len(membuf) == 0:
+        return None
+    try:
+        addr = _buffer_address(membuf)
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split()
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                if lo <= addr < hi:
+                    return parts
+    except (OSError, ValueError, TypeError, IndexError):
+        pass
+    return None
+
+
+def hole_probe_for(membuf, mem_fd=None):
+    """(hole_kind, fd) for psp_scrub_probe: how the PSP can tell, without
+    touching a page of `membuf`, that it still reads as zero.
+
+    HOLE_SEEK with a dup of mem_fd when mem_fd is a memfd that `membuf`
+    maps shared from offset 0 (the same inode, per /proc/self/maps: a VMM
+    that passes one file and maps another gets no probe); HOLE_PAGEMAP with
+    /proc/self/pagemap for a private anonymous mapping; else (HOLE_NONE, -1):
+    every page is compared (files: their holes are the filesystem's to
+    report, and a private file mapping's are the file's bytes)."""
+    parts = _mapping_of(membuf)
+    if parts is None:
+        return HOLE_NONE, -1
+    shared, offset, inode = parts[1][3] == "s", int(parts[2], 16), int(parts[4])
+    try:
+        if mem_fd is not None:
+            st = os.fstat(mem_fd)
+            target = os.readlink(f"/proc/self/fd/{mem_fd}")
+            if shared and offset == 0 and st.st_ino == inode and target.startswith("/memfd:"):
+                fd = os.dup(mem_fd)
+                try:
+                    os.lseek(fd, 0, os.SEEK_DATA)
+                except OSError as e:
+                    if e.errno != errno.ENXIO:       # ENXIO: all holes, the probe works
+                        os.close(fd)
+                        return HOLE_NONE, -1
+                return HOLE_SEEK, fd
+            return HOLE_NONE, -1
+        if not shared and inode == 0 and offset == 0:
+            return HOLE_PAGEMAP, os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        pass
+    return HOLE_NONE, -1
+
+
 _DONE_OUT = {n: _UPDATE_NPT_OUT.pack(n, 0) for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)}
 
 PLATFORM_UNINIT, PLATFORM_INIT = 0, 1
@@ -178,7 +246,7 @@ class Guest:
 
 class Psp:
     def __init__(self, membuf, backend=None, integrity=DEFAULT_INTEGRITY, core=None,
-                 scrub="auto", fast=None):
+                 scrub="auto", fast=None, mem_fd=None, holes=None):
         """fast: use the C core's UPDATE_NPT fast path (csrc/psp_core.c) for
         merkle guests; None: yes unless HV_PSP_FAST=0 (for A/B comparisons
         and tests; statuses, bytes and digests are the same either way).
@@ -188,7 +256,13 @@ class Psp:
         zero without being faulted in now; if the kernel refuses, zeros are
         written (and always for ranges under 16 pages, where a madvise costs
         more than it saves). "auto" (the default) picks by what /proc/self/maps says the
-        buffer is (scrub_mode_for); anything it cannot tell gets "write"."""
+        buffer is (scrub_mode_for); anything it cannot tell gets "write".
+        mem_fd: the memfd `membuf` maps (shared, from offset 0), if it is
+        one; the PSP keeps its own dup of it. holes: let a scrub skip pages
+        the kernel says already read as zero (never allocated, or given back
+        by an earlier scrub) instead of faulting them in to compare: SEEK_DATA
+        on mem_fd for a memfd, /proc/self/pagemap for a private anonymous
+        mapping (hole_probe_for). None: yes unless HV_PSP_HOLES=0."""
         if integrity not in INTEGRITY_MODES:
             raise ValueError(f"unknown integrity mode {integrity!r} (have {sorted(INTEGRITY_MODES)})")
         if scrub not in _SCRUB_ADVICE:
@@ -198,6 +272,12 @@ class Psp:
         self.scrub = scrub
         self._scrub_advice = _SCRUB_ADVICE[scrub]
         self._mem = membuf
+        if holes is None:
+            holes = os.environ.get("HV_PSP_HOLES", "1") != "0"
+        self._hole_kind, self._hole_fd = hole_probe_for(membuf, mem_fd) if holes else (0, -1)
+        self.holes = _HOLE_NAMES[self._hole_kind]
+        if self._hole_fd >= 0:
+            weakref.finalize(self, os.close, self._hole_fd)
         # the C core (csrc/psp_core.c) or None: the Python twin. Same results.
         self._c = _core.resolve(core)
         self.core = "c" if self._c is not None else "python"
@@ -352,8 +432,9 @@ class Psp:
             raise ValueError("scrub outside host memory")
         if self._c is not None:
             # C: madvise when the mapping allows (see __init__), else zero a
-            # page at a time, leaving pages that already read as zero untouched
-            self._c.psp_scrub_advised(self._memc, hpa, nbytes, self._scrub_advice)
+            # page at a time, skipping holes and pages that already read as zero
+            self._c.psp_scrub_probe(self._memc, hpa, nbytes, self._scrub_advice,
+                                    self._hole_kind, self._hole_fd)
             return
         if self._scrub_advice and nbytes >= _SCRUB_MADVISE_MIN and not hpa % mmap.PAGESIZE \
                 and not nbytes % mmap.PAGESIZE:
@@ -362,10 +443,49 @@ class Psp:
                 return
             except (AttributeError, OSError, ValueError):
                 pass
-        self._mem[hpa:hpa + nbytes] = bytes(nbytes)
+        for lo, hi in self._data_ranges(hpa, nbytes):
+            self._mem[lo:hi] = bytes(hi - lo)
 
-    # ------------------------------------------------------------------
-    # validation helpers: raise _Refuse, change nothing
+    def _data_ranges(self, hpa, nbytes):
+        """Python twin of psp_scrub_probe's hole probe: the [lo, hi) parts of
+        [hpa, hpa+nbytes) that may hold data (all of it when there is no probe
+        or it fails); holes already read as zero."""
+        end = hpa + nbytes
+        if not self._hole_kind or hpa % PAGE or nbytes % PAGE:
+            return [(hpa, end)] if nbytes else []
+        out, pos = [], hpa
+        try:
+            if self._hole_kind == HOLE_SEEK:
+                while pos < end:
+                    try:
+                        d = os.lseek(self._hole_fd, pos, os.SEEK_DATA)
+                    except OSError as e:
+                        if e.errno == errno.ENXIO:
+                            return out
+                        raise
+                    if d >= end:
+                        return out
+                    if d < pos or d % PAGE:
+                        break
+                    out.append((d, d + PAGE))
+                    pos = d + PAGE
+            else:
+                base = _buffer_address(self._mem) // PAGE
+                while pos < end:
+                    k = min((end - pos) // PAGE, 64)
+                    raw = os.pread(self._hole_fd, 8 * k, (base + pos // PAGE) * 8)
+                    if len(raw) != 8 * k:
+                        break
+                    for i, e in enumerate(struct.unpack("<%dQ" % k, raw)):
+                        if e & _PM_DATA:
+                            out.append((pos + i * PAGE, pos + (i + 1) * PAGE))
+                    pos += k * PAGE
+        except OSError:
+            pass
+        if pos < end:
+            out.append((pos, end))
+        return out
+
     def _need_platform(self):
         if self._platform != PLATFORM_INIT:
             raise _Refuse(Status.INVALID_PLATFORM_STATE)
@@ -540,6 +660,7 @@ class Psp:
         ctx.shadow_of = self._ptabs.c_shadow_of
         ctx.lines_of = self._ptabs.c_lines_of
         ctx.scrub_advice = self._scrub_advice
+        ctx.hole_kind, ctx.hole_fd = self._hole_kind, self._hole_fd
         self._ctx_keep = keep
         self._ctx = ctx
 

@@ -258,7 +258,6 @@ def main(argv=None):
         size = os.fstat(args.mem_fd).st_size
         mem = mmap.mmap(args.mem_fd, size, flags=mmap.MAP_SHARED)
         mbox = mmap.mmap(args.mbox_fd, L.REGION_SIZE, flags=mmap.MAP_SHARED)
-        os.close(args.mem_fd)
         os.close(args.mbox_fd)
         if L.U32.unpack_from(mbox, L.OFF_MAGIC)[0] != L.MAGIC or \
                 L.U32.unpack_from(mbox, L.OFF_VERSION)[0] != L.VERSION:
@@ -267,7 +266,9 @@ def main(argv=None):
         if args.integrity is not None and args.integrity not in INTEGRITY_MODES:
             _load_integrity_modes()
         kw = {} if args.integrity is None else {"integrity": args.integrity}
-        psp = Psp(mem, backend=args.backend, **kw)
+        # mem_fd: the PSP keeps its own dup for the scrub's hole probe
+        psp = Psp(mem, backend=args.backend, mem_fd=args.mem_fd, **kw)
+        os.close(args.mem_fd)
         if args.periodic_ms and hasattr(psp, "start_periodic_check"):
             psp.start_periodic_check(args.periodic_ms)     # the PSP's own timer
     except Exception as e:

@@ -35,9 +35,21 @@ VARIANTS = [("python", False), ("c", False), ("c", True)] if psp_core.available(
     else [("python", False)]
 
 
-def _boot(core, fast, scrub="write"):
-    mem = mmap.mmap(-1, HOST)
-    psp = Psp(mem, core=core, fast=fast, scrub=scrub)
+def _boot(core, fast, scrub="write", backing="anon"):
+    """backing "memfd": host memory is a memfd the PSP knows (mem_fd), so its
+    scrub skips the holes (psp_scrub_probe's SEEK_DATA probe)."""
+    if backing == "memfd":
+        import os
+        fd = os.memfd_create("hv-test-host", 0)
+        os.ftruncate(fd, HOST)
+        mem = mmap.mmap(fd, HOST, flags=mmap.MAP_SHARED)
+        psp = Psp(mem, core=core, fast=fast, scrub=scrub, mem_fd=fd)
+        os.close(fd)
+        assert psp.holes == "seek_data"
+    else:
+        mem = mmap.mmap(-1, HOST)
+        psp = Psp(mem, core=core, fast=fast, scrub=scrub)
+        assert psp.holes == "none"
     assert psp.fast == fast
 
     def call(cmd, **kw):
@@ -64,8 +76,21 @@ def _platform_status(psp):
     return st, fields
 
 
+def _assert_line_hashes_current(psp):
+    """Every stored line hash is SHA-256 of its line in the shadow copy: what a
+    ring's deferred re-hash (psp_ring_fast's line cache) must leave behind."""
+    for g in psp._guests.values():
+        integ = g.integrity
+        for hpa, lh in getattr(integ, "line_h", {}).items():
+            page = integ.shadow.pages[hpa]
+            for k in range(64):
+                want = hashlib.sha256(b"L" + bytes(page[k * 64:(k + 1) * 64])).digest()
+                assert bytes(lh[k * 32:(k + 1) * 32]) == want, (g.handle, hex(hpa), k)
+
+
 def _outcome(psp, mem):
     """Everything observable: host memory, frames, replies of the status commands."""
+    _assert_line_hashes_current(psp)
     out = {"mem": hashlib.sha256(mem).hexdigest(),
            "frames": psp._frames.snapshot(),
            "platform": _platform_status(psp)}
@@ -119,8 +144,8 @@ def _ring(psp, updates):
     return res
 
 
-def _drive(core, fast, ops):
-    psp, mem = _boot(core, fast)
+def _drive(core, fast, ops, backing="anon"):
+    psp, mem = _boot(core, fast, backing=backing)
     res = []
     done = set()
     for op in ops:
@@ -165,7 +190,9 @@ def _drive(core, fast, ops):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=ops_strategy)
 def test_fast_path_agrees_with_full_path(ops):
-    results = [_drive(core, fast, ops) for core, fast in VARIANTS]
+    # the memfd runs: the scrub's hole probe (C and its Python twin) changes nothing seen
+    results = [_drive(core, fast, ops) for core, fast in VARIANTS] + \
+              [_drive(core, fast, ops, "memfd") for core, fast in VARIANTS[::2]]
     for r in results[1:]:
         assert r == results[0]
 
@@ -251,6 +278,85 @@ def test_ring_runs_in_c_and_falls_back_per_entry():
     assert [s for s, _ in got] == [0] * 5 + [Status.GPA_MAPPED, 0, Status.BAD_OWNER, 0, 0]
     assert psp._commands - n0 == len(ups)
     assert _outcome(psp, mem) == _outcome(twin, tmem)
+
+
+def _count_slow_entries(psp):
+    """Wrap psp._run_ring_py: how many ring entries the C loop handed back."""
+    seen = []
+    orig = psp._run_ring_py
+
+    def wrapped(ring, start, n, *a, **kw):
+        seen.append(n - start)
+        return orig(ring, start, n, *a, **kw)
+    psp._run_ring_py = wrapped
+    return seen
+
+
+@needs_c
+def test_ring_checks_each_line_once_and_leaves_every_line_hash_current():
+    """psp_ring_fast's line cache: 252 leaf lines over 4 leaf tables in one C
+    call, more than its 128 slots, so written (pending) lines get evicted and
+    re-hashed mid-ring; the rest are re-hashed when the loop returns. A second
+    ring then writes the neighbour in each of those lines: it only passes the
+    line check (in C, no entry handed back) if every stored hash is current."""
+    psp, mem = _boot("c", True)
+    twin, tmem = _boot("python", False)
+    for p in (psp, twin):        # the 4 leaf tables exist before the ring
+        for j in range(4):
+            st, _ = p.mailbox(int(Cmd.UPDATE_NPT), _update_buf(1, 1, j * 2 * MB,
+                                                               12 * MB + j * PAGE, 3, 1))
+            assert st == 0
+    slow = _count_slow_entries(psp)
+    hpa = [13 * MB]
+
+    def ups(offset):
+        out = []
+        for j in range(4):
+            for k in range(1, 64):
+                out.append(("u", 1, 1, j * 2 * MB + (k * 8 + offset) * PAGE, hpa[0], 3, 1))
+                hpa[0] += PAGE
+        return out
+    for offset in (0, 1):
+        ring = ups(offset)
+        got = _ring(psp, ring)
+        want = [twin.mailbox(int(Cmd.UPDATE_NPT), _update_buf(*u[1:])) for u in ring]
+        assert got == want
+        assert {s for s, _ in got} == {0}
+        assert slow == []                  # all 252 answered in C, twice
+        assert _outcome(psp, mem) == _outcome(twin, tmem)
+
+
+@needs_c
+@pytest.mark.parametrize("where", ["leaf_line", "upper_line"])
+def test_ring_catches_a_tamper_in_a_line_it_reaches_later(where):
+    """A tamper sitting in a line that only later entries of a ring read: the
+    entries before it commit, the first entry that reads it gets
+    INTEGRITY_FAILURE and stops the guest, the rest are refused; the same as
+    the Python handler one command at a time."""
+    res = []
+    for core, fast in (("c", True), ("python", False)):
+        psp, mem = _boot(core, fast)
+        for gpa, h in ((0, 12 * MB), (0x2_0000_0000, 12 * MB + PAGE)):   # two L3 lines
+            assert psp.mailbox(int(Cmd.UPDATE_NPT), _update_buf(1, 1, gpa, h, 3, 1))[0] == 0
+        g = psp._guests[1]
+        if where == "leaf_line":       # the leaf table of GPA 0, line 4, not a slot written
+            table = g.npt.leaf(0)[0]
+            addr = table + (4 * 8 + 7) * 8
+        else:                          # L3 line 1 (over GPA 8 GiB), a slot nobody uses
+            l4 = g.npt.root
+            l3 = struct.unpack_from("<Q", mem, l4)[0] & 0x000F_FFFF_FFFF_F000
+            addr = l3 + 9 * 8
+        struct.pack_into("<Q", mem, addr, struct.unpack_from("<Q", mem, addr)[0] ^ W)
+        ring = [("u", 1, 1, k * 8 * PAGE, 13 * MB + k * PAGE, 3, 1) for k in range(1, 4)]
+        ring += [("u", 1, 1, 0x2_0000_0000 + k * PAGE, 14 * MB + k * PAGE, 3, 1)
+                 for k in range(1, 3)] if where == "upper_line" else \
+                [("u", 1, 1, (4 * 8 + k) * PAGE, 14 * MB + k * PAGE, 3, 1) for k in range(2)]
+        ring += [("u", 1, 1, 5 * 8 * PAGE, 15 * MB, 3, 1)]
+        res.append(_ring(psp, ring))
+    assert res[0] == res[1]
+    sts = [s for s, _ in res[0]]
+    assert sts[:3] == [0, 0, 0] and sts[3] == Status.INTEGRITY_FAILURE
+    assert all(s != 0 for s in sts[4:])
 
 
 @needs_c
