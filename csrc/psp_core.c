@@ -486,9 +486,93 @@ static void line_written(const struct psp_ctx *c, struct line_cache *lc, uint64_
     lc_rehash(c, key);
 }
 
-static int update_fast(struct psp_ctx *c, struct psp_guest *g, uint32_t level, uint64_t gpa,
-                       uint64_t hpa, uint32_t attrs, uint32_t npages, struct line_cache *lc)
+/* What one ring knows about host frames, so that its scrubs ask the kernel
+ * once per window rather than once per frame (psp_scrub_probe's rules):
+ *   a window of PROBE_WINDOW frames, read in one call when a scrub first
+ *   needs a frame outside it: for HOLE_SEEK mincore() of the PSP's mapping
+ *   (1: the memfd has the page in memory: data), for HOLE_PAGEMAP the
+ *   pagemap entries (present or swapped: data; else a hole);
+ *   for HOLE_SEEK, a known run of holes [hole_lo, hole_hi) from the last
+ *   SEEK_DATA that found none there (a frame mincore does not report may
+ *   still be swapped out: only SEEK_DATA says it is a hole).
+ * A frame the VMM fills after the ring looked is the same as one it fills
+ * after the scrub (see psp_scrub_probe); what the ring saw as data it
+ * always scrubs. */
+#define PROBE_WINDOW 256
+struct ring_state {
+    struct line_cache lc;
+    uint64_t hole_lo, hole_hi;
+    uint64_t win_lo, win_n;             /* frames [win_lo, win_lo + win_n * 4K) */
+    uint8_t win[PROBE_WINDOW];          /* 1: data */
+};
+
+/* 1: page at pos holds data (scrub it), 0: a hole, -1: cannot tell (scrub) */
+static int ring_page_state(const struct psp_ctx *c, struct ring_state *rs, uint64_t pos)
 {
+    int fd = (int)c->hole_fd;
+    if (c->hole_kind == HOLE_SEEK && pos >= rs->hole_lo && pos < rs->hole_hi)
+        return 0;
+    if (pos < rs->win_lo || pos >= rs->win_lo + (rs->win_n << 12)) {
+        uint64_t n = (c->host_size - pos) >> 12;
+        if (n > PROBE_WINDOW)
+            n = PROBE_WINDOW;
+        rs->win_lo = pos;
+        rs->win_n = 0;
+        if (c->hole_kind == HOLE_SEEK) {
+            if (mincore((uint8_t *)c->mem + pos, n << 12, rs->win) != 0)
+                return -1;
+        } else {
+            uint64_t ent[PROBE_WINDOW];
+            off_t at = (off_t)(((uintptr_t)c->mem + pos) >> 12) * 8;
+            if (pread(fd, ent, n * 8, at) != (ssize_t)(n * 8))
+                return -1;
+            for (uint64_t i = 0; i < n; i++)
+                rs->win[i] = (ent[i] & (PM_PRESENT | PM_SWAPPED)) != 0;
+        }
+        rs->win_n = n;
+    }
+    if (rs->win[(pos - rs->win_lo) >> 12] & 1)
+        return 1;
+    if (c->hole_kind == HOLE_PAGEMAP)
+        return 0;
+    off_t d = lseek(fd, (off_t)pos, SEEK_DATA);
+    if (d < 0) {
+        if (errno != ENXIO)
+            return -1;
+        rs->hole_lo = pos;                 /* no data from pos to the end */
+        rs->hole_hi = UINT64_MAX;
+        return 0;
+    }
+    if ((uint64_t)d == pos)
+        return 1;
+    if ((uint64_t)d < pos || ((uint64_t)d & 4095))
+        return -1;
+    rs->hole_lo = pos;
+    rs->hole_hi = (uint64_t)d;
+    return 0;
+}
+
+/* The scrub of an update: psp_scrub_probe, or with rs its cached form */
+static void scrub_frames(const struct psp_ctx *c, struct ring_state *rs, uint64_t off, uint64_t n)
+{
+    uint8_t *mem = (uint8_t *)c->mem;
+    int advice = (int)c->scrub_advice;
+    if (!rs || c->hole_fd < 0 || (c->hole_kind != HOLE_SEEK && c->hole_kind != HOLE_PAGEMAP) ||
+        (advice && n >= SCRUB_MADVISE_MIN) || (off & 4095) || (n & 4095) ||
+        ((uintptr_t)mem & 4095)) {
+        psp_scrub_probe(mem, off, n, advice, (int)c->hole_kind, (int)c->hole_fd);
+        return;
+    }
+    for (uint64_t pos = off; pos < off + n; pos += 4096)
+        if (ring_page_state(c, rs, pos) != 0)
+            scrub_pages(mem, pos, 4096);
+    zero_fence();
+}
+
+static int update_fast(struct psp_ctx *c, struct psp_guest *g, uint32_t level, uint64_t gpa,
+                       uint64_t hpa, uint32_t attrs, uint32_t npages, struct ring_state *rs)
+{
+    struct line_cache *lc = rs ? &rs->lc : NULL;
     uint8_t *mem = (uint8_t *)c->mem;
     uint8_t *fstate = (uint8_t *)c->fstate;
     uint32_t *fowner = (uint32_t *)c->fowner;
@@ -543,7 +627,7 @@ static int update_fast(struct psp_ctx *c, struct psp_guest *g, uint32_t level, u
             return 1;
 
     /* ---- all checks passed: commit ---- */
-    psp_scrub_probe(mem, hpa, total, (int)c->scrub_advice, (int)c->hole_kind, (int)c->hole_fd);
+    scrub_frames(c, rs, hpa, total);
     uint64_t flags = P_BIT | U_BIT | ((attrs & ATTR_W) ? W_BIT : 0) |
                      ((attrs & ATTR_X) ? 0 : NX_BIT) | (level == 2 ? PS_BIT : 0);
     psp_write_leaves(mem, t, lsh, idx, (int)npages, hpa | flags, size);
@@ -571,7 +655,7 @@ int psp_update_fast(struct psp_ctx *c, struct psp_guest *g, uint32_t level, uint
 /* An UPDATE_NPT command buffer (32 bytes: handle, level, gpa, hpa, attrs,
  * npages) through the fast path, for a guest the ring table knows.
  * Returns npages (>= 1) when committed, 0 when declined (nothing changed). */
-static uint32_t update_from_buf(struct psp_ctx *c, const uint8_t *buf, struct line_cache *lc)
+static uint32_t update_from_buf(struct psp_ctx *c, const uint8_t *buf, struct ring_state *rs)
 {
     uint8_t in[UPDATE_NPT_LEN];
     memcpy(in, buf, sizeof in);                /* a copy: the VMM may race us */
@@ -579,7 +663,7 @@ static uint32_t update_from_buf(struct psp_ctx *c, const uint8_t *buf, struct li
     struct psp_guest *g = c->ring_guests[handle & 63];
     if (!g || g->handle != handle)
         return 0;
-    if (update_fast(c, g, ld32(in + 4), ld64(in + 8), ld64(in + 16), ld32(in + 24), npages, lc))
+    if (update_fast(c, g, ld32(in + 4), ld64(in + 8), ld64(in + 16), ld32(in + 24), npages, rs))
         return 0;
     return npages;
 }
@@ -596,8 +680,8 @@ uint32_t psp_mailbox_update(struct psp_ctx *c, const uint8_t *buf)
 uint32_t psp_ring_fast(struct psp_ctx *c, uint8_t *ring, uint32_t start, uint32_t n,
                        uint32_t *progress)
 {
-    struct line_cache lc;
-    memset(&lc, 0, sizeof lc);
+    struct ring_state rs;
+    memset(&rs, 0, sizeof rs);
     uint32_t i;
     for (i = start; i < n; i++) {
         uint8_t *e = ring + (uint64_t)i * RING_ENTRY;
@@ -607,7 +691,7 @@ uint32_t psp_ring_fast(struct psp_ctx *c, uint8_t *ring, uint32_t start, uint32_
         } else {
             if (cmd != CMD_UPDATE_NPT || in_len != UPDATE_NPT_LEN)
                 break;
-            uint32_t npages = update_from_buf(c, e + RE_IN, &lc);
+            uint32_t npages = update_from_buf(c, e + RE_IN, &rs);
             if (!npages)
                 break;
             st32(e + RE_OUT, npages);              /* done */
@@ -618,6 +702,6 @@ uint32_t psp_ring_fast(struct psp_ctx *c, uint8_t *ring, uint32_t start, uint32_
         if (progress)
             __atomic_store_n(progress, i + 1, __ATOMIC_RELEASE);
     }
-    lc_flush(c, &lc);          /* every stored line hash matches its shadow again */
+    lc_flush(c, &rs.lc);       /* every stored line hash matches its shadow again */
     return i;
 }

@@ -37,7 +37,9 @@ VARIANTS = [("python", False), ("c", False), ("c", True)] if psp_core.available(
 
 def _boot(core, fast, scrub="write", backing="anon"):
     """backing "memfd": host memory is a memfd the PSP knows (mem_fd), so its
-    scrub skips the holes (psp_scrub_probe's SEEK_DATA probe)."""
+    scrub skips the holes (psp_scrub_probe's SEEK_DATA probe); "private": a
+    private anonymous mapping (the pagemap probe); "anon": shared anonymous
+    memory (no probe)."""
     if backing == "memfd":
         import os
         fd = os.memfd_create("hv-test-host", 0)
@@ -46,6 +48,10 @@ def _boot(core, fast, scrub="write", backing="anon"):
         psp = Psp(mem, core=core, fast=fast, scrub=scrub, mem_fd=fd)
         os.close(fd)
         assert psp.holes == "seek_data"
+    elif backing == "private":      # private anonymous: the pagemap probe
+        mem = mmap.mmap(-1, HOST, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        psp = Psp(mem, core=core, fast=fast, scrub=scrub)
+        assert psp.holes == "pagemap"
     else:
         mem = mmap.mmap(-1, HOST)
         psp = Psp(mem, core=core, fast=fast, scrub=scrub)

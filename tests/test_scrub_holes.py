@@ -183,3 +183,57 @@ def test_update_npt_leaves_a_fresh_frame_unallocated(psp_kind):
         assert bytes(buf[hpa:hpa + 4 * PAGE]) == bytes(4 * PAGE)
     finally:
         vmm.close()
+
+
+@needs_c
+@pytest.mark.parametrize("backing", ["memfd", "anon"])
+def test_ring_scrub_reads_the_kernel_once_per_window_and_misses_nothing(backing):
+    """psp_ring_fast's cached probe (ring_page_state): 300 UPDATE_NPTs in one
+    ring over frames in every state, across a PROBE_WINDOW (256 frames) edge
+    and through runs of holes that end in data. Every frame reads zero after,
+    the holes are still holes, and the statuses, frames and host bytes match
+    the Python twin with no probe."""
+    import hashlib
+    from test_psp_fast import HOST, MB, _boot, _ring
+    psp, mem = _boot("c", True, backing="memfd" if backing == "memfd" else "private")
+    twin, tmem = _boot("python", False)
+    fd = psp._hole_fd
+    base = 8 * MB
+    # runs: 5 holes, data, zero, 3 holes, given back, data ... (pattern of 11)
+    pattern = ["hole"] * 5 + ["data", "zero"] + ["hole"] * 3 + ["given_back"]
+    states = [pattern[i % len(pattern)] for i in range(300)]
+    for i, s in enumerate(states):
+        a = base + i * PAGE
+        if s in ("data", "given_back"):
+            mem[a:a + PAGE] = b"\xA5" * PAGE
+            tmem[a:a + PAGE] = b"\xA5" * PAGE
+        elif s == "zero":
+            mem[a] = 1
+            mem[a] = 0
+        if s == "given_back":
+            mem.madvise(mmap.MADV_REMOVE if backing == "memfd" else mmap.MADV_DONTNEED, a, PAGE)
+            tmem[a:a + PAGE] = bytes(PAGE)
+    for p in (psp, twin):            # the leaf table exists: the ring stays in C
+        st, _ = p.mailbox(0x20, struct_update(1, 1, 0x4000_0000, 7 * MB, 3, 1))
+        assert st == 0
+    ring = [("u", 1, 1, 0x4000_0000 + (1 + i) * PAGE, base + i * PAGE, 3, 1) for i in range(300)]
+    slow = []
+    orig = psp._run_ring_py
+    psp._run_ring_py = lambda ring_, s, n, *a, **k: (slow.append(n - s), orig(ring_, s, n, *a, **k))[1]
+    got = _ring(psp, ring)
+    assert got == _ring(twin, ring)
+    assert {s for s, _ in got} == {0}
+    assert slow == []                        # all 300 answered by psp_ring_fast
+    for i, s in enumerate(states):           # before anything reads them
+        if s in ("hole", "given_back"):
+            page = base // PAGE + i
+            hole = _is_hole_memfd(fd, page) if backing == "memfd" else _is_hole_anon(mem, page)
+            assert hole, (i, s)
+    assert bytes(mem[base:base + 300 * PAGE]) == bytes(300 * PAGE)
+    assert hashlib.sha256(mem).digest() == hashlib.sha256(tmem).digest()
+    assert psp._frames.snapshot() == twin._frames.snapshot()
+
+
+def struct_update(handle, level, gpa, hpa, attrs, npages):
+    import struct
+    return struct.pack("<IIQQII", handle, level, gpa, hpa, attrs, npages)
