@@ -652,6 +652,22 @@ int psp_update_fast(struct psp_ctx *c, struct psp_guest *g, uint32_t level, uint
     return update_fast(c, g, level, gpa, hpa, attrs, npages, NULL);
 }
 
+/* The fast path's record of guest `handle`: slot handle % 64 if it is
+ * there (the usual case), else wherever psp.py put it (NULL: the Python
+ * path answers) */
+static struct psp_guest *ring_guest(const struct psp_ctx *c, uint32_t handle)
+{
+    struct psp_guest *g = c->ring_guests[handle & 63];
+    if (g && g->handle == handle)
+        return g;
+    for (int k = 0; k < 64; k++) {
+        g = c->ring_guests[k];
+        if (g && g->handle == handle)
+            return g;
+    }
+    return NULL;
+}
+
 /* An UPDATE_NPT command buffer (32 bytes: handle, level, gpa, hpa, attrs,
  * npages) through the fast path, for a guest the ring table knows.
  * Returns npages (>= 1) when committed, 0 when declined (nothing changed). */
@@ -660,8 +676,8 @@ static uint32_t update_from_buf(struct psp_ctx *c, const uint8_t *buf, struct ri
     uint8_t in[UPDATE_NPT_LEN];
     memcpy(in, buf, sizeof in);                /* a copy: the VMM may race us */
     uint32_t handle = ld32(in), npages = ld32(in + 28);
-    struct psp_guest *g = c->ring_guests[handle & 63];
-    if (!g || g->handle != handle)
+    struct psp_guest *g = ring_guest(c, handle);
+    if (!g)
         return 0;
     if (update_fast(c, g, ld32(in + 4), ld64(in + 8), ld64(in + 16), ld32(in + 24), npages, rs))
         return 0;

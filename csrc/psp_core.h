@@ -35,7 +35,8 @@ struct psp_ctx {
                                 without touching them (psp_scrub_probe): 0 none,
                                 1 SEEK_DATA on hole_fd, 2 /proc/self/pagemap */
     int64_t hole_fd;         /*   the fd for hole_kind (-1: none) */
-    struct psp_guest *ring_guests[64];   /* handle % 64 -> guest, for the ring loop */
+    struct psp_guest *ring_guests[64];   /* the ring loop's guests: handle % 64 if
+                                            free, else any free slot */
 };
 /* cdef-end */
 

@@ -705,8 +705,15 @@ class Psp:
                                          self._eng.canon_page, self._read_u64,
                                          mem=self._mem, core=self.core, dirty=self._dirty,
                                          ptabs=self._ptabs)
-        if g.rec is not None and self._ctx.ring_guests[handle & 63] == _core.ffi.NULL:
-            self._ctx.ring_guests[handle & 63] = g.rec
+        if g.rec is not None:
+            # the ring loop's guest table: slot handle % 64 if free, else any
+            # free one (psp_core.c ring_guest looks there first, then scans);
+            # past 64 fast-path guests, the others take the Python path
+            slots = self._ctx.ring_guests
+            for k in [handle & 63] + list(range(64)):
+                if slots[k] == _core.ffi.NULL:
+                    slots[k] = g.rec
+                    break
         return Status.SUCCESS, encode_out(Cmd.LAUNCH_START, handle=handle)
 
     def cmd_set_private_memory(self, handle, hpa, npages):
@@ -884,8 +891,10 @@ class Psp:
         # ---- all checks passed: commit ----
         if g.rec is not None:
             g.rec.accepting = 0
-            if self._ctx.ring_guests[handle & 63] == g.rec:
-                self._ctx.ring_guests[handle & 63] = _core.ffi.NULL
+            slots = self._ctx.ring_guests
+            for k in range(64):
+                if slots[k] == g.rec:
+                    slots[k] = _core.ffi.NULL
         g.npt.drop_all()
         for hpa in g.npt.pages:
             self._dirty[hpa >> 12] = 0

@@ -333,6 +333,32 @@ def test_ring_checks_each_line_once_and_leaves_every_line_hash_current():
 
 
 @needs_c
+def test_ring_finds_a_guest_whose_slot_is_taken():
+    """Guest 65 shares slot 65 % 64 with live guest 1: the ring loop still
+    finds it (another free slot) and answers its updates in C."""
+    psp, mem = _boot("c", True)
+    twin, tmem = _boot("python", False)
+    for p in (psp, twin):
+        for h in range(3, 65):
+            st, out = p.mailbox(int(Cmd.LAUNCH_START),
+                                encode(Cmd.LAUNCH_START, vmsa_hpa=16 * MB + h * PAGE, policy=0))
+            assert st == 0 and decode_out(Cmd.LAUNCH_START, out)["handle"] == h
+        assert p.mailbox(int(Cmd.DECOMMISSION), encode(Cmd.DECOMMISSION, handle=3))[0] == 0
+        st, out = p.mailbox(int(Cmd.LAUNCH_START),
+                            encode(Cmd.LAUNCH_START, vmsa_hpa=16 * MB + 65 * PAGE, policy=0))
+        assert st == 0 and decode_out(Cmd.LAUNCH_START, out)["handle"] == 65
+        assert p.mailbox(int(Cmd.UPDATE_NPT), _update_buf(65, 1, 0, 12 * MB, 3, 1))[0] == 0
+    slow = _count_slow_entries(psp)
+    ring = [("u", 65, 1, k * PAGE, 12 * MB + k * PAGE, 3, 1) for k in range(1, 9)] + \
+           [("u", 1, 1, k * PAGE, 13 * MB + k * PAGE, 3, 1) for k in range(0, 1)]
+    got = _ring(psp, ring)
+    assert got == _ring(twin, ring)
+    assert [s for s, _ in got] == [0] * 8 + [0]
+    assert slow == [1]                 # only guest 1's first update (new tables)
+    assert _outcome(psp, mem) == _outcome(twin, tmem)
+
+
+@needs_c
 @pytest.mark.parametrize("where", ["leaf_line", "upper_line"])
 def test_ring_catches_a_tamper_in_a_line_it_reaches_later(where):
     """A tamper sitting in a line that only later entries of a ring read: the
