@@ -496,9 +496,19 @@ def _split_lines(data, block=_SPLIT_BLOCK):
     yield from data[start:].split(b"\n")
 
 
-def _line_of(data, lineno):
-    start = 0
-    for _ in range(lineno - 1):
+def _line_of(data, lineno, block=1 << 20):
+    """Line `lineno` (1-based) of data, without its newline. Whole blocks of
+    lines are skipped by bytes.count (a malformed line near the end of a
+    multi-GB trace is named in well under a second), the last by index."""
+    start, left = 0, lineno - 1
+    n = len(data)
+    while left and start < n:
+        k = data.count(b"\n", start, start + block)
+        if k >= left:
+            break
+        left -= k
+        start += block
+    for _ in range(left):
         start = data.index(b"\n", start) + 1
     end = data.find(b"\n", start)
     return data[start:] if end < 0 else data[start:end]

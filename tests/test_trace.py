@@ -636,3 +636,16 @@ def test_detect_ftrace_after_other_lines(backend):
 def test_bom_is_ignored(backend):
     t = parse(b"\xef\xbb\xbfaccess,gpa\nr,1\n", None, backend)
     assert list(t.gpa) == [1]
+
+
+@settings(max_examples=200, deadline=None)
+@given(lines=st.lists(st.binary(max_size=6).map(lambda b: b.replace(b"\n", b"x")),
+                      min_size=1, max_size=40),
+       trailing=st.booleans(), block=st.sampled_from([1, 2, 3, 5, 16, 1 << 20]))
+def test_line_of_names_the_right_line_whatever_the_block(lines, trailing, block):
+    """The error path's line lookup skips whole blocks by counting newlines;
+    it must land on the same line as walking them one by one."""
+    from hv.trace import _line_of
+    data = b"\n".join(lines) + (b"\n" if trailing else b"")
+    for no, want in enumerate(lines, 1):
+        assert _line_of(data, no, block) == want
