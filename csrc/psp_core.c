@@ -670,7 +670,8 @@ static struct psp_guest *ring_guest(const struct psp_ctx *c, uint32_t handle)
 
 /* An UPDATE_NPT command buffer (32 bytes: handle, level, gpa, hpa, attrs,
  * npages) through the fast path, for a guest the ring table knows.
- * Returns npages (>= 1) when committed, 0 when declined (nothing changed). */
+ * Returns npages (>= 1) when committed, 0 when declined (nothing changed),
+ * PSP_NO_RECORD when the guest has no fast-path record in the ring table. */
 static uint32_t update_from_buf(struct psp_ctx *c, const uint8_t *buf, struct ring_state *rs)
 {
     uint8_t in[UPDATE_NPT_LEN];
@@ -678,7 +679,7 @@ static uint32_t update_from_buf(struct psp_ctx *c, const uint8_t *buf, struct ri
     uint32_t handle = ld32(in), npages = ld32(in + 28);
     struct psp_guest *g = ring_guest(c, handle);
     if (!g)
-        return 0;
+        return PSP_NO_RECORD;
     if (update_fast(c, g, ld32(in + 4), ld64(in + 8), ld64(in + 16), ld32(in + 24), npages, rs))
         return 0;
     return npages;
@@ -708,7 +709,7 @@ uint32_t psp_ring_fast(struct psp_ctx *c, uint8_t *ring, uint32_t start, uint32_
             if (cmd != CMD_UPDATE_NPT || in_len != UPDATE_NPT_LEN)
                 break;
             uint32_t npages = update_from_buf(c, e + RE_IN, &rs);
-            if (!npages)
+            if (!npages || npages == PSP_NO_RECORD)
                 break;
             st32(e + RE_OUT, npages);              /* done */
             st32(e + RE_OUT + 4, 0);               /* tables_used */

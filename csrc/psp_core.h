@@ -70,6 +70,7 @@ void psp_merkle_verify(const PSP_BYTE *mem, uint32_t n, const uint64_t *hpa,
                        uint32_t root_k, uint64_t root, PSP_BYTE *root_out);
 int psp_update_fast(struct psp_ctx *c, struct psp_guest *g, uint32_t level, uint64_t gpa,
                     uint64_t hpa, uint32_t attrs, uint32_t npages);
+#define PSP_NO_RECORD 0xFFFFFFFF   /* psp_mailbox_update: no such guest in the ring table */
 uint32_t psp_mailbox_update(struct psp_ctx *c, const PSP_BYTE *buf);
 uint32_t psp_ring_fast(struct psp_ctx *c, PSP_BYTE *ring, uint32_t start, uint32_t n,
                        uint32_t *progress);

@@ -38,6 +38,7 @@ _Q = struct.Struct("<Q")
 _UPDATE_NPT_OUT = struct.Struct(_OUT[Cmd.UPDATE_NPT][0])      # done, tables_used
 assert _OUT[Cmd.UPDATE_NPT][1] == ("done", "tables_used")
 _SUCCESS = int(Status.SUCCESS)
+_NO_RECORD = 0xFFFFFFFF          # csrc/psp_core.h PSP_NO_RECORD
 _UPDATE_NPT = int(Cmd.UPDATE_NPT)
 _UPDATE_NPT_LEN = struct.calcsize(_IN[Cmd.UPDATE_NPT][0])
 assert _IN[Cmd.UPDATE_NPT][1] == ("handle", "level", "gpa", "hpa", "attrs", "npages")
@@ -297,6 +298,7 @@ class Psp:
         self._next_handle = 1
         self._pool = []
         self._commands = 0
+        self._declined = 0      # handle whose UPDATE_NPT the mailbox's fast path just declined
         self._lock = threading.Lock()
         self._handlers = {
             Cmd.PLATFORM_INIT: self.cmd_platform_init,
@@ -331,7 +333,10 @@ class Psp:
                 # same psp_update_fast cmd_update_npt starts with; if it
                 # declines (nothing changed), decode and dispatch as usual
                 done = self._c.psp_mailbox_update(self._ctx, buf)
-                if done:
+                if done == 0:
+                    # declined (nothing changed): cmd_update_npt need not ask again
+                    self._declined = int.from_bytes(buf[:4], "little")
+                elif done != _NO_RECORD:
                     out = _DONE_OUT.get(done)
                     return _SUCCESS, out if out is not None else _UPDATE_NPT_OUT.pack(done, 0)
             try:
@@ -347,6 +352,8 @@ class Psp:
             except Exception:   # a firmware bug: report it, never crash the caller
                 log.exception("PSP internal error on command %r", cmd)
                 return int(Status.INTERNAL_ERROR), b""
+            finally:
+                self._declined = 0
             return int(st), out
 
     def run_ring(self, ring, n, progress=None, before_entry=None):
@@ -770,8 +777,8 @@ class Psp:
 
     def cmd_update_npt(self, handle, level, gpa, hpa, attrs, npages):
         g = self._guest(handle)
-        if g.rec is not None and not self._c.psp_update_fast(self._ctx, g.rec, level, gpa, hpa,
-                                                             attrs, npages):
+        if g.rec is not None and self._declined != handle and \
+                not self._c.psp_update_fast(self._ctx, g.rec, level, gpa, hpa, attrs, npages):
             # psp_update_fast ran every check of _map_checks and committed what
             # _commit_map would (csrc/psp_core.c): leaves in one existing table
             return _SUCCESS, _UPDATE_NPT_OUT.pack(npages, 0)

@@ -358,6 +358,44 @@ def test_ring_finds_a_guest_whose_slot_is_taken():
     assert _outcome(psp, mem) == _outcome(twin, tmem)
 
 
+class _CountingCore:
+    """psp._c with its calls counted by name."""
+    def __init__(self, lib):
+        self._lib, self.calls = lib, {}
+
+    def __getattr__(self, name):
+        fn = getattr(self._lib, name)
+
+        def counted(*a):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return fn(*a)
+        return counted if callable(fn) else fn
+
+
+@needs_c
+def test_a_declined_update_asks_c_once_and_a_guest_without_a_record_still_gets_c():
+    from psp_firmware import psp as psp_mod
+    assert psp_core.lib.PSP_NO_RECORD == psp_mod._NO_RECORD
+    psp, mem = _boot("c", True)
+    assert psp.mailbox(int(Cmd.UPDATE_NPT), _update_buf(1, 1, 0, 12 * MB, 3, 1))[0] == 0
+    psp._c = counting = _CountingCore(psp._c)
+    st, _ = psp.mailbox(int(Cmd.UPDATE_NPT), _update_buf(1, 1, 0, 12 * MB + PAGE, 3, 1))
+    assert st == Status.GPA_MAPPED
+    assert counting.calls.get("psp_mailbox_update") == 1
+    assert "psp_update_fast" not in counting.calls          # not asked a second time
+    # 64 more guests: the 65th fast-path guest has no ring-table slot
+    psp._c = counting._lib
+    for h in range(3, 67):
+        st, out = psp.mailbox(int(Cmd.LAUNCH_START),
+                              encode(Cmd.LAUNCH_START, vmsa_hpa=16 * MB + h * PAGE, policy=0))
+        assert st == 0
+    assert psp.mailbox(int(Cmd.UPDATE_NPT), _update_buf(66, 1, 0, 13 * MB, 3, 1))[0] == 0
+    psp._c = counting = _CountingCore(psp._c)
+    st, out = psp.mailbox(int(Cmd.UPDATE_NPT), _update_buf(66, 1, PAGE, 13 * MB + PAGE, 3, 1))
+    assert st == 0 and decode_out(Cmd.UPDATE_NPT, out)["done"] == 1
+    assert counting.calls == {"psp_mailbox_update": 1, "psp_update_fast": 1}
+
+
 @needs_c
 @pytest.mark.parametrize("where", ["leaf_line", "upper_line"])
 def test_ring_catches_a_tamper_in_a_line_it_reaches_later(where):
