@@ -16,6 +16,8 @@
  *    Python handler (psp_firmware/psp.py cmd_update_npt) then runs its full
  *    path, which decides the status (refusals, new tables, integrity stops).
  *    So the C code never has to reproduce a refusal, only the success case.
+ *    A ring is one batch: its line checks and scrub probes are cached for
+ *    the length of one psp_ring_fast call (struct ring_state).
  *
  * Host memory is only read (hash, scan) or written where the Python twin
  * writes it (entries, scrub). PSP state passed in (shadow pages, line

@@ -60,6 +60,15 @@ merkle (default): before an update the PSP checks the root pointer and
     every chunk and node hash bottom-up from host memory and compare the
     resulting root digest, as full mode does. Cost: O(depth) per update,
     independent of guest size; O(table pages) per periodic check.
+    A ring (Psp.run_ring, answered in one wake-up under the PSP's lock) is
+    checked as one batch, the way one UPDATE_NPT of many pages is: each
+    line its entries read is hashed once per ring, and a leaf line the ring
+    wrote gets its new line hash once, before the ring returns
+    (psp_ring_fast's line cache in csrc/psp_core.c). A tamper already in a
+    line when the ring reaches it is refused at the first entry that reads
+    it, as one command at a time would; a VMM rewriting a line after the
+    ring checked it is in the same place as one rewriting it just after the
+    ring: the walk reads the shadow, and the next check of the line finds it.
 
 In both modes the new digest is computed from the PSP's shadow, never from
 host memory after the write, so a VMM racing the PSP cannot get its value
