@@ -93,6 +93,30 @@ def test_c_and_python_hooks_agree(guests):
         assert a.npf_log == b.npf_log
 
 
+def test_decoder_made_with_the_vcpu(guests, hook, monkeypatch):
+    """The block hook's capstone decoder is made when the vCPU is set up, not
+    by the first block inside the run; a decoder that cannot be made there
+    does not stop the set-up (the first block reports it, as before)."""
+    import hv.disasm
+    real = hv.disasm._cs
+    made = []
+    monkeypatch.setattr(hv.disasm, "_cs", lambda bits: made.append(bits) or real(bits))
+    vmm = Vmm(host_mem=128 * MiB)
+    try:
+        b = Boot(vmm, guests["hello"], mem=16 * MiB, hook=hook)
+        assert made == [64]
+        r = b.run()
+        assert (r.exit_reason, r.serial) == ("exit_port", "Hello from the guest!\n")
+        b.close()
+
+        def missing(bits):
+            raise ImportError("no capstone")
+        monkeypatch.setattr(hv.disasm, "_cs", missing)
+        Boot(vmm, guests["mb_hello"], mem=32 * MiB, hook=hook).close()
+    finally:
+        vmm.close()
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_engines_agree(guests, hook, engine):
     r = boot(guests["paging"], 16 * MiB, hook, engine=engine)
