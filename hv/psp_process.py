@@ -52,6 +52,7 @@ _STATUS_MASK, _DONE = L.STATUS_MASK, L.DONE
 _RING_OFF, _RING_N, _RE_SIZE = L.RING_OFF, L.RING_ENTRIES, L.RING_ENTRY_SIZE
 _RE_IN, _RE_IN_SIZE, _RE_STATUS = L.RE_IN, L.RE_IN_SIZE, L.RE_STATUS
 _RE_OUT, _RE_OUT_SIZE = L.RE_OUT, L.RE_OUT_SIZE
+_RE_OUT_Q = L.RE_OUT // 8                        # u64 index of an entry's out buffer
 _Q_FW_NS = L.Q_FW_NS
 _RE_WORDS = _RE_SIZE // 4                        # u32 words per ring entry
 _RE_ST_IDX, _RE_OL_IDX = L.RE_STATUS // 4, L.RE_OUT_LEN // 4
@@ -67,7 +68,8 @@ _SUCCESS, _INTERNAL_ERROR = int(Status.SUCCESS), int(Status.INTERNAL_ERROR)
 # INVALID_LENGTH), the out area (zeroed).
 assert (L.RE_CMD, L.RE_IN_LEN) == (0, 4) and L.RE_STATUS % 8 == 0 and \
     L.RE_OUT_LEN == L.RE_STATUS + 4 and L.RE_OUT_LEN + 4 <= _RE_IN and \
-    _RE_IN + _RE_IN_SIZE <= _RE_OUT and sys.byteorder == "little"
+    _RE_IN + _RE_IN_SIZE <= _RE_OUT and sys.byteorder == "little" and \
+    _RE_OUT % 8 == 0 and _RE_OUT_SIZE % 8 == 0 and _RE_OUT + _RE_OUT_SIZE <= _RE_SIZE
 _ENTRY_FMT = "II%dx%ds%dx" % (_RE_IN - 8, _RE_IN_SIZE, _RE_SIZE - _RE_IN - _RE_IN_SIZE)
 _STRUCTS = {}                  # precompiled Structs, by (kind, entries[, out_len])
 
@@ -108,18 +110,22 @@ def _normalize(items):
     return cmds, lens, bufs
 
 
+def _entry_args(cmds, lens, bufs):
+    """The arguments of _ring_struct(len(cmds)): cmd, in_len, buffer per entry."""
+    args = [None] * (3 * len(cmds))
+    args[0::3] = cmds
+    args[1::3] = lens
+    args[2::3] = bufs
+    return args
+
+
 def _pack_chunks(cmds, lens, bufs):
     """[(entries, packed bytes), ...]: one Struct.pack per RING_ENTRIES chunk."""
     out = []
     for s in range(0, len(cmds), _RING_N):
         e = s + _RING_N
         c = cmds[s:e]
-        k = len(c)
-        args = [None] * (3 * k)
-        args[0::3] = c
-        args[1::3] = lens[s:e]
-        args[2::3] = bufs[s:e]
-        out.append((k, _ring_struct(k).pack(*args)))
+        out.append((len(c), _ring_struct(len(c)).pack(*_entry_args(c, lens[s:e], bufs[s:e]))))
     return out
 
 
@@ -141,6 +147,22 @@ def _pack_ring(items):
     except (struct.error, TypeError, ValueError, OverflowError):
         pass
     return _pack_chunks(*_normalize(items))
+
+
+def _pack_into_ring(mm, items):
+    """A batch of at most RING_ENTRIES items packed straight into the ring of
+    mailbox `mm` (one Struct.pack_into, which zero-fills the entries first:
+    no intermediate 64 KiB bytes, no second copy). The same fast path and
+    fallback as _pack_ring: it raises (before anything is sent) where
+    _pack_ring does."""
+    s = _ring_struct(len(items))
+    try:
+        cmds, bufs = zip(*items, **_STRICT)
+        s.pack_into(mm, _RING_OFF, *_entry_args(cmds, list(map(len, bufs)), bufs))
+        return
+    except (struct.error, TypeError, ValueError, OverflowError):
+        pass
+    s.pack_into(mm, _RING_OFF, *_entry_args(*_normalize(items)))
 
 
 class PspDead(VmStopped):
@@ -463,20 +485,27 @@ class ProcessTransport:
         Each chunk of up to RING_ENTRIES entries is packed by one precompiled
         Struct (header, in buffer zero-padded or truncated to the entry's in
         area, status/out_len and out area zeroed) before anything is sent, so
-        a bad item raises before any command runs; the answers are read back
-        with strided views of the ring (no per-entry struct calls)."""
+        a bad item raises before any command runs (a batch of one chunk is
+        packed straight into the ring); the answers are read back with
+        strided views of the ring (no per-entry struct calls)."""
         items = items if type(items) is list else list(items)
-        if not items:
+        n = len(items)
+        if not n:
             return []
-        packed = _pack_ring(items)
+        # several chunks: all packed before the first is sent; one: packed in place below
+        packed = _pack_ring(items) if n > _RING_N else None
         res = []
         with self._lock:
             if self._dead is not None:
                 raise PspDead(self._dead)
             mm = self._mm
+            if packed is None:
+                _pack_into_ring(mm, items)
+                packed = ((n, None),)
             fw = 0
             for k, data in packed:
-                mm[_RING_OFF:_RING_OFF + len(data)] = data
+                if data is not None:
+                    mm[_RING_OFF:_RING_OFF + len(data)] = data
                 self._submit(_OP_RING, k)
                 fw += self._w64[_Q_FW_NS]
                 word = _status_unpack(mm, _OFF_STATUS)[0] & _STATUS_MASK
@@ -492,13 +521,22 @@ class ProcessTransport:
         # the usual ring: every entry has the same status word and out_len
         # (NOPs; UPDATE_NPTs that all succeed): one C-level compare of the
         # entries' result words, no per-entry Python
-        words = self._r64[_RE_RES_Q:k * _RE_QWORDS:_RE_QWORDS]   # status | out_len << 32
+        r64 = self._r64
+        words = r64[_RE_RES_Q:k * _RE_QWORDS:_RE_QWORDS]   # status | out_len << 32
         w = words[0]
         if w & _DONE and words == _array("Q", (w,)) * k:
             st, n = w & _STATUS_MASK, w >> 32
             if not n:
                 return [(st, b"")] * k
             if n <= _RE_OUT_SIZE:
+                # alike outputs too (UPDATE_NPTs that took no new table): compared a
+                # column of 8 bytes at a time, answered with one bytes object
+                for q in range(_RE_OUT_Q, _RE_OUT_Q + (n + 7) // 8):
+                    col = r64[q:k * _RE_QWORDS:_RE_QWORDS]
+                    if col != _array("Q", (col[0],)) * k:
+                        break
+                else:
+                    return [(st, self._mm[_RING_OFF + _RE_OUT:_RING_OFF + _RE_OUT + n])] * k
                 return list(zip(repeat(st, k),
                                 _outs_struct(k, n).unpack_from(self._mm, _RING_OFF + _RE_OUT)))
         # general case: mixed statuses or output lengths, or entries not done

@@ -77,14 +77,17 @@ def _load_integrity_modes():
 
 
 class Server:
-    def __init__(self, mbox, psp, req_fd, resp_fd, life_fd, spin_s=200e-6, slice_s=0.05):
+    def __init__(self, mbox, psp, req_fd, resp_fd, life_fd, spin_s=200e-6, slice_s=0.05,
+                 vmm_pid=None):
         self.mm = mbox
+        self.vmm_pid = os.getppid() if vmm_pid is None else vmm_pid   # the VMM started us
         self.psp = psp
         self.req_fd, self.resp_fd, self.life_fd = req_fd, resp_fd, life_fd
         self.spin_s = spin_s
         self.slice_ms = max(1, int(slice_s * 1000))
         self.commands = 0
         self.fw_ns = 0
+        self.after_ring = False          # the last request was a ring (see serve)
         self.mailbox = psp.mailbox
         self.crash_after = _env_int("HV_PSP_TEST_CRASH_AFTER")
         self.hang_after = _env_int("HV_PSP_TEST_HANG_AFTER")
@@ -110,6 +113,7 @@ class Server:
         mm = self.mm
         self.fw_ns = 0
         cmd, in_len, op, ring_count = _req_unpack(mm, _OFF_CMD)
+        self.after_ring = op == _OP_RING
         if op == _OP_CMD:
             if self.hooks:
                 self._test_hooks()
@@ -178,6 +182,14 @@ class Server:
 
     # -- the loop -------------------------------------------------------------
     def serve(self):
+        beside = _VmmBeside(self.vmm_pid) if self.spin_s else None
+        try:
+            return self._serve(beside)
+        finally:
+            if beside is not None:
+                beside.close()
+
+    def _serve(self, beside):
         w32, w64 = self.w32, self.w64
         q_req, i_sleep = L.Q_REQ_SEQ, L.I_PSP_SLEEPING
         last = self.last
@@ -186,13 +198,18 @@ class Server:
             seq = w64[q_req]
             if seq == last:
                 # bounded spin on the request sequence word: tight first, then
-                # with sched_yield (a VMM woken onto this CPU runs, not waits)
-                if self.spin_s:
+                # with sched_yield (a VMM woken onto this CPU runs, not waits);
+                # after a ring, none when the VMM shares our CPU (see _VmmBeside)
+                spin = self.spin_s
+                if spin:
                     for _ in range(_TIGHT_SPIN):
                         seq = w64[q_req]
                         if seq != last:
                             break
-                deadline = clock() + self.spin_s
+                    else:
+                        if self.after_ring and beside.now():
+                            spin = 0
+                deadline = clock() + spin
                 yield_ = os.sched_yield
                 while seq == last and clock() < deadline:
                     yield_()
@@ -214,6 +231,50 @@ class Server:
             last = seq
             if not self.handle(seq):
                 return "shutdown"
+
+
+class _VmmBeside:
+    """Whether the VMM's thread last ran on the CPU we run on.
+
+    A scheduler that packs tasks onto few CPUs (as this project's VMs do)
+    often wakes the PSP process onto the VMM's CPU. There, spinning on the
+    mailbox after a ring only delays the VMM, which has the ring's answers
+    to read before it can send anything: sched_yield does not hand the CPU
+    to a task that was preempted (EEVDF: it is not eligible), so the VMM got
+    it back only when the 200 us spin ended, every ring paying the whole
+    spin. The PSP asks this (one pread of /proc/PID/stat, 10-30 us) only
+    after a ring and only when no request came in the tight spin; after
+    single commands it spins as before (there the question would cost more
+    than it saves). Any failure: False (spin as before)."""
+
+    def __init__(self, pid):
+        self.fd = None
+        self.getcpu = None
+        try:
+            import ctypes
+            self.getcpu = ctypes.CDLL(None, use_errno=True).sched_getcpu
+            self.fd = os.open(f"/proc/{int(pid)}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        except Exception:
+            self.close()
+
+    def now(self):
+        if self.fd is None:
+            return False
+        try:
+            b = os.pread(self.fd, 1024, 0)
+            # field 39 (processor): the 37th after the ")" that ends comm
+            return int(b[b.rindex(b")") + 2:].split()[36]) == self.getcpu()
+        except (OSError, ValueError, IndexError):
+            self.close()
+            return False
+
+    def close(self):
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+        self.fd = None
 
 
 def _env_int(name):

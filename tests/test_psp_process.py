@@ -321,12 +321,113 @@ def test_server_ring_in_one_firmware_call(backend):
         mem2.close()
 
 
+def test_vmm_beside_reads_the_vmm_cpu():
+    """_VmmBeside: True when the process it watches last ran on our CPU, False
+    on another CPU, and False (spin as before) when it cannot tell."""
+    from psp_firmware.server import _VmmBeside
+    cpus = sorted(os.sched_getaffinity(0))
+    saved = os.sched_getaffinity(0)
+    child = None
+    try:
+        os.sched_setaffinity(0, {cpus[0]})
+        me = _VmmBeside(os.getpid())
+        assert me.now() and me.now()
+        me.close()
+        assert not me.now()                    # closed: cannot tell
+        if len(cpus) > 1:
+            child = subprocess.Popen(
+                [sys.executable, "-c", "import sys, time; print(1, flush=True); time.sleep(60)"],
+                stdout=subprocess.PIPE, preexec_fn=lambda: os.sched_setaffinity(0, {cpus[1]}))
+            assert child.stdout.readline().strip() == b"1"
+            other = _VmmBeside(child.pid)
+            assert not other.now()
+            other.close()
+    finally:
+        os.sched_setaffinity(0, saved)
+        if child is not None:
+            child.kill()
+            child.wait()
+            child.stdout.close()
+    gone = _VmmBeside(0x7FFF_FFFF)             # no such process
+    assert gone.fd is None and not gone.now()
+
+
+def test_server_after_a_ring_sleeps_at_once_beside_the_vmm(backend):
+    """After a ring, a server that finds the VMM on its own CPU blocks on the
+    doorbell at once instead of spinning (spinning there only keeps the VMM
+    from running); after a single command it does not even ask."""
+    import mmap
+    from psp_firmware.psp import Psp
+    from psp_firmware.server import Server
+
+    class Beside:
+        calls = 0
+
+        def now(self):
+            self.calls += 1
+            return True
+
+    mem = HostMemory(16 << 20)
+    mbox = mmap.mmap(-1, L.REGION_SIZE)
+    req = os.eventfd(0, os.EFD_NONBLOCK)
+    resp = os.eventfd(0, os.EFD_NONBLOCK)
+    life_r, life_w = os.pipe()
+    beside = Beside()
+    srv = Server(mbox, Psp(mem.buf, backend=backend), req, resp, life_r, spin_s=600.0)
+    w32, w64 = srv.w32, srv.w64
+    out = []
+    th = threading.Thread(target=lambda: out.append(srv._serve(beside)), daemon=True)
+    th.start()
+
+    def request(op, count=0):
+        L.REQ_HDR.pack_into(mbox, L.OFF_CMD, int(Cmd.NOP), 0, op, count)
+        seq = w64[L.Q_REQ_SEQ] + 1
+        w64[L.Q_REQ_SEQ] = seq
+        if w32[L.I_PSP_SLEEPING]:
+            os.write(req, (1).to_bytes(8, "little"))
+        end = time.monotonic() + 60
+        while w64[L.Q_DONE_SEQ] != seq and time.monotonic() < end:
+            time.sleep(0.001)
+        assert w64[L.Q_DONE_SEQ] == seq
+
+    try:
+        request(L.OP_CMD)
+        time.sleep(0.05)
+        assert beside.calls == 0 and not w32[L.I_PSP_SLEEPING]   # spins (600 s)
+        for i in range(3):
+            L.ENTRY_ALL.pack_into(mbox, L.entry_off(i), int(Cmd.NOP), 0, 0, 0)
+        request(L.OP_RING, 3)
+        end = time.monotonic() + 60
+        while not w32[L.I_PSP_SLEEPING] and time.monotonic() < end:
+            time.sleep(0.001)
+        assert w32[L.I_PSP_SLEEPING] and beside.calls == 1       # asleep, not spinning
+        assert [L.ENTRY_RESULT.unpack_from(mbox, L.entry_off(i) + L.RE_STATUS)[0]
+                for i in range(3)] == [L.DONE] * 3
+        request(L.OP_SHUTDOWN)
+        th.join(60)
+        assert out == ["shutdown"]
+    finally:
+        if th.is_alive():
+            os.close(life_w)                   # EOF on the life pipe: it returns
+            life_w = None
+            th.join(60)
+        w32.release()
+        w64.release()
+        srv.w32 = srv.w64 = None
+        mbox.close()
+        for fd in (req, resp, life_r, life_w):
+            if fd is not None:
+                os.close(fd)
+        mem.close()
+
+
 def test_bad_batch_item_raises_before_anything_runs(pvmm):
     t = pvmm.transport
     before = t.psp_commands()
     for bad in ((Cmd.NOP, None), (Cmd.NOP,), (Cmd.NOP, b"", 1), ("x", b""), 17):
-        with pytest.raises((TypeError, ValueError)):
-            t.call_batch([(Cmd.NOP, b"")] * (L.RING_ENTRIES + 10) + [bad])
+        for n in (L.RING_ENTRIES + 10, 10):      # several chunks; one, packed in place
+            with pytest.raises((TypeError, ValueError)):
+                t.call_batch([(Cmd.NOP, b"")] * n + [bad])
     assert t.psp_commands() == before
     assert t.call_batch(iter([(Cmd.NOP, b"")] * 3)) == [(0, b"")] * 3
 
