@@ -194,7 +194,7 @@ def test_ring_scrub_reads_the_kernel_once_per_window_and_misses_nothing(backing)
     the holes are still holes, and the statuses, frames and host bytes match
     the Python twin with no probe."""
     import hashlib
-    from test_psp_fast import HOST, MB, _boot, _ring
+    from test_psp_fast import MB, _boot, _ring, _update_buf
     psp, mem = _boot("c", True, backing="memfd" if backing == "memfd" else "private")
     twin, tmem = _boot("python", False)
     fd = psp._hole_fd
@@ -214,7 +214,7 @@ def test_ring_scrub_reads_the_kernel_once_per_window_and_misses_nothing(backing)
             mem.madvise(mmap.MADV_REMOVE if backing == "memfd" else mmap.MADV_DONTNEED, a, PAGE)
             tmem[a:a + PAGE] = bytes(PAGE)
     for p in (psp, twin):            # the leaf table exists: the ring stays in C
-        st, _ = p.mailbox(0x20, struct_update(1, 1, 0x4000_0000, 7 * MB, 3, 1))
+        st, _ = p.mailbox(0x20, _update_buf(1, 1, 0x4000_0000, 7 * MB, 3, 1))
         assert st == 0
     ring = [("u", 1, 1, 0x4000_0000 + (1 + i) * PAGE, base + i * PAGE, 3, 1) for i in range(300)]
     slow = []
@@ -233,7 +233,3 @@ def test_ring_scrub_reads_the_kernel_once_per_window_and_misses_nothing(backing)
     assert hashlib.sha256(mem).digest() == hashlib.sha256(tmem).digest()
     assert psp._frames.snapshot() == twin._frames.snapshot()
 
-
-def struct_update(handle, level, gpa, hpa, attrs, npages):
-    import struct
-    return struct.pack("<IIQQII", handle, level, gpa, hpa, attrs, npages)
