@@ -24,18 +24,16 @@ import logging
 import os
 import select
 import signal
-import struct
 import subprocess
 import sys
 import threading
 import time
 import weakref
-from array import array as _array
-from itertools import compress, repeat
 
 from psp_firmware import mailbox_layout as L
 from psp_firmware.status import Status
 
+from .ring import Ring, _pack_ring
 from .vmm import VmStopped
 
 _ONE = (1).to_bytes(8, "little")
@@ -49,120 +47,10 @@ _OUT_BUF, _OUT_CAP = L.OUT_BUF, L.OUT_BUF_SIZE
 _Q_REQ, _Q_DONE, _I_PSP_SLEEPING = L.Q_REQ_SEQ, L.Q_DONE_SEQ, L.I_PSP_SLEEPING
 _OP_CMD, _OP_RING = L.OP_CMD, L.OP_RING
 _STATUS_MASK, _DONE = L.STATUS_MASK, L.DONE
-_RING_OFF, _RING_N, _RE_SIZE = L.RING_OFF, L.RING_ENTRIES, L.RING_ENTRY_SIZE
-_RE_IN, _RE_IN_SIZE, _RE_STATUS = L.RE_IN, L.RE_IN_SIZE, L.RE_STATUS
-_RE_OUT, _RE_OUT_SIZE = L.RE_OUT, L.RE_OUT_SIZE
-_RE_OUT_Q = L.RE_OUT // 8                        # u64 index of an entry's out buffer
+_RING_OFF, _RING_N = L.RING_OFF, L.RING_ENTRIES
 _Q_FW_NS = L.Q_FW_NS
-_RE_WORDS = _RE_SIZE // 4                        # u32 words per ring entry
-_RE_ST_IDX, _RE_OL_IDX = L.RE_STATUS // 4, L.RE_OUT_LEN // 4
-_RE_QWORDS, _RE_RES_Q = _RE_SIZE // 8, L.RE_STATUS // 8   # u64: status | out_len << 32
 _TIGHT_SPIN = 64                # loads of done_seq before the yielding spin
-_SUCCESS, _INTERNAL_ERROR = int(Status.SUCCESS), int(Status.INTERNAL_ERROR)
-
-
-# -- ring packing -------------------------------------------------------------
-# One ring entry as a struct: cmd, in_len, status and out_len (zeroed: no
-# stale DONE bit), the in buffer ('s': truncated or zero-padded to the in
-# area, while in_len keeps the real length so that the PSP answers
-# INVALID_LENGTH), the out area (zeroed).
-assert (L.RE_CMD, L.RE_IN_LEN) == (0, 4) and L.RE_STATUS % 8 == 0 and \
-    L.RE_OUT_LEN == L.RE_STATUS + 4 and L.RE_OUT_LEN + 4 <= _RE_IN and \
-    _RE_IN + _RE_IN_SIZE <= _RE_OUT and sys.byteorder == "little" and \
-    _RE_OUT % 8 == 0 and _RE_OUT_SIZE % 8 == 0 and _RE_OUT + _RE_OUT_SIZE <= _RE_SIZE
-_ENTRY_FMT = "II%dx%ds%dx" % (_RE_IN - 8, _RE_IN_SIZE, _RE_SIZE - _RE_IN - _RE_IN_SIZE)
-_STRUCTS = {}                  # precompiled Structs, by (kind, entries[, out_len])
-
-
-def _cached_struct(key, fmt):
-    s = _STRUCTS.get(key)
-    if s is None:
-        if len(_STRUCTS) >= 32:        # a few common batch sizes stay; bound the rest
-            _STRUCTS.clear()
-        s = _STRUCTS[key] = struct.Struct(fmt)
-    return s
-
-
-def _ring_struct(k):
-    """k whole ring entries (see _ENTRY_FMT)."""
-    return _cached_struct(("in", k), "<" + _ENTRY_FMT * k)
-
-
-def _outs_struct(k, n):
-    """The first n bytes of the out buffer of k entries, from entry 0's out buffer."""
-    return _cached_struct(("out", k, n), "<" + ("%ds%dx" % (n, _RE_SIZE - n)) * (k - 1) + "%ds" % n)
-
-
-def _normalize(items):
-    """Per-entry clamping of untrusted values (the slow path): a command outside
-    u32 becomes 0xFFFFFFFF (no such command), a buffer becomes bytes, in_len is
-    clamped to u32 (the in buffer itself is truncated by the struct)."""
-    cmds, lens, bufs = [], [], []
-    for cmd, buf in items:
-        cmd = int(cmd)
-        if not 0 <= cmd <= _U32_MAX:
-            cmd = _U32_MAX
-        if type(buf) is not bytes:
-            buf = bytes(buf)
-        cmds.append(cmd)
-        lens.append(min(len(buf), _U32_MAX))
-        bufs.append(buf)
-    return cmds, lens, bufs
-
-
-def _entry_args(cmds, lens, bufs):
-    """The arguments of _ring_struct(len(cmds)): cmd, in_len, buffer per entry."""
-    args = [None] * (3 * len(cmds))
-    args[0::3] = cmds
-    args[1::3] = lens
-    args[2::3] = bufs
-    return args
-
-
-def _pack_chunks(cmds, lens, bufs):
-    """[(entries, packed bytes), ...]: one Struct.pack per RING_ENTRIES chunk."""
-    out = []
-    for s in range(0, len(cmds), _RING_N):
-        e = s + _RING_N
-        c = cmds[s:e]
-        out.append((len(c), _ring_struct(len(c)).pack(*_entry_args(c, lens[s:e], bufs[s:e]))))
-    return out
-
-
-_STRICT = {"strict": True} if sys.version_info >= (3, 10) else {}
-
-
-def _pack_ring(items):
-    """The ring chunks of a batch, as [(entries, packed bytes), ...].
-
-    Everything is packed before anything is sent, so an item that cannot be
-    made a command raises before any command runs (as converting them all
-    first did). The fast path is C-level throughout (zip, map, one
-    Struct.pack per chunk); a command that is not an int in u32 or a buffer
-    that is not bytes/bytearray (struct refuses those) sends the batch
-    through _normalize, which clamps as call() does."""
-    try:
-        cmds, bufs = zip(*items, **_STRICT)
-        return _pack_chunks(cmds, list(map(len, bufs)), bufs)
-    except (struct.error, TypeError, ValueError, OverflowError):
-        pass
-    return _pack_chunks(*_normalize(items))
-
-
-def _pack_into_ring(mm, items):
-    """A batch of at most RING_ENTRIES items packed straight into the ring of
-    mailbox `mm` (one Struct.pack_into, which zero-fills the entries first:
-    no intermediate 64 KiB bytes, no second copy). The same fast path and
-    fallback as _pack_ring: it raises (before anything is sent) where
-    _pack_ring does."""
-    s = _ring_struct(len(items))
-    try:
-        cmds, bufs = zip(*items, **_STRICT)
-        s.pack_into(mm, _RING_OFF, *_entry_args(cmds, list(map(len, bufs)), bufs))
-        return
-    except (struct.error, TypeError, ValueError, OverflowError):
-        pass
-    s.pack_into(mm, _RING_OFF, *_entry_args(*_normalize(items)))
+_SUCCESS = int(Status.SUCCESS)
 
 
 class PspDead(VmStopped):
@@ -281,11 +169,10 @@ class ProcessTransport:
             L.U32.pack_into(mm, L.OFF_VERSION, L.VERSION)
             self._mm = mm
             self._w32, self._w64 = L.views(mm)
-            ring = memoryview(mm)[_RING_OFF:L.REGION_SIZE]
-            # the ring's answers, as native words (the layout is little-endian)
-            self._r16, self._r32, self._r64 = ring.cast("H"), ring.cast("I"), ring.cast("Q")
-            ring.release()
-            st["views"] = (self._w32, self._w64, self._r16, self._r32, self._r64)
+            ring = self._ring = Ring(mm, _RING_OFF)      # hv.ring: packing, answers
+            # its hot methods, bound once (no lookups per call_batch)
+            self._ring_pack, self._ring_load, self._ring_results = ring.pack, ring.load, ring.results
+            st["views"] = (self._w32, self._w64) + ring.views()
             self.last_fw_ns = 0         # firmware ns of the last call_batch (all chunks)
             req = st["req"] = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             resp = st["resp"] = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -500,12 +387,12 @@ class ProcessTransport:
                 raise PspDead(self._dead)
             mm = self._mm
             if packed is None:
-                _pack_into_ring(mm, items)
+                self._ring_pack(items)
                 packed = ((n, None),)
             fw = 0
             for k, data in packed:
                 if data is not None:
-                    mm[_RING_OFF:_RING_OFF + len(data)] = data
+                    self._ring_load(data)
                 self._submit(_OP_RING, k)
                 fw += self._w64[_Q_FW_NS]
                 word = _status_unpack(mm, _OFF_STATUS)[0] & _STATUS_MASK
@@ -515,48 +402,6 @@ class ProcessTransport:
                     res.extend(self._ring_results(k))
             self.last_fw_ns = fw
         return res
-
-    def _ring_results(self, k):
-        """[(status, out), ...] of ring entries 0..k-1 the PSP has answered."""
-        # the usual ring: every entry has the same status word and out_len
-        # (NOPs; UPDATE_NPTs that all succeed): one C-level compare of the
-        # entries' result words, no per-entry Python
-        r64 = self._r64
-        words = r64[_RE_RES_Q:k * _RE_QWORDS:_RE_QWORDS]   # status | out_len << 32
-        w = words[0]
-        if w & _DONE and words == _array("Q", (w,)) * k:
-            st, n = w & _STATUS_MASK, w >> 32
-            if not n:
-                return [(st, b"")] * k
-            if n <= _RE_OUT_SIZE:
-                # alike outputs too (UPDATE_NPTs that took no new table): compared a
-                # column of 8 bytes at a time, answered with one bytes object
-                for q in range(_RE_OUT_Q, _RE_OUT_Q + (n + 7) // 8):
-                    col = r64[q:k * _RE_QWORDS:_RE_QWORDS]
-                    if col != _array("Q", (col[0],)) * k:
-                        break
-                else:
-                    return [(st, self._mm[_RING_OFF + _RE_OUT:_RING_OFF + _RE_OUT + n])] * k
-                return list(zip(repeat(st, k),
-                                _outs_struct(k, n).unpack_from(self._mm, _RING_OFF + _RE_OUT)))
-        # general case: mixed statuses or output lengths, or entries not done
-        r32 = self._r32
-        sts = r32[_RE_ST_IDX:k * _RE_WORDS:_RE_WORDS].tolist()
-        ols = r32[_RE_OL_IDX:k * _RE_WORDS:_RE_WORDS].tolist()
-        lows = self._r16[_RE_ST_IDX * 2:k * _RE_WORDS * 2:_RE_WORDS * 2].tolist()   # status & MASK
-        n = min(max(ols), _RE_OUT_SIZE)
-        if n:
-            # every entry's first n out bytes in one call; then trim the shorter ones
-            outs = list(_outs_struct(k, n).unpack_from(self._mm, _RING_OFF + _RE_OUT))
-            if min(ols) < n:
-                for i in compress(range(k), [m < n for m in ols]):
-                    outs[i] = outs[i][:ols[i]]
-        else:
-            outs = [b""] * k
-        if min(sts) < _DONE:                   # some entries were not answered
-            for i in compress(range(k), [not s & _DONE for s in sts]):
-                lows[i], outs[i] = _INTERNAL_ERROR, b""
-        return list(zip(lows, outs))
 
     def psp_commands(self):
         """Commands the PSP process has executed (from its status line)."""

@@ -25,6 +25,7 @@ from nptcore import get_engine
 from nptcore.bits import GPA_LIMIT
 
 from . import core as _core
+from . import mailbox_layout as _layout
 from .commands import (_IN, _OUT, ATTR_VALID, ATTR_W, ATTR_X, MAX_NPAGES, Cmd, DecodeError,
                        encode_out, in_fields, unpack_args)
 from .frames import F, FrameTable
@@ -139,6 +140,17 @@ def hole_probe_for(membuf, mem_fd=None):
 
 
 _DONE_OUT = {n: _UPDATE_NPT_OUT.pack(n, 0) for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)}
+
+def _oversize_status(cmd):
+    """The mailbox's status for command `cmd` with a buffer longer than a ring
+    entry's in area: INVALID_COMMAND for an unknown command, else
+    INVALID_LENGTH (every command's input fits a ring entry)."""
+    try:
+        unpack_args(cmd, bytes(_layout.RE_IN_SIZE + 1))
+    except DecodeError as e:
+        return int(e.status)
+    return int(Status.INVALID_LENGTH)
+
 
 PLATFORM_UNINIT, PLATFORM_INIT = 0, 1
 G_LAUNCHING, G_RUNNING, G_STOPPED = 1, 2, 3
@@ -411,7 +423,11 @@ class Psp:
                 before_entry()
             cmd, in_len = entry_unpack(ring, e)
             if in_len > re_in_size:
-                st, out = int(Status.INVALID_LENGTH), b""
+                # the entry cannot hold its buffer: answered and counted as the
+                # mailbox answers that length (no command takes that much input)
+                with self._lock:
+                    self._commands += 1
+                st, out = _oversize_status(cmd), b""
             else:
                 buf = bytes(ring[e + re_in:e + re_in + in_len])   # a copy: the VMM may race us
                 t0 = ns()
