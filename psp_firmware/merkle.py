@@ -77,6 +77,7 @@ them; that is not tampering). A mismatch is reported as the same `Mismatch`
 (table page, entry index, expected, found) by comparing against the shadow.
 """
 import hashlib
+from itertools import chain
 import struct
 from array import array
 from functools import reduce
@@ -563,7 +564,10 @@ class MerkleIntegrity:
         levels, pages = self.shadow.levels, self.shadow.pages
         want_level = levels[t] + 1
         needle = _Q.pack(t)[1:]          # the address bytes above the flags
-        for p in list(modified_pages) + list(levels):
+        # the modified pages first (the new table's parent is written in the
+        # same update), lazily: copying every table page's key per new table
+        # made a guest's table-building quadratic
+        for p in chain(modified_pages, levels):
             if levels.get(p) != want_level:
                 continue
             page = pages[p]
