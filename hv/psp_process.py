@@ -45,6 +45,7 @@ _OFF_CMD, _OFF_STATUS = L.OFF_CMD, L.OFF_STATUS
 _CMD_BUF, _CMD_CAP = L.CMD_BUF, L.CMD_BUF_SIZE
 _OUT_BUF, _OUT_CAP = L.OUT_BUF, L.OUT_BUF_SIZE
 _Q_REQ, _Q_DONE, _I_PSP_SLEEPING = L.Q_REQ_SEQ, L.Q_DONE_SEQ, L.I_PSP_SLEEPING
+_I_RING_DONE = L.I_RING_DONE
 _OP_CMD, _OP_RING = L.OP_CMD, L.OP_RING
 _STATUS_MASK, _DONE = L.STATUS_MASK, L.DONE
 _RING_OFF, _RING_N = L.RING_OFF, L.RING_ENTRIES
@@ -273,7 +274,7 @@ class ProcessTransport:
         except BlockingIOError:
             pass
 
-    def _wait(self, seq):
+    def _wait(self, seq, ring=False):
         w64 = self._w64
         if w64[_Q_DONE] == seq:
             return
@@ -281,18 +282,31 @@ class ProcessTransport:
             # bounded spin: first a tight one, then with sched_yield so that a
             # PSP process the scheduler woke onto this CPU (wake-affine) runs
             # instead of waiting behind the spinner; with the PSP on another
-            # CPU sched_yield returns at once.
+            # CPU sched_yield returns at once. For a ring the spin goes on
+            # while the PSP's progress word moves (it is answering entries, the
+            # end is near): a wake-up would cost more than the wait. A stall
+            # of one spin_s (the PSP descheduled, a slow entry) still sleeps.
             for _ in range(_TIGHT_SPIN):
                 if w64[_Q_DONE] == seq:
                     return
             clock = time.perf_counter
             yield_ = os.sched_yield
-            end = clock() + self.spin_s
+            spin = self.spin_s
+            end = clock() + spin
+            limit = end + self.timeout        # never spin past the PSP timeout
+            w32 = self._w32
+            last = w32[_I_RING_DONE] if ring else -1
             while True:
                 if w64[_Q_DONE] == seq:
                     return
-                if clock() > end:
-                    break
+                now = clock()
+                if now > end:
+                    if not ring or now > limit:
+                        break
+                    p = w32[_I_RING_DONE]
+                    if p == last:
+                        break
+                    last, end = p, now + spin
                 yield_()
         self._block(seq)
 
@@ -333,7 +347,7 @@ class ProcessTransport:
         self._w64[_Q_REQ] = seq
         if self._w32[_I_PSP_SLEEPING]:
             os.write(self._req, _ONE)
-        self._wait(seq)
+        self._wait(seq, op == _OP_RING)
 
     # -- the mailbox ----------------------------------------------------------
     def call(self, cmd, buf):

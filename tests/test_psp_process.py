@@ -816,3 +816,41 @@ def test_bench_figures_keys():
     f = bench_psp_figures(n=100, batch=16, rounds=1)
     for k in ("psp_roundtrip_us_process", "psp_roundtrip_us_inprocess", "psp_ring_us_per_cmd"):
         assert isinstance(f[k], float) and f[k] > 0
+
+
+@pytest.mark.parametrize("moving", [True, False])
+def test_vmm_keeps_spinning_while_a_ring_progresses(moving):
+    """ProcessTransport._wait on a ring: past its spin it keeps spinning while
+    the PSP's progress word moves, and sleeps (_block) once it stops moving;
+    a single command sleeps after its spin as before. A fake mailbox: a
+    thread moves the progress word every 2 ms for 0.6 s, then answers;
+    the spin is 0.2 s, so the margins are wide."""
+    import array
+    t = ProcessTransport.__new__(ProcessTransport)
+    w32, w64 = array.array("I", bytes(4 * 64)), array.array("Q", bytes(8 * 64))
+    t._w32, t._w64, t.spin_s, t.timeout = w32, w64, 0.2, 5.0
+    blocked = []
+
+    def block(seq):
+        blocked.append(seq)
+        while w64[L.Q_DONE_SEQ] != seq:
+            time.sleep(0.001)
+    t._block = block
+
+    def psp():
+        for i in range(300):
+            if moving:
+                w32[L.I_RING_DONE] = i + 1
+            time.sleep(0.002)
+        w64[L.Q_DONE_SEQ] = 7
+    th = threading.Thread(target=psp)
+    th.start()
+    t._wait(7, True)
+    th.join()
+    assert blocked == ([] if moving else [7])
+    w64[L.Q_DONE_SEQ] = 0
+    th = threading.Thread(target=psp)
+    th.start()
+    t._wait(7, False)                 # one command: no progress word to follow
+    th.join()
+    assert blocked[-1] == 7 and len(blocked) == (1 if moving else 2)
