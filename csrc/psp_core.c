@@ -196,10 +196,6 @@ void psp_scrub(uint8_t *mem, uint64_t off, uint64_t n)
  * a madvise costs a fixed 1-5 us (5 for a memfd hole punch), and pages the
  * VMM keeps resident would be faulted back in; 16 pages and up it wins. */
 #define SCRUB_MADVISE_MIN (16 * 4096)
-void psp_scrub_advised(uint8_t *mem, uint64_t off, uint64_t n, int advice)
-{
-    psp_scrub_probe(mem, off, n, advice, HOLE_NONE, -1);
-}
 
 /* Scrub pages that hold data; skip the holes. A page the host kernel has
  * never allocated (or that a scrub's madvise gave back) already reads as
@@ -212,70 +208,122 @@ void psp_scrub_advised(uint8_t *mem, uint64_t off, uint64_t n, int advice)
  *   HOLE_PAGEMAP hole_fd is /proc/self/pagemap and mem a private anonymous
  *                mapping: an entry neither present (bit 63) nor swapped
  *                (bit 62) is a page never touched since it was last zero.
- * Data pages are compared and written as psp_scrub does; when the probe
- * fails (an fd error, a short read), the rest is scrubbed that way too.
+ * Data pages are compared and written as psp_scrub does; a page the probe
+ * cannot tell about (an fd error, a short read) is too.
  * Whether a hole stays zero after the probe is no different from whether
  * a written page stays zero after the scrub: the VMM can write any host
  * page at any time (DESIGN.md's threat model); the scrub only guarantees
- * that no earlier owner's bytes reach the new one. */
-static void scrub_seek(uint8_t *mem, uint64_t off, uint64_t n, int fd)
-{
-    /* one SEEK_DATA per data page: SEEK_HOLE would walk the whole run of
-     * data pages after it (O(run) in shmem), which a VMM's memory is */
-    uint64_t pos = off, end = off + n;
-    while (pos < end) {
-        off_t d = lseek(fd, (off_t)pos, SEEK_DATA);
-        if (d < 0) {
-            if (errno == ENXIO)        /* no data at or after pos: all holes */
-                return;
-            break;
-        }
-        if ((uint64_t)d >= end)
-            return;
-        if ((uint64_t)d < pos || ((uint64_t)d & 4095))
-            break;                     /* not what SEEK_DATA promises: compare */
-        scrub_pages(mem, (uint64_t)d, 4096);
-        pos = (uint64_t)d + 4096;
-    }
-    if (pos < end)
-        scrub_pages(mem, pos, end - pos);
-}
-
+ * that no earlier owner's bytes reach the new one.
+ *
+ * What a probe has learnt, kept for its scrub (one call) or for a whole
+ * ring (psp_ring_fast), so that it asks the kernel once per window or run
+ * rather than once per frame:
+ *   a window of up to PROBE_WINDOW frames, read in one call when a frame
+ *   outside it is asked about (never past `limit`): for HOLE_PAGEMAP the
+ *   pagemap entries (present or swapped: data; else a hole); for HOLE_SEEK,
+ *   only in a ring (`mincore_window`), mincore() of the PSP's mapping (1:
+ *   the memfd has the page in memory: data; a single scrub goes straight
+ *   to SEEK_DATA, which costs less than a mincore of the window);
+ *   for HOLE_SEEK, a known run of holes [hole_lo, hole_hi) from the last
+ *   SEEK_DATA that found none there (a frame mincore does not report may
+ *   still be swapped out: only SEEK_DATA says it is a hole). One SEEK_DATA
+ *   per data page: SEEK_HOLE would walk the whole run of data pages after
+ *   it (O(run) in shmem), which a VMM's memory is.
+ * A frame the VMM fills after the probe looked is the same as one it fills
+ * after the scrub; what the probe saw as data is always scrubbed. */
+#define PROBE_WINDOW 256
 #define PM_PRESENT (1ULL << 63)
 #define PM_SWAPPED (1ULL << 62)
-static void scrub_pagemap(uint8_t *mem, uint64_t off, uint64_t n, int fd)
+struct frame_probe {
+    int kind, fd;                       /* HOLE_SEEK / HOLE_PAGEMAP and its fd */
+    int mincore_window;                 /* HOLE_SEEK: read a mincore window first */
+    uint64_t limit;                     /* windows end here (the range / host size) */
+    uint64_t hole_lo, hole_hi;
+    uint64_t win_lo, win_n;             /* frames [win_lo, win_lo + win_n * 4K) */
+    uint8_t win[PROBE_WINDOW];          /* 1: data */
+};
+
+static void probe_init(struct frame_probe *pr, int kind, int fd, int mincore_window,
+                       uint64_t limit)
 {
-    uint64_t ent[64];
-    uint64_t pos = off, end = off + n;
-    while (pos < end) {
-        uint64_t k = (end - pos) >> 12;
-        if (k > 64)
-            k = 64;
-        off_t at = (off_t)(((uintptr_t)(mem + pos) >> 12) * 8);
-        if (pread(fd, ent, k * 8, at) != (ssize_t)(k * 8))
-            break;
-        for (uint64_t i = 0; i < k; i++)
-            if (ent[i] & (PM_PRESENT | PM_SWAPPED))
-                scrub_pages(mem, pos + (i << 12), 4096);
-        pos += k << 12;
+    pr->kind = kind;
+    pr->fd = fd;
+    pr->mincore_window = mincore_window;
+    pr->limit = limit;
+    pr->hole_lo = pr->hole_hi = 0;
+    pr->win_lo = pr->win_n = 0;
+}
+
+/* 1: the page at pos holds data (scrub it), 0: a hole, -1: cannot tell (scrub) */
+static int probe_page(const uint8_t *mem, struct frame_probe *pr, uint64_t pos)
+{
+    if (pr->kind == HOLE_SEEK && pos >= pr->hole_lo && pos < pr->hole_hi)
+        return 0;
+    if ((pr->kind == HOLE_PAGEMAP || pr->mincore_window) &&
+        (pos < pr->win_lo || pos >= pr->win_lo + (pr->win_n << 12))) {
+        uint64_t n = (pr->limit - pos) >> 12;
+        if (n > PROBE_WINDOW)
+            n = PROBE_WINDOW;
+        pr->win_lo = pos;
+        pr->win_n = 0;
+        if (pr->kind == HOLE_SEEK) {
+            if (mincore((void *)(mem + pos), n << 12, pr->win) != 0)
+                return -1;
+        } else {
+            uint64_t ent[PROBE_WINDOW];
+            off_t at = (off_t)(((uintptr_t)mem + pos) >> 12) * 8;
+            if (pread(pr->fd, ent, n * 8, at) != (ssize_t)(n * 8))
+                return -1;
+            for (uint64_t i = 0; i < n; i++)
+                pr->win[i] = (ent[i] & (PM_PRESENT | PM_SWAPPED)) != 0;
+        }
+        pr->win_n = n;
     }
-    if (pos < end)
-        scrub_pages(mem, pos, end - pos);
+    if (pr->win_n && pos >= pr->win_lo && (pr->win[(pos - pr->win_lo) >> 12] & 1))
+        return 1;
+    if (pr->kind == HOLE_PAGEMAP)
+        return 0;
+    off_t d = lseek(pr->fd, (off_t)pos, SEEK_DATA);
+    if (d < 0) {
+        if (errno != ENXIO)
+            return -1;
+        pr->hole_lo = pos;                 /* no data from pos to the end */
+        pr->hole_hi = UINT64_MAX;
+        return 0;
+    }
+    if ((uint64_t)d == pos)
+        return 1;
+    if ((uint64_t)d < pos || ((uint64_t)d & 4095))
+        return -1;                         /* not what SEEK_DATA promises */
+    pr->hole_lo = pos;
+    pr->hole_hi = (uint64_t)d;
+    return 0;
+}
+
+/* The scrub of [off, off+n): madvise for a large range where the mapping
+ * allows; else page by page, with pr (NULL: no probe) skipping the holes. */
+static void scrub_range(uint8_t *mem, uint64_t off, uint64_t n, int advice,
+                        struct frame_probe *pr)
+{
+    int aligned = !(off & 4095) && !(n & 4095) && !((uintptr_t)mem & 4095);
+    if (advice && n >= SCRUB_MADVISE_MIN && aligned && madvise(mem + off, n, advice) == 0)
+        return;
+    if (!pr || !aligned || pr->fd < 0 || (pr->kind != HOLE_SEEK && pr->kind != HOLE_PAGEMAP)) {
+        scrub_pages(mem, off, n);
+    } else {
+        for (uint64_t pos = off; pos < off + n; pos += 4096)
+            if (probe_page(mem, pr, pos) != 0)
+                scrub_pages(mem, pos, 4096);
+    }
+    zero_fence();
 }
 
 void psp_scrub_probe(uint8_t *mem, uint64_t off, uint64_t n, int advice, int hole_kind,
                      int hole_fd)
 {
-    int aligned = !(off & 4095) && !(n & 4095) && !((uintptr_t)mem & 4095);
-    if (advice && n >= SCRUB_MADVISE_MIN && aligned && madvise(mem + off, n, advice) == 0)
-        return;
-    if (aligned && hole_fd >= 0 && hole_kind == HOLE_SEEK)
-        scrub_seek(mem, off, n, hole_fd);
-    else if (aligned && hole_fd >= 0 && hole_kind == HOLE_PAGEMAP)
-        scrub_pagemap(mem, off, n, hole_fd);
-    else
-        scrub_pages(mem, off, n);
-    zero_fence();
+    struct frame_probe pr;
+    probe_init(&pr, hole_kind, hole_fd, 0, off + n);
+    scrub_range(mem, off, n, advice, &pr);
 }
 
 /* The leaf scan of a one-table plan: entries [idx, idx+n) of a shadow page.
@@ -488,87 +536,22 @@ static void line_written(const struct psp_ctx *c, struct line_cache *lc, uint64_
     lc_rehash(c, key);
 }
 
-/* What one ring knows about host frames, so that its scrubs ask the kernel
- * once per window rather than once per frame (psp_scrub_probe's rules):
- *   a window of PROBE_WINDOW frames, read in one call when a scrub first
- *   needs a frame outside it: for HOLE_SEEK mincore() of the PSP's mapping
- *   (1: the memfd has the page in memory: data), for HOLE_PAGEMAP the
- *   pagemap entries (present or swapped: data; else a hole);
- *   for HOLE_SEEK, a known run of holes [hole_lo, hole_hi) from the last
- *   SEEK_DATA that found none there (a frame mincore does not report may
- *   still be swapped out: only SEEK_DATA says it is a hole).
- * A frame the VMM fills after the ring looked is the same as one it fills
- * after the scrub (see psp_scrub_probe); what the ring saw as data it
- * always scrubs. */
-#define PROBE_WINDOW 256
+/* What a ring keeps between its entries: the lines it checked and wrote,
+ * and what its scrubs' probe learnt (struct frame_probe, with a mincore
+ * window for HOLE_SEEK and windows up to the end of host memory). */
 struct ring_state {
     struct line_cache lc;
-    uint64_t hole_lo, hole_hi;
-    uint64_t win_lo, win_n;             /* frames [win_lo, win_lo + win_n * 4K) */
-    uint8_t win[PROBE_WINDOW];          /* 1: data */
+    struct frame_probe probe;
 };
 
-/* 1: page at pos holds data (scrub it), 0: a hole, -1: cannot tell (scrub) */
-static int ring_page_state(const struct psp_ctx *c, struct ring_state *rs, uint64_t pos)
-{
-    int fd = (int)c->hole_fd;
-    if (c->hole_kind == HOLE_SEEK && pos >= rs->hole_lo && pos < rs->hole_hi)
-        return 0;
-    if (pos < rs->win_lo || pos >= rs->win_lo + (rs->win_n << 12)) {
-        uint64_t n = (c->host_size - pos) >> 12;
-        if (n > PROBE_WINDOW)
-            n = PROBE_WINDOW;
-        rs->win_lo = pos;
-        rs->win_n = 0;
-        if (c->hole_kind == HOLE_SEEK) {
-            if (mincore((uint8_t *)c->mem + pos, n << 12, rs->win) != 0)
-                return -1;
-        } else {
-            uint64_t ent[PROBE_WINDOW];
-            off_t at = (off_t)(((uintptr_t)c->mem + pos) >> 12) * 8;
-            if (pread(fd, ent, n * 8, at) != (ssize_t)(n * 8))
-                return -1;
-            for (uint64_t i = 0; i < n; i++)
-                rs->win[i] = (ent[i] & (PM_PRESENT | PM_SWAPPED)) != 0;
-        }
-        rs->win_n = n;
-    }
-    if (rs->win[(pos - rs->win_lo) >> 12] & 1)
-        return 1;
-    if (c->hole_kind == HOLE_PAGEMAP)
-        return 0;
-    off_t d = lseek(fd, (off_t)pos, SEEK_DATA);
-    if (d < 0) {
-        if (errno != ENXIO)
-            return -1;
-        rs->hole_lo = pos;                 /* no data from pos to the end */
-        rs->hole_hi = UINT64_MAX;
-        return 0;
-    }
-    if ((uint64_t)d == pos)
-        return 1;
-    if ((uint64_t)d < pos || ((uint64_t)d & 4095))
-        return -1;
-    rs->hole_lo = pos;
-    rs->hole_hi = (uint64_t)d;
-    return 0;
-}
-
-/* The scrub of an update: psp_scrub_probe, or with rs its cached form */
+/* The scrub of an update: the ring's probe, or for a single command its own */
 static void scrub_frames(const struct psp_ctx *c, struct ring_state *rs, uint64_t off, uint64_t n)
 {
-    uint8_t *mem = (uint8_t *)c->mem;
-    int advice = (int)c->scrub_advice;
-    if (!rs || c->hole_fd < 0 || (c->hole_kind != HOLE_SEEK && c->hole_kind != HOLE_PAGEMAP) ||
-        (advice && n >= SCRUB_MADVISE_MIN) || (off & 4095) || (n & 4095) ||
-        ((uintptr_t)mem & 4095)) {
-        psp_scrub_probe(mem, off, n, advice, (int)c->hole_kind, (int)c->hole_fd);
-        return;
-    }
-    for (uint64_t pos = off; pos < off + n; pos += 4096)
-        if (ring_page_state(c, rs, pos) != 0)
-            scrub_pages(mem, pos, 4096);
-    zero_fence();
+    if (rs)
+        scrub_range((uint8_t *)c->mem, off, n, (int)c->scrub_advice, &rs->probe);
+    else
+        psp_scrub_probe((uint8_t *)c->mem, off, n, (int)c->scrub_advice, (int)c->hole_kind,
+                        (int)c->hole_fd);
 }
 
 static int update_fast(struct psp_ctx *c, struct psp_guest *g, uint32_t level, uint64_t gpa,
@@ -700,7 +683,8 @@ uint32_t psp_ring_fast(struct psp_ctx *c, uint8_t *ring, uint32_t start, uint32_
                        uint32_t *progress)
 {
     struct ring_state rs;
-    memset(&rs, 0, sizeof rs);
+    memset(&rs.lc, 0, sizeof rs.lc);
+    probe_init(&rs.probe, (int)c->hole_kind, (int)c->hole_fd, 1, c->host_size);
     uint32_t i;
     for (i = start; i < n; i++) {
         uint8_t *e = ring + (uint64_t)i * RING_ENTRY;

@@ -30,7 +30,7 @@ struct psp_ctx {
     void *lines_of;          /* table page pfn -> its 64 line hashes (2 KiB; 0: none) */
     void *dirty;             /* table page pfn -> chunk bits whose hashes are stale */
     int64_t scrub_advice;    /* 0: zero by writing; else the madvise() advice that
-                                makes the mapping read as zero (psp_scrub_advised) */
+                                makes the mapping read as zero (psp_scrub_probe) */
     int64_t hole_kind;       /* how a scrub finds pages that already read as zero
                                 without touching them (psp_scrub_probe): 0 none,
                                 1 SEEK_DATA on hole_fd, 2 /proc/self/pagemap */
@@ -55,7 +55,6 @@ void psp_line_hash(const PSP_BYTE *src, PSP_BYTE *out);
 int psp_line_check(const PSP_BYTE *src, const PSP_BYTE *expected);
 void psp_lines_hash(const PSP_BYTE *page, PSP_BYTE *out);
 void psp_scrub(PSP_BYTE *mem, uint64_t off, uint64_t n);
-void psp_scrub_advised(PSP_BYTE *mem, uint64_t off, uint64_t n, int advice);
 void psp_scrub_probe(PSP_BYTE *mem, uint64_t off, uint64_t n, int advice, int hole_kind,
                      int hole_fd);
 int64_t psp_leaf_scan(const PSP_BYTE *shadow, int idx, int n, int level);
