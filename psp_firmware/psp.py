@@ -48,31 +48,6 @@ _SCRUB_ADVICE = {"auto": None, "write": 0, "dontneed": mmap.MADV_DONTNEED,
                  "remove": mmap.MADV_REMOVE}
 
 
-def scrub_mode_for(membuf):
-    """How frames of `membuf` can be zeroed: "dontneed" for a private
-    anonymous mmap (MADV_DONTNEED makes it demand-zero), "remove" for a
-    shared mapping (MADV_REMOVE punches the pages out of the memfd or file),
-    "write" for anything else: a private file mapping (DONTNEED would bring
-    the file's bytes back), a buffer that is not an mmap object (its pages
-    may hold other objects), or when /proc/self/maps cannot tell."""
-    if not isinstance(membuf, mmap.mmap) or len(membuf) == 0:
-        return "write"
-    try:
-        import ctypes
-        export = ctypes.c_char.from_buffer(membuf)
-        addr = ctypes.addressof(export)
-        del export
-        with open("/proc/self/maps") as f:
-            for line in f:
-                parts = line.split()
-                lo, hi = (int(x, 16) for x in parts[0].split("-"))
-                if lo <= addr < hi:
-                    if parts[1][3] == "s":
-                        return "remove"
-                    return "dontneed" if int(parts[4]) == 0 else "write"
-    except (OSError, ValueError, TypeError, IndexError):
-        pass
-    return "write"
 HOLE_NONE, HOLE_SEEK, HOLE_PAGEMAP = 0, 1, 2        # struct psp_ctx.hole_kind
 _HOLE_NAMES = {HOLE_NONE: "none", HOLE_SEEK: "seek_data", HOLE_PAGEMAP: "pagemap"}
 _PM_DATA = (1 << 63) | (1 << 62)          # pagemap: present | swapped
@@ -88,7 +63,8 @@ def _buffer_address(membuf):
 
 
 def _mapping_of(membuf):
-    """The /proc/self/maps fields of the mapping that holds `membuf`, or None."""
+    """The /proc/self/maps fields of the mapping that holds `membuf` (an
+    mmap object), or None: not an mmap, or /proc/self/maps cannot tell."""
     if not isinstance(membuf, mmap.mmap) or len(membuf) == 0:
         return None
     try:
@@ -98,13 +74,29 @@ def _mapping_of(membuf):
                 parts = line.split()
                 lo, hi = (int(x, 16) for x in parts[0].split("-"))
                 if lo <= addr < hi:
-                    return parts
+                    return parts if len(parts) >= 5 and len(parts[1]) >= 4 else None
     except (OSError, ValueError, TypeError, IndexError):
         pass
     return None
 
 
-def hole_probe_for(membuf, mem_fd=None):
+def scrub_mode_for(membuf, mapping=False):
+    """How frames of `membuf` can be zeroed: "dontneed" for a private
+    anonymous mmap (MADV_DONTNEED makes it demand-zero), "remove" for a
+    shared mapping (MADV_REMOVE punches the pages out of the memfd or file),
+    "write" for anything else: a private file mapping (DONTNEED would bring
+    the file's bytes back), a buffer that is not an mmap object (its pages
+    may hold other objects), or when /proc/self/maps cannot tell.
+    mapping: _mapping_of(membuf), if the caller has it."""
+    parts = _mapping_of(membuf) if mapping is False else mapping
+    if parts is None:
+        return "write"
+    if parts[1][3] == "s":
+        return "remove"
+    return "dontneed" if int(parts[4]) == 0 else "write"
+
+
+def hole_probe_for(membuf, mem_fd=None, mapping=False):
     """(hole_kind, fd) for psp_scrub_probe: how the PSP can tell, without
     touching a page of `membuf`, that it still reads as zero.
 
@@ -113,8 +105,9 @@ def hole_probe_for(membuf, mem_fd=None):
     that passes one file and maps another gets no probe); HOLE_PAGEMAP with
     /proc/self/pagemap for a private anonymous mapping; else (HOLE_NONE, -1):
     every page is compared (files: their holes are the filesystem's to
-    report, and a private file mapping's are the file's bytes)."""
-    parts = _mapping_of(membuf)
+    report, and a private file mapping's are the file's bytes).
+    mapping: _mapping_of(membuf), if the caller has it."""
+    parts = _mapping_of(membuf) if mapping is False else mapping
     if parts is None:
         return HOLE_NONE, -1
     shared, offset, inode = parts[1][3] == "s", int(parts[2], 16), int(parts[4])
@@ -140,6 +133,7 @@ def hole_probe_for(membuf, mem_fd=None):
 
 
 _DONE_OUT = {n: _UPDATE_NPT_OUT.pack(n, 0) for n in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)}
+
 
 def _oversize_status(cmd):
     """The mailbox's status for command `cmd` with a buffer longer than a ring
@@ -280,14 +274,16 @@ class Psp:
             raise ValueError(f"unknown integrity mode {integrity!r} (have {sorted(INTEGRITY_MODES)})")
         if scrub not in _SCRUB_ADVICE:
             raise ValueError(f"unknown scrub mode {scrub!r} (have {sorted(_SCRUB_ADVICE)})")
+        if holes is None:
+            holes = os.environ.get("HV_PSP_HOLES", "1") != "0"
+        mapping = _mapping_of(membuf) if scrub == "auto" or holes else None
         if scrub == "auto":
-            scrub = scrub_mode_for(membuf)
+            scrub = scrub_mode_for(membuf, mapping)
         self.scrub = scrub
         self._scrub_advice = _SCRUB_ADVICE[scrub]
         self._mem = membuf
-        if holes is None:
-            holes = os.environ.get("HV_PSP_HOLES", "1") != "0"
-        self._hole_kind, self._hole_fd = hole_probe_for(membuf, mem_fd) if holes else (0, -1)
+        self._hole_kind, self._hole_fd = (hole_probe_for(membuf, mem_fd, mapping) if holes
+                                          else (HOLE_NONE, -1))
         self.holes = _HOLE_NAMES[self._hole_kind]
         if self._hole_fd >= 0:
             weakref.finalize(self, os.close, self._hole_fd)
@@ -310,7 +306,6 @@ class Psp:
         self._next_handle = 1
         self._pool = []
         self._commands = 0
-        self._declined = 0      # handle whose UPDATE_NPT the mailbox's fast path just declined
         self._lock = threading.Lock()
         self._handlers = {
             Cmd.PLATFORM_INIT: self.cmd_platform_init,
@@ -339,6 +334,7 @@ class Psp:
     def mailbox(self, cmd, buf):
         with self._lock:
             self._commands += 1
+            handler = None
             if cmd == _UPDATE_NPT and self._ctx is not None and type(buf) is bytes \
                     and len(buf) == _UPDATE_NPT_LEN:
                 # an ordinary UPDATE_NPT goes straight to the C fast path, the
@@ -346,14 +342,16 @@ class Psp:
                 # declines (nothing changed), decode and dispatch as usual
                 done = self._c.psp_mailbox_update(self._ctx, buf)
                 if done == 0:
-                    # declined (nothing changed): cmd_update_npt need not ask again
-                    self._declined = int.from_bytes(buf[:4], "little")
+                    # declined (nothing changed): straight to the general path,
+                    # without cmd_update_npt asking C a second time
+                    handler = self._update_npt_general
                 elif done != _NO_RECORD:
                     out = _DONE_OUT.get(done)
                     return _SUCCESS, out if out is not None else _UPDATE_NPT_OUT.pack(done, 0)
             try:
                 args = unpack_args(cmd, buf)
-                handler = self._handlers.get(cmd)
+                if handler is None:
+                    handler = self._handlers.get(cmd)
                 if handler is None:
                     return int(Status.INVALID_COMMAND), b""
                 st, out = handler(*args)
@@ -364,8 +362,6 @@ class Psp:
             except Exception:   # a firmware bug: report it, never crash the caller
                 log.exception("PSP internal error on command %r", cmd)
                 return int(Status.INTERNAL_ERROR), b""
-            finally:
-                self._declined = 0
             return int(st), out
 
     def run_ring(self, ring, n, progress=None, before_entry=None):
@@ -509,6 +505,8 @@ class Psp:
             out.append((pos, end))
         return out
 
+    # ------------------------------------------------------------------
+    # validation helpers: raise _Refuse, change nothing
     def _need_platform(self):
         if self._platform != PLATFORM_INIT:
             raise _Refuse(Status.INVALID_PLATFORM_STATE)
@@ -793,13 +791,18 @@ class Psp:
 
     def cmd_update_npt(self, handle, level, gpa, hpa, attrs, npages):
         g = self._guest(handle)
-        if g.rec is not None and self._declined != handle and \
+        if g.rec is not None and \
                 not self._c.psp_update_fast(self._ctx, g.rec, level, gpa, hpa, attrs, npages):
             # psp_update_fast ran every check of _map_checks and committed what
             # _commit_map would (csrc/psp_core.c): leaves in one existing table
             return _SUCCESS, _UPDATE_NPT_OUT.pack(npages, 0)
-        # the general path: refusals, new tables, integrity stops (the C fast
-        # path declined, having changed nothing)
+        return self._update_npt_general(handle, level, gpa, hpa, attrs, npages, g)
+
+    def _update_npt_general(self, handle, level, gpa, hpa, attrs, npages, g=None):
+        """UPDATE_NPT's general path: refusals, new tables, integrity stops
+        (the C fast path, if it was asked, declined having changed nothing)."""
+        if g is None:
+            g = self._guest(handle)
         writes, new_levels = self._map_checks(g, gpa, hpa, level, attrs, npages)
         # ---- all checks passed: commit ----
         new_tables = self._commit_map(g, gpa, hpa, level, npages, writes, new_levels, scrub=True)
