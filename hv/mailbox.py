@@ -8,20 +8,16 @@ firmware's mailbox directly; its `call_batch` packs each chunk of up to
 RING_ENTRIES commands into a ring buffer of its own (`hv.ring`: the layout
 of the mailbox's ring) and hands it to the firmware's `run_ring`, which
 answers it in place as one batch. That is the process transport's ring, so
-a batch gets the same answers through either (an entry whose buffer is
-longer than the ring's in area, RE_IN_SIZE bytes, is INVALID_LENGTH
-whatever its command). `hv.psp_process` (a child process behind a
+a batch gets the same answers through either, and the same as `call` item
+by item (an entry whose buffer is longer than the ring's in area is
+answered as the mailbox answers that length). `hv.psp_process` (a child process behind a
 shared-memory mailbox) has the same shape, so callers do not change when
 the PSP moves out of process.
 """
 import mmap
 import threading
 
-from psp_firmware import mailbox_layout as L
-
-from .ring import RING_BYTES, Ring, _pack_ring
-
-_RING_N = L.RING_ENTRIES
+from .ring import RING_BYTES, Ring
 
 
 class InProcessTransport:
@@ -36,7 +32,7 @@ class InProcessTransport:
         self._ring_view = memoryview(mmap.mmap(-1, RING_BYTES))
         ring = self._ring = Ring(self._ring_view.obj, 0)
         # its hot methods, bound once (no lookups per call_batch)
-        self._ring_pack, self._ring_load, self._ring_results = ring.pack, ring.load, ring.results
+        self._ring_chunks, self._ring_results = ring.chunks, ring.results
         self._lock = threading.Lock()       # one batch at a time in the ring buffer
         self.last_fw_ns = 0                 # firmware ns of the last call_batch (all chunks)
 
@@ -54,20 +50,12 @@ class InProcessTransport:
         before the first runs (a bad item raises before any command runs),
         each chunk is answered by one run_ring, and read back by Ring.results."""
         items = items if type(items) is list else list(items)
-        n = len(items)
-        if not n:
+        if not items:
             return []
-        # several chunks: all packed before the first runs; one: packed in place below
-        packed = _pack_ring(items) if n > _RING_N else None
+        res = []
         with self._lock:
-            if packed is None:
-                self._ring_pack(items)
-                self.last_fw_ns = self._run_ring(self._ring_view, n)
-                return self._ring_results(n)
-            res = []
             fw = 0
-            for k, data in packed:
-                self._ring_load(data)
+            for k in self._ring_chunks(items):
                 fw += self._run_ring(self._ring_view, k)
                 res.extend(self._ring_results(k))
             self.last_fw_ns = fw

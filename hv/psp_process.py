@@ -33,7 +33,7 @@ import weakref
 from psp_firmware import mailbox_layout as L
 from psp_firmware.status import Status
 
-from .ring import Ring, _pack_ring
+from .ring import Ring
 from .vmm import VmStopped
 
 _ONE = (1).to_bytes(8, "little")
@@ -48,7 +48,7 @@ _Q_REQ, _Q_DONE, _I_PSP_SLEEPING = L.Q_REQ_SEQ, L.Q_DONE_SEQ, L.I_PSP_SLEEPING
 _I_RING_DONE = L.I_RING_DONE
 _OP_CMD, _OP_RING = L.OP_CMD, L.OP_RING
 _STATUS_MASK, _DONE = L.STATUS_MASK, L.DONE
-_RING_OFF, _RING_N = L.RING_OFF, L.RING_ENTRIES
+_RING_OFF = L.RING_OFF
 _Q_FW_NS = L.Q_FW_NS
 _TIGHT_SPIN = 64                # loads of done_seq before the yielding spin
 _SUCCESS = int(Status.SUCCESS)
@@ -172,7 +172,7 @@ class ProcessTransport:
             self._w32, self._w64 = L.views(mm)
             ring = self._ring = Ring(mm, _RING_OFF)      # hv.ring: packing, answers
             # its hot methods, bound once (no lookups per call_batch)
-            self._ring_pack, self._ring_load, self._ring_results = ring.pack, ring.load, ring.results
+            self._ring_chunks, self._ring_results = ring.chunks, ring.results
             st["views"] = (self._w32, self._w64) + ring.views()
             self.last_fw_ns = 0         # firmware ns of the last call_batch (all chunks)
             req = st["req"] = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -390,23 +390,15 @@ class ProcessTransport:
         packed straight into the ring); the answers are read back with
         strided views of the ring (no per-entry struct calls)."""
         items = items if type(items) is list else list(items)
-        n = len(items)
-        if not n:
+        if not items:
             return []
-        # several chunks: all packed before the first is sent; one: packed in place below
-        packed = _pack_ring(items) if n > _RING_N else None
         res = []
         with self._lock:
             if self._dead is not None:
                 raise PspDead(self._dead)
             mm = self._mm
-            if packed is None:
-                self._ring_pack(items)
-                packed = ((n, None),)
             fw = 0
-            for k, data in packed:
-                if data is not None:
-                    self._ring_load(data)
+            for k in self._ring_chunks(items):     # all packed before the first is sent
                 self._submit(_OP_RING, k)
                 fw += self._w64[_Q_FW_NS]
                 word = _status_unpack(mm, _OFF_STATUS)[0] & _STATUS_MASK

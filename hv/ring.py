@@ -125,11 +125,12 @@ def _pack_ring(items):
 # -- a ring -------------------------------------------------------------------
 class Ring:
     """The RING_ENTRIES entries of a ring at `offset` in the writable buffer
-    `buf` (a mailbox mmap, or a transport's private bytearray).
+    `buf` (a mailbox mmap, or the in-process transport's private mmap).
 
-    `pack(items)` writes a batch of at most RING_ENTRIES items into it;
-    `load(data)` copies in one chunk of _pack_ring; `results(k)` reads back
-    the answers of entries 0..k-1. The caller serializes (one batch at a
+    `chunks(items)` puts a batch into it a chunk at a time; `pack(items)`
+    writes a batch of at most RING_ENTRIES items into it; `load(data)`
+    copies in one chunk of _pack_ring; `results(k)` reads back the answers
+    of entries 0..k-1. The caller serializes (one batch at a
     time per ring) and calls `release()` before it closes the buffer."""
 
     __slots__ = ("buf", "off", "_out_off", "r16", "r32", "r64")
@@ -166,6 +167,21 @@ class Ring:
         except (struct.error, TypeError, ValueError, OverflowError):
             pass
         s.pack_into(self.buf, self.off, *_entry_args(*_normalize(items)))
+
+    def chunks(self, items):
+        """Put the list `items` into the ring a chunk (RING_ENTRIES entries at
+        most) at a time, yielding each chunk's entry count once it is there
+        for the caller to have answered. Every chunk is packed before the
+        first is yielded, so a bad item raises before any command runs; a
+        batch of one chunk is packed straight into the ring."""
+        n = len(items)
+        if n <= _RING_N:
+            self.pack(items)
+            yield n
+            return
+        for k, data in _pack_ring(items):
+            self.load(data)
+            yield k
 
     def load(self, data):
         """One chunk packed by _pack_ring, copied into the ring."""
