@@ -201,7 +201,7 @@ def test_update_npt_leaves_a_fresh_frame_unallocated(psp_kind):
 @needs_c
 @pytest.mark.parametrize("backing", BACKINGS)
 def test_ring_scrub_reads_the_kernel_once_per_window_and_misses_nothing(backing):
-    """psp_ring_fast's cached probe (ring_page_state): 300 UPDATE_NPTs in one
+    """psp_ring_fast's cached probe (struct frame_probe): 300 UPDATE_NPTs in one
     ring over frames in every state, across a PROBE_WINDOW (256 frames) edge
     and through runs of holes that end in data. Every frame reads zero after,
     the holes are still holes, and the statuses, frames and host bytes match
