@@ -35,7 +35,7 @@ from unicorn import (UC_ARCH_X86, UC_HOOK_BLOCK, UC_HOOK_INSN, UC_HOOK_INTR,
                      UC_MODE_32, UC_MODE_64, Uc, UcError)
 from unicorn import x86_const as X
 
-from hv.boot_state import apply_boot_state
+from hv.machine.boot_state import apply_boot_state
 
 __all__ = ["run_flat_unicorn", "FlatResult", "COM1", "COM1_LSR", "EXIT_PORT"]
 
@@ -189,7 +189,7 @@ def _tail_count(image, ram_size, prefix, limit):
 def run_flat_unicorn(image, ram_size, max_insns=100_000_000, count_insns=True,
                      chunk=CHUNK):
     """Run an ELF64 (or multiboot) guest in plain, flat Unicorn.  See module doc."""
-    from hv.loader import load_image
+    from hv.machine.loader import load_image
     if not hasattr(image, "segments"):
         image = load_image(image, ram_size)
     elif image.ram_size != ram_size:

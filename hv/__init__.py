@@ -11,10 +11,10 @@ Public API (see README.md, "Python API"):
 """
 from psp_firmware import Cmd, Status, status_name
 
-from .errors import BadInput, TraceError
-from .hostmem import HostMemory, parse_size
-from .psp_client import PspClient, Reply
-from .vmm import Vm, Vmm, VmStopped
+from hv.errors import BadInput, TraceError, VmStopped
+from hv.vmm.hostmem import HostMemory, parse_size
+from hv.psp_link.client import PspClient, Reply
+from hv.vmm.vmm import Vm, Vmm
 
 __all__ = ["Vmm", "Vm", "VmStopped", "HostMemory", "PspClient", "Reply", "Cmd", "Status",
            "status_name", "BadInput", "TraceError", "parse_size", "load_trace", "replay"]
@@ -22,10 +22,10 @@ __all__ = ["Vmm", "Vm", "VmStopped", "HostMemory", "PspClient", "Reply", "Cmd", 
 
 def load_trace(path, fmt=None, **kw):
     """hv.trace.load_trace (keywords: backend, max_bytes)."""
-    from .trace import load_trace as _lt
+    from hv.trace.reader import load_trace as _lt
     return _lt(path, fmt, **kw)
 
 
 def replay(vmm, vm, trace, progress=None):
-    from .replay import replay as _r
+    from hv.trace.replay import replay as _r
     return _r(vmm, vm, trace, progress)

@@ -5,7 +5,7 @@ argument, a trace).  The CLI prints ``hv: <message>`` and exits with status 2,
 so messages are a single line.
 """
 
-__all__ = ["BadInput", "TraceError"]
+__all__ = ["BadInput", "TraceError", "VmStopped"]
 
 
 def _one_line(s):
@@ -41,3 +41,12 @@ class TraceError(BadInput):
 
     def __reduce__(self):
         return (type(self), (self.path, self.line, self.msg))
+
+
+class VmStopped(Exception):
+    """The PSP stopped the VM (tamper detected) or refused its NPF."""
+
+    def __init__(self, status, msg, fields=None):
+        super().__init__(msg)
+        self.status = status
+        self.fields = fields or {}      # the PSP's reply fields (where a tamper is)

@@ -3,7 +3,7 @@
 
     .venv/bin/python scripts/bench_full.py [--out results.json] [--plot DIR] [--quick]
 
-Runs the "full" profile of hv/bench.py (walks and integrity from 16 MiB to
+Runs the "full" profile of hv/bench/ (walks and integrity from 16 MiB to
 16 GiB mapped in 6 steps, 1M walks per size, NPF path on 32768 pages, a real
 valgrind lackey trace when valgrind is installed, KVM side by side, guest
 speed, peak RSS), prints the human-readable report on stderr-free stdout and
@@ -24,7 +24,7 @@ def main(argv=None):
     ap.add_argument("--plot", default=None, metavar="DIR", help="write PNG plots into DIR")
     ap.add_argument("--quick", action="store_true", help="the quick profile instead")
     args = ap.parse_args(argv)
-    from hv import bench
+    import hv.bench as bench
     res = bench.run("quick" if args.quick else "full", plot_dir=args.plot,
                     log=lambda m: print(m, file=sys.stderr, flush=True))
     with open(args.out, "w") as f:

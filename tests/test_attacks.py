@@ -9,11 +9,12 @@ import time
 
 import pytest
 
-from hv import Status, Vmm
-from hv import attacks
-from hv.attacks import (DETECTED, NOT_FLAGGED, REFUSED, SCENARIOS, UNDETECTED, AttackConfig,
+from hv import Status
+from hv import Vmm
+from hv.attacks import scenarios as attacks
+from hv.attacks.scenarios import (DETECTED, NOT_FLAGGED, REFUSED, SCENARIOS, UNDETECTED, AttackConfig,
                         entry_addr, run_scenario)
-from hv.cli import main
+from hv.cli.main import main
 from nptcore.bits import ACC_W, ADDR_MASK
 from psp_firmware import INTEGRITY_MODES
 
@@ -233,7 +234,7 @@ def test_wall_time_checker_lifecycle():
 
 
 def test_periodic_check_before_platform_init():
-    from hv.hostmem import HostMemory
+    from hv.vmm.hostmem import HostMemory
     from psp_firmware import Psp
     mem = HostMemory(64 << 20)
     psp = Psp(mem.buf)

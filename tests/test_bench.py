@@ -15,7 +15,7 @@ REQUIRED = ["walk_c_vs_python", "walk_c_vs_floor", "merkle_update_growth",
 
 
 def _kvm_usable():
-    from hv import kvm
+    from hv.machine import kvm
     return kvm.available()
 
 
@@ -81,6 +81,6 @@ def test_bench_bad_section_is_usage_error():
 
 
 def test_rss_child_reads_its_own_high_water_mark():
-    from hv.bench import _child_rss
+    from hv.bench.memory import _child_rss
     rc, rss = _child_rss(["inspect", "--help"])
     assert rc == 0 and 1 < rss < 500

@@ -16,10 +16,10 @@ MiB = 1 << 20
 gbuild = pytest.importorskip("guests.build")
 pytest.importorskip("unicorn")
 
-from hv.boot import Boot  # noqa: E402
-from hv.cli import main  # noqa: E402
-from hv.vcpu import available_hooks  # noqa: E402
-from hv.vmm import Vmm  # noqa: E402
+from hv.machine.boot import Boot  # noqa: E402
+from hv.cli.main import main  # noqa: E402
+from hv.machine.unicorn_vcpu import available_hooks  # noqa: E402
+from hv.vmm.vmm import Vmm  # noqa: E402
 
 HOOKS = [pytest.param(h, marks=[] if h in available_hooks() else
                       [pytest.mark.skip(reason=f"{h} hook not built")], id=h)
@@ -97,10 +97,10 @@ def test_decoder_made_with_the_vcpu(guests, hook, monkeypatch):
     """The block hook's capstone decoder is made when the vCPU is set up, not
     by the first block inside the run; a decoder that cannot be made there
     does not stop the set-up (the first block reports it, as before)."""
-    import hv.disasm
-    real = hv.disasm._cs
+    import hv.machine.disasm
+    real = hv.machine.disasm._cs
     made = []
-    monkeypatch.setattr(hv.disasm, "_cs", lambda bits: made.append(bits) or real(bits))
+    monkeypatch.setattr(hv.machine.disasm, "_cs", lambda bits: made.append(bits) or real(bits))
     vmm = Vmm(host_mem=128 * MiB)
     try:
         b = Boot(vmm, guests["hello"], mem=16 * MiB, hook=hook)
@@ -111,7 +111,7 @@ def test_decoder_made_with_the_vcpu(guests, hook, monkeypatch):
 
         def missing(bits):
             raise ImportError("no capstone")
-        monkeypatch.setattr(hv.disasm, "_cs", missing)
+        monkeypatch.setattr(hv.machine.disasm, "_cs", missing)
         Boot(vmm, guests["mb_hello"], mem=32 * MiB, hook=hook).close()
     finally:
         vmm.close()
@@ -212,8 +212,8 @@ def test_measurement(guests):
 
 
 def test_record_and_replay(guests, tmp_path, capsys):
-    from hv.replay import replay
-    from hv.trace import load_trace
+    from hv.trace.replay import replay
+    from hv.trace.reader import load_trace
     for name in ("paging", "jump_unmapped"):
         trace = tmp_path / f"{name}.csv"
         rc = main(["boot", str(guests[name]), "--mem", "16M", "--json", "--record", str(trace)])

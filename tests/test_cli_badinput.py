@@ -364,7 +364,7 @@ def test_json_one_object_for_guest_failure_and_insn_limit(tmp_path):
 
 TAMPER = r"""
 import sys
-import hv.boot as hb
+import hv.machine.boot as hb
 orig = hb.Boot.__init__
 
 def tamper(b, insns):
@@ -385,17 +385,17 @@ def init(self, *a, **kw):
     orig(self, *a, **kw)
 
 hb.Boot.__init__ = init
-from hv.cli import main
+from hv.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 
 INTERNAL = r"""
 import sys
-import hv.replay
+import hv.trace.replay
 def boom(*a, **kw):
     raise RuntimeError("simulated bug\nsecond line")
-hv.replay.replay = boom
-from hv.cli import main
+hv.trace.replay.replay = boom
+from hv.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -18,12 +18,12 @@ import zlib
 
 import pytest
 
-from hv import trace as trace_mod
+from hv.trace import reader as trace_mod
 from test_cli_badinput import assert_bad_input   # one definition of "bad input"
-from hv.cli import main
+from hv.cli.main import main
 from hv.errors import TraceError
-from hv.hostmem import HostMemory, HostMemoryError
-from hv.trace import MAX_TRACE_BYTES, load_trace, parse_trace
+from hv.vmm.hostmem import HostMemory, HostMemoryError
+from hv.trace.reader import MAX_TRACE_BYTES, load_trace, parse_trace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT)
@@ -119,7 +119,7 @@ def _failing_mmap(*a, **k):
 
 
 def test_failure_removes_only_a_file_it_created(tmp_path, monkeypatch):
-    import hv.hostmem as hm
+    import hv.vmm.hostmem as hm
     monkeypatch.setattr(hm.mmap, "mmap", _failing_mmap)
     new = tmp_path / "new.bin"
     with pytest.raises(HostMemoryError, match="new.bin"):
@@ -506,7 +506,7 @@ def test_boot_clean_exit_unaffected_by_insn_limit_ok(tmp_path, capsys):
 
 def test_package_load_trace_passes_the_cap(tmp_path):
     import hv
-    from hv.trace import TraceError
+    from hv.trace.reader import TraceError
     p = tmp_path / "t.csv"
     p.write_text("access,gpa,size\n" + "r,0x1000,8\n" * 200)
     assert len(hv.load_trace(str(p)).gpa) == 200

@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from hv import Vmm
-from hv.alloc import OutOfMemory
+from hv.vmm.alloc import OutOfMemory
 from nptcore.bits import ADDR_MASK, AD_MASK, NX, P, PS, U, W
 from psp_firmware import INTEGRITY_MODES, Cmd, Status
 from psp_firmware.commands import MAX_NPAGES, _IN
@@ -358,7 +358,7 @@ class PspMachine(RuleBasedStateMachine):
         if st_ == Status.SUCCESS and cmd == Cmd.LAUNCH_START:
             hh = struct.unpack("<I", _out)[0]
             vm_vmsa = fields["vmsa_hpa"]
-            from hv.vmm import Vm
+            from hv.vmm.vmm import Vm
             self.guests[hh] = Vm(hh, vm_vmsa)
             self.granted[hh] = {}
             self.dirty[hh] = {}
@@ -556,7 +556,7 @@ def test_decoder_bytes_in_status_out(fuzz_vmm, data):
                                   st.integers(), st.lists(st.integers(0, 255), max_size=8)))
 def test_mailbox_any_python_object(cmd, buf):
     """The firmware's own entry point, given anything at all: a status, never a raise."""
-    from hv.hostmem import HostMemory
+    from hv.vmm.hostmem import HostMemory
     from psp_firmware import Psp
     psp = _PSP_CACHE.get("psp")
     if psp is None:

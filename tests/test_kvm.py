@@ -1,7 +1,7 @@
 """The minimal /dev/kvm client (hv/kvm.py): skipped where KVM is not usable."""
 import pytest
 
-from hv import kvm
+from hv.machine import kvm
 
 pytestmark = pytest.mark.skipif(not kvm.available(), reason="/dev/kvm absent or not usable")
 

@@ -6,8 +6,8 @@ import struct
 import pytest
 
 from hv.errors import BadInput
-from hv import loader as L
-from hv.loader import load_image
+from hv.machine import loader as L
+from hv.machine.loader import load_image
 
 from guests import build as gbuild
 

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hv import Status, Vmm
+from hv import Status
+from hv import Vmm
 from nptcore.bits import A, AD_MASK, D, NX, P, W
 from psp_firmware import INTEGRITY_MODES, Psp
 from psp_firmware.merkle import MerkleIntegrity

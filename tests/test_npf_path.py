@@ -10,13 +10,13 @@ from array import array
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-import hv.replay as replay_mod
+import hv.trace.replay as replay_mod
 from hv import Vmm
-from hv.alloc import PAGE, FrameAllocator, OutOfMemory
-from hv.mailbox import InProcessTransport
-from hv.psp_client import PspClient, Reply
-from hv.replay import replay
-from hv.trace import Trace
+from hv.vmm.alloc import PAGE, FrameAllocator, OutOfMemory
+from hv.psp_link.inprocess import InProcessTransport
+from hv.psp_link.client import PspClient, Reply
+from hv.trace.replay import replay
+from hv.trace.reader import Trace
 from nptcore import available_backends
 from psp_firmware import Status
 from psp_firmware.commands import Cmd, decode_out, encode
@@ -497,10 +497,10 @@ def test_inprocess_transport_hands_the_firmware_int_and_bytes():
 # the vCPU's TLB flush
 
 def test_vcpu_flush_tlb_in_c():
-    from hv.vcpu import UnicornVcpu, available_hooks
+    from hv.machine.unicorn_vcpu import UnicornVcpu, available_hooks
     if "c" not in available_hooks():
         pytest.skip("C vCPU hook not built")
-    from hv.loader import load_image
+    from hv.machine.loader import load_image
     import guests.build as gb
     try:
         img = gb.build_all()["hello"]
@@ -573,7 +573,7 @@ def _choose_range_reference(vm, gpa):
        st.sets(st.integers(0, 5), max_size=3), st.sampled_from([None, 3 << 20, 10 << 20]),
        st.lists(st.integers(0, (12 << 20) - 1), min_size=1, max_size=30))
 def test_choose_range_matches_reference(n, huge, mapped, huge_blocks, ram_size, gpas):
-    from hv.vmm import Vm
+    from hv.vmm.vmm import Vm
     vm = Vm(1, 0, ram_size, n, huge, mapped=set(mapped), huge_blocks=set(huge_blocks))
     for p in mapped:
         vm.small_per_block[p >> 9] = vm.small_per_block.get(p >> 9, 0) + 1

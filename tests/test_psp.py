@@ -3,7 +3,9 @@ import struct
 
 import pytest
 
-from hv import Cmd, Status, VmStopped
+from hv import Cmd
+from hv import Status
+from hv import VmStopped
 from nptcore.bits import A, ACC_R, ACC_W, ACC_X, AD_MASK, D, NX, P, PF_P
 from psp_firmware import Psp, encode
 
@@ -34,7 +36,7 @@ def test_platform_init_twice_refused(vmm):
 
 
 def test_commands_before_platform_init():
-    from hv.hostmem import HostMemory
+    from hv.vmm.hostmem import HostMemory
     mem = HostMemory(64 << 20)
     psp = Psp(mem.buf)
     st, _ = psp.mailbox(Cmd.LAUNCH_START, encode(Cmd.LAUNCH_START, vmsa_hpa=PAGE, policy=0))
@@ -175,7 +177,7 @@ def _a_pool_page(vmm):
 
     The VMM donates its first 64 allocated frames at start; the PSP hands
     pool frames out lowest first, so the highest one is still in the pool."""
-    from hv.vmm import POOL_CHUNK
+    from hv.vmm.vmm import POOL_CHUNK
     assert vmm.psp.platform_status().pool_free > 0
     return vmm.alloc.base + (POOL_CHUNK - 1) * PAGE
 
@@ -323,7 +325,7 @@ def test_pool_add_refusals(vmm):
 
 
 def test_pool_exhaustion_is_a_status(backend):
-    from hv.hostmem import HostMemory
+    from hv.vmm.hostmem import HostMemory
     mem = HostMemory(64 << 20)
     psp = Psp(mem.buf, backend=backend)
 

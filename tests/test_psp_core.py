@@ -12,7 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hv import Status, Vmm
+from hv import Status
+from hv import Vmm
 from nptcore.bits import A, D, NX, P, W
 from psp_firmware import core as psp_core
 from psp_firmware.merkle import MerkleIntegrity

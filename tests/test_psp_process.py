@@ -9,9 +9,11 @@ import time
 
 import pytest
 
-from hv import Cmd, Status
-from hv.hostmem import HostMemory
-from hv.psp_process import PspDead, ProcessTransport, measure_roundtrip
+from hv import Cmd
+from hv import Status
+from hv.vmm.hostmem import HostMemory
+from hv.psp_link.process import PspDead, ProcessTransport
+from hv.bench.psp import measure_roundtrip
 from nptcore.bits import ACC_R, ACC_W
 from psp_firmware import encode
 from psp_firmware import mailbox_layout as L
@@ -734,7 +736,7 @@ _ISOLATION = textwrap.dedent("""
     for i in range(64):
         v.touch(vm, 0x200000 + i * 4096, ACC_W)
     try:
-        import hv.attacks as A
+        from hv.attacks import scenarios as A
         cfg = A.AttackConfig(psp="process") if "psp" in A.AttackConfig.__dataclass_fields__ else None
         if cfg is not None:
             for r in A.run_scenarios(["severed_remap", "map_psp_memory", "race_concurrent_commands"], cfg):
@@ -812,7 +814,7 @@ def test_measure_roundtrip_keys():
 
 
 def test_bench_figures_keys():
-    from hv.psp_process import bench_psp_figures
+    from hv.bench.psp import bench_psp_figures
     f = bench_psp_figures(n=100, batch=16, rounds=1)
     for k in ("psp_roundtrip_us_process", "psp_roundtrip_us_inprocess", "psp_ring_us_per_cmd"):
         assert isinstance(f[k], float) and f[k] > 0

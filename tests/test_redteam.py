@@ -18,7 +18,7 @@ import threading
 import pytest
 
 from hv import Vmm
-from hv.inspect_npt import analyse, load_snapshot, save_snapshot, take_snapshot
+from hv.trace.inspect import analyse, load_snapshot, save_snapshot, take_snapshot
 from nptcore.bits import A, ACC_R, ACC_W, ACC_X, ADDR_MASK, D, NX, P, PS, U, W
 from nptcore.bits import index as npt_index
 from psp_firmware import Status
@@ -672,7 +672,7 @@ def test_guest_code_remap_in_last_interval_is_reported(guests, mode):
     run at once with a chosen exit code: the guest executes it (exposure up
     to one check interval, by design), but the run must not end as a clean
     guest exit: the tamper is still in the table when the guest stops."""
-    from hv.boot import Boot
+    from hv.machine.boot import Boot
     vmm = new_vmm(mode)
     try:
         evil = _evil_page(vmm)
@@ -696,7 +696,7 @@ def test_guest_code_remap_in_last_interval_is_reported(guests, mode):
 def test_guest_data_remap_detected_within_interval(guests, mode):
     """SEVered on a running guest: remap a guest page to the other guest's
     secret page mid-run; the next check stops the guest, within one interval."""
-    from hv.boot import Boot
+    from hv.machine.boot import Boot
     vmm = new_vmm(mode)
     try:
         other = vmm.create_vm()
@@ -729,7 +729,7 @@ def test_guest_stopped_by_psp_timer_is_never_resumed(guests):
     """The PSP's own wall-time checker stops a tampered guest; the run loop
     must not resume it (it would run the attacker's code page)."""
     import time
-    from hv.boot import Boot
+    from hv.machine.boot import Boot
     vmm = Vmm(host_mem=64 << 20, psp_check_ms=2)
     try:
         evil = _evil_page(vmm)
@@ -759,8 +759,8 @@ def test_forged_control_page_refused_at_vmrun(hook):
     PSP never saw: the CPU's VMRUN check (against the PSP's record of this
     guest's VMSA) refuses to run the guest at all."""
     from guests.build import build_all
-    from hv.boot import Boot
-    from hv.vcpu import available_hooks
+    from hv.machine.boot import Boot
+    from hv.machine.unicorn_vcpu import available_hooks
     if hook not in available_hooks():
         pytest.skip(f"{hook} hook not built")
     img = build_all()["hello"]

@@ -9,9 +9,10 @@ import sys
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from hv import Vmm, load_trace
-from hv.replay import replay
-from hv.trace import Trace
+from hv import Vmm
+from hv import load_trace
+from hv.trace.replay import replay
+from hv.trace.reader import Trace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLED = os.path.join(ROOT, "traces", "true.lackey.gz")

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hv import Vmm
-from hv.ring import RING_BYTES, Ring
+from hv.psp_link.ring import RING_BYTES, Ring
 from nptcore import available_backends
 from psp_firmware import Cmd, Status, encode
 from psp_firmware import mailbox_layout as L

@@ -177,7 +177,7 @@ def test_update_npt_leaves_a_fresh_frame_unallocated(psp_kind):
     """End to end: UPDATE_NPT of a frame the host never touched does not make
     the host allocate it (the PSP process gets the memfd to probe); the
     guest's first touch does, and then sees zeros."""
-    from hv.vmm import Vmm
+    from hv.vmm.vmm import Vmm
     from psp_firmware.commands import ATTR_RWX
     vmm = Vmm(host_mem=64 << 20, psp=psp_kind)
     try:

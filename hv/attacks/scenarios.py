@@ -35,7 +35,7 @@ before the next check is not seen by any digest; what it gets is bounded by
 the check interval (the exposure the detected scenarios measure), which is
 why the interval is counted in guest instructions (--check-insns).
 
-    from hv.attacks import run_scenarios, SCENARIOS, AttackConfig
+    from hv.attacks.scenarios import run_scenarios, SCENARIOS, AttackConfig
     results = run_scenarios(["severed_remap"], AttackConfig(check_every=256))
 """
 import os
@@ -51,7 +51,8 @@ from nptcore.bits import (A, ACC_R, ACC_W, ACC_X, AD_MASK, ADDR_MASK, D, NX, P, 
 from psp_firmware import Status
 from psp_firmware.commands import ATTR_RWX, ATTR_W, ATTR_X
 
-from .vmm import VmStopped, Vmm
+from hv.errors import VmStopped
+from hv.vmm.vmm import Vmm
 
 PAGE = 4096
 MB2 = 2 << 20
@@ -740,7 +741,7 @@ def sc_map_table_page(cfg):
         root = lab.vmm.npt_root(v)
         pt = lab.leaf(lab.work[0]) & ~0xFFF
         other_root = lab.vmm.npt_root(lab.other)
-        from .vmm import POOL_CHUNK
+        from hv.vmm.vmm import POOL_CHUNK
         pool_page = lab.vmm.alloc.base + (POOL_CHUNK - 1) * PAGE
         cases = [
             ("own_root", Status.TABLE_PAGE, _upd(lab, v, gpa, root), (v, gpa, root)),
@@ -1272,7 +1273,7 @@ class _GuestStopped(Exception):
 def _guest_tools():
     """(Boot, {name: image path}) or raise _Skip."""
     try:
-        from .boot import Boot
+        from hv.machine.boot import Boot
     except ImportError as e:
         raise _Skip(f"hv.boot not available ({e})") from None
     try:

@@ -5,8 +5,8 @@ for the benign scenario, no `error`), 1 otherwise, 2 on bad usage.
 """
 import math
 
-from .cli import emit_json
-from .errors import BadInput
+from hv.cli.common import emit_json
+from hv.errors import BadInput
 
 
 def add_parser(sub, common):
@@ -42,7 +42,7 @@ def add_parser(sub, common):
 
 
 def _select(names, want_all):
-    from .attacks import SCENARIOS
+    from hv.attacks.scenarios import SCENARIOS
     if want_all or not names:
         return list(SCENARIOS)
     out = []
@@ -58,7 +58,7 @@ def _select(names, want_all):
 
 
 def cmd_attack(args):
-    from . import attacks
+    from hv.attacks import scenarios as attacks
     if args.check_insns is not None and args.check_insns < 1:
         raise BadInput("--check-insns must be >= 1")
     if args.check_ms is not None and not (args.check_ms > 0 and math.isfinite(args.check_ms)):
@@ -111,7 +111,7 @@ def _table(results, verbose=0):
     from rich.console import Console
     from rich.table import Table
 
-    from .attacks import summarize
+    from hv.attacks.scenarios import summarize
     t = Table(title="hv attack", show_lines=bool(verbose))
     t.add_column("scenario", no_wrap=True)
     t.add_column("class", no_wrap=True)

@@ -1,4 +1,4 @@
-"""`hv bench [--quick] [--json] [--plot DIR]`: see hv/bench.py.
+"""`hv bench [--quick] [--json] [--plot DIR]`: see hv/bench/.
 
 `hv bench` does not take the options the other commands share (--backend,
 --psp, --integrity, --host-mem, ...): it measures the alternatives side by
@@ -9,7 +9,8 @@ import argparse
 import os
 import sys
 
-from .errors import BadInput
+from hv.cli.common import emit_json
+from hv.errors import BadInput
 
 EXIT_OK = 0
 
@@ -57,8 +58,7 @@ def add_parser(sub, common):
 
 
 def cmd_bench(args):
-    from . import bench
-    from .cli import emit_json
+    import hv.bench as bench
     profile = "full"
     if args.quick:
         profile = "quick"

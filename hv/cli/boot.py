@@ -13,19 +13,19 @@ import argparse
 import os
 import sys
 
-from .errors import BadInput
+from hv.cli.common import emit_json, make_vmm, size_arg
+from hv.errors import BadInput
 
 EXIT_OK, EXIT_GUEST = 0, 1
 
 
 def _size(text):
-    from .cli import _size_arg
-    return _size_arg(text)
+    return size_arg(text)
 
 
 def _mem_size(text):
     """--mem: guest RAM, a multiple of 4 KiB up to 4 GiB."""
-    from .loader import MAX_RAM
+    from hv.machine.loader import MAX_RAM
     n = _size(text)
     if n > MAX_RAM:
         raise argparse.ArgumentTypeError(f"guest RAM above the 4 GiB maximum: {text!r}")
@@ -43,7 +43,7 @@ def _pos_int(text):
 
 
 def add_parser(sub, common):
-    from .vcpu import available_hooks
+    from hv.machine.unicorn_vcpu import available_hooks
     p = sub.add_parser("boot", help="boot a guest image (ELF64 toy or Multiboot) through the PSP-managed NPT")
     p.add_argument("image", help="ELF64 toy guest or Multiboot v1 kernel, or the name of a bundled "
                                  "guest (hello, memtouch, compute, paging, jump_unmapped, "
@@ -94,9 +94,8 @@ def resolve_image(name):
 
 
 def cmd_boot(args):
-    from .boot import Boot, format_report
-    from .cli import emit_json, make_vmm
-    from .loader import load_image
+    from hv.machine.boot import Boot, format_report
+    from hv.machine.loader import load_image
 
     if args.insn_limit_ok and args.max_insns is None:
         raise BadInput("boot: --insn-limit-ok needs --max-insns N")

@@ -1,7 +1,7 @@
 """Boot a guest image on the emulated vCPU through the PSP-managed NPT.
 
-    from hv.vmm import Vmm
-    from hv.boot import Boot
+    from hv.vmm.vmm import Vmm
+    from hv.machine.boot import Boot
     vmm = Vmm(host_mem=256 << 20)
     b = Boot(vmm, "guests/build/hello", mem=16 << 20)
     res = b.run()                 # BootResult
@@ -33,10 +33,10 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
-from .devices import VGA_BASE, VGA_BYTES, Devices, vga_rows
-from .errors import BadInput
-from .loader import load_image
-from .vcpu import ACCESS_WORDS, UnicornVcpu, available_hooks
+from hv.machine.devices import VGA_BASE, VGA_BYTES, Devices, vga_rows
+from hv.errors import BadInput
+from hv.machine.loader import load_image
+from hv.machine.unicorn_vcpu import ACCESS_WORDS, UnicornVcpu, available_hooks
 
 __all__ = ["Boot", "BootResult", "EXIT_REASONS", "exit_code_for"]
 
@@ -128,7 +128,7 @@ class Boot:
                            f"({vmm.mem.size >> 20} MiB, {usable >> 20} MiB usable); raise --host-mem")
         self._own_record = False
         if isinstance(record, (str, bytes)) or hasattr(record, "__fspath__"):
-            from .trace import CsvTraceWriter
+            from hv.trace.reader import CsvTraceWriter
             try:
                 record = CsvTraceWriter(record, columns=("access", "gpa", "rip", "insn"),
                                         comment=f"hv boot {self.image.path} --mem {mem}: one row per NPF")

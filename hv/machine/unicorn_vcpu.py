@@ -53,8 +53,8 @@ from unicorn import x86_const as X
 from nptcore.bits import (ACC_R, ACC_W, ACC_X, GUEST_ADDR_MASK, K_GUEST_PF,
                           MODE_32, MODE_LONG4, MODE_PAE, PF_FINAL, PF_ID, PF_W, PF_WALK)
 
-from .boot_state import MSR_EFER, apply_boot_state
-from .vmm import VmStopped
+from hv.machine.boot_state import MSR_EFER, apply_boot_state
+from hv.errors import VmStopped
 
 try:
     from unicorn.unicorn_py3.unicorn import uclib as _uclib
@@ -62,7 +62,7 @@ except ImportError:          # pragma: no cover - other binding layouts
     _uclib = None
 
 try:
-    from ._vcpu_c import ffi as _ffi, lib as _lib
+    from hv._vcpu_c import ffi as _ffi, lib as _lib
 except ImportError:          # pragma: no cover - C module not built
     _ffi = _lib = None
 
@@ -110,7 +110,7 @@ def _warm_decoder(bits):
     from it, such as the time per NPF).  Nothing changes if capstone is
     missing: the first block then fails as before."""
     try:
-        from .disasm import _cs
+        from hv.machine.disasm import _cs
         _cs(bits)
     except Exception:       # noqa: BLE001 - reported by the first decode instead
         pass
@@ -429,7 +429,7 @@ class UnicornVcpu:
             self.vmm.handle_npf(self.vm, gpa, kind, err, rip, insn, bits)
         except VmStopped as e:
             if _npflog.isEnabledFor(_INFO):
-                from .disasm import disasm_one
+                from hv.machine.disasm import disasm_one
                 b = insn() if insn is not None else self.insn_bytes(rip)
                 _npflog.info("npf gpa=%#x access=%s err=%#x rip=%#x refused: %s insn=%s", gpa, "rwx"[kind],
                              err, rip, e, disasm_one(b, rip, bits) if b else
@@ -531,7 +531,7 @@ class UnicornVcpu:
         return n
 
     def _decode(self, addr, size):
-        from .disasm import _cs
+        from hv.machine.disasm import _cs
         code = self.read_virt(addr, size) if size else b""
         return [(a, s) for a, s, _, _ in _cs(self.code_bits()).disasm_lite(code, addr)]
 
@@ -573,7 +573,7 @@ class UnicornVcpu:
     def last_insns(self, limit=16):
         """[(addr, hex bytes, text)]: the last block run, up to and including
         the instruction at the current pc (for failure reports)."""
-        from .disasm import disasm_many
+        from hv.machine.disasm import disasm_many
         pc = self.pc
         bits = self.code_bits()
         addr, size = getattr(self, "_last_seen", (pc, 0))

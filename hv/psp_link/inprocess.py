@@ -17,7 +17,7 @@ the PSP moves out of process.
 import mmap
 import threading
 
-from .ring import RING_BYTES, Ring
+from hv.psp_link.ring import RING_BYTES, Ring
 
 
 class InProcessTransport:

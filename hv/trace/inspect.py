@@ -13,8 +13,8 @@ import stat
 from nptcore import get_engine
 from nptcore.bits import NX, W
 
-from .errors import BadInput
-from .hostmem import HostMemory
+from hv.errors import BadInput
+from hv.vmm.hostmem import HostMemory
 
 SNAPSHOT_VERSION = 1
 

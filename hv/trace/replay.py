@@ -16,10 +16,10 @@ from bisect import bisect_right
 
 from nptcore.bits import PF_FINAL, PF_U, PF_W, PF_ID, ACC_W, ACC_X
 
-from .vmm import VmStopped
+from hv.errors import VmStopped
 
 try:                      # the trace parser's C module also finds straddling rows
-    from . import _trace_c
+    from hv import _trace_c
     if not hasattr(_trace_c.lib, "trace_straddles"):
         _trace_c = None
 except ImportError:       # pragma: no cover - depends on the build

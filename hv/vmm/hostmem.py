@@ -12,7 +12,7 @@ import os
 import stat
 import struct
 
-from .errors import BadInput
+from hv.errors import BadInput
 
 PAGE = 4096
 _Q = struct.Struct("<Q")

@@ -12,11 +12,11 @@ from nptcore.bits import ACC_R, ACC_W, ACC_X, GPA_LIMIT, PF_P
 from psp_firmware import Psp, Status
 from psp_firmware.commands import ATTR_RWX
 
-from .alloc import FrameAllocator, OutOfMemory
-from .errors import BadInput
-from .hostmem import PAGE, HostMemory
-from .mailbox import InProcessTransport
-from .psp_client import PspClient
+from hv.vmm.alloc import FrameAllocator, OutOfMemory
+from hv.errors import BadInput, VmStopped
+from hv.vmm.hostmem import PAGE, HostMemory
+from hv.psp_link.inprocess import InProcessTransport
+from hv.psp_link.client import PspClient
 
 log = logging.getLogger("hv.npf")
 
@@ -29,15 +29,6 @@ _U64 = struct.Struct("<Q")
 _INFO = logging.INFO
 _RESOURCE_EXHAUSTED = Status.RESOURCE_EXHAUSTED
 _SUCCESS = Status.SUCCESS
-
-
-class VmStopped(Exception):
-    """The PSP stopped the VM (tamper detected) or refused its NPF."""
-
-    def __init__(self, status, msg, fields=None):
-        super().__init__(msg)
-        self.status = status
-        self.fields = fields or {}      # the PSP's reply fields (where a tamper is)
 
 
 @dataclass
@@ -96,7 +87,7 @@ class Vmm:
                 self._psp_obj.start_periodic_check(check_ms)
             return InProcessTransport(self._psp_obj)
         if psp == "process":
-            from .psp_process import ProcessTransport
+            from hv.psp_link.process import ProcessTransport
             return ProcessTransport(self.mem, backend=backend, integrity=integrity, timeout=timeout,
                                     periodic_ms=check_ms)
         raise BadInput(f"unknown --psp {psp!r} (inprocess or process)")
@@ -287,5 +278,5 @@ def _insn_text(insn, rip, mode):
         insn = insn()
     if not insn:
         return ""
-    from .disasm import disasm_one
+    from hv.machine.disasm import disasm_one
     return " insn=" + disasm_one(insn, rip or 0, mode)

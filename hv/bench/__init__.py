@@ -1,0 +1,80 @@
+"""`hv bench`: what the design costs, measured side by side in one run.
+
+Sections (each returns a dict; `run()` gathers them and the headline figures):
+
+- sha256:    SHA-256 throughput on this machine (the floor for integrity work)
+- walks:     ns per NPT walk, C batch / C single call / pure Python / C floor
+             (the same four dependent loads, no checks), on dense 4 KiB tables
+             mapping 16 MiB .. 16 GiB, random GPAs over the mapped range
+- integrity: µs per UPDATE_NPT and per full check (VERIFY), full vs merkle, as
+             the mapped span grows 16 MiB .. 16 GiB (one 4 KiB page per 2 MiB
+             block: a sparse mapping with the page-table footprint, and so the
+             integrity cost, of a dense one)
+- npf:       the NPF path end to end (walk miss -> VMM -> PSP UPDATE_NPT ->
+             resume) on a trace replay touching every page of a region once:
+             4 KiB faults, fault-around 16, 2 MiB pages; µs per fault and per page
+- replay:    accesses per second of `hv replay` on a lackey trace, parsing included
+- kvm:       /dev/kvm: in-kernel demand fault per page, user-space exit round trip
+- guest:     instructions per second of a compute-bound guest under `hv boot`
+             vs plain Unicorn (all memory mapped flat, no hooks); µs per NPF of
+             the memtouch guest (needs hv.boot)
+- memory:    peak RSS of a replay (and a boot) at two --host-mem sizes
+
+Timings are best-of-a-few wall clock (time.perf_counter); ratios come from one
+run. Tests never assert times.
+"""
+import tempfile
+import time
+
+from hv.bench.common import PROFILES
+from hv.bench.guest import bench_guest, bench_kvm
+from hv.bench.integrity import bench_integrity
+from hv.bench.memory import bench_memory
+from hv.bench.npf import bench_npf, bench_replay
+from hv.bench.psp import bench_psp
+from hv.bench.report import _headline, format_report, machine_info, plot
+from hv.bench.walks import bench_sha256, bench_walks
+
+__all__ = ["run", "format_report", "PROFILES"]
+
+
+def run(profile="quick", plot_dir=None, log=None, sections=None):
+    """Run the benchmark; returns one dict (headline keys at the top level)."""
+    p = PROFILES[profile]
+    log = log or (lambda msg: None)
+    res = {"profile": profile, "machine": machine_info()}
+    t_start = time.perf_counter()
+    want = (lambda s: True) if sections is None else (lambda s: s in sections)
+    with tempfile.TemporaryDirectory(prefix="hv-bench-") as tmp:
+        def section(name, fn, *a):
+            if not want(name):
+                return None
+            t0 = time.perf_counter()
+            try:
+                r = fn(*a)
+            except Exception as exc:          # one broken section must not hide the others
+                r = {"skipped": f"error: {exc.__class__.__name__}: {exc}"}
+                log(f"{name}: {r['skipped']}")
+            r["seconds"] = time.perf_counter() - t0
+            res[name] = r
+            return r
+        section("sha256", bench_sha256, p)
+        section("walks", bench_walks, p, log)
+        section("integrity", bench_integrity, p, log)
+        section("npf", bench_npf, p, log)
+        rp = section("replay", bench_replay, p, log, tmp)
+        section("kvm", bench_kvm, p, log)
+        section("guest", bench_guest, p, log)
+        section("psp", bench_psp, p, log)
+        if p["rss"]:
+            section("memory", bench_memory, p, log, (rp or {}).get("trace_path"))
+        for r in (rp,):
+            if r:
+                r.pop("trace_path", None)
+    res["total_seconds"] = time.perf_counter() - t_start
+    _headline(res)
+    if plot_dir:
+        res["plots"] = plot(res, plot_dir)
+    return res
+
+

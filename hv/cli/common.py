@@ -1,0 +1,151 @@
+"""What every subcommand shares: the parser class, option types and the
+options common to boot/replay/attack, JSON output, logging, the progress bar,
+the VMM built from options, output-path checks, exit codes.
+
+Imported by the subcommand modules of hv/cli only; it imports the VMM lazily."""
+import argparse
+import json
+import logging
+import os
+import sys
+
+from hv.errors import BadInput
+
+EXIT_OK, EXIT_GUEST, EXIT_INPUT, EXIT_TAMPER, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # main() prints "hv: " first: name the subcommand, not "hv" twice
+        raise BadInput(message if self.prog == "hv" else f"{self.prog}: {message}")
+
+
+def size_arg(text):
+    """A size option (--host-mem, --mem): a positive multiple of 4 KiB."""
+    from hv.vmm.hostmem import PAGE, parse_size
+    try:
+        n = parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if n % PAGE:
+        raise argparse.ArgumentTypeError(f"size must be a multiple of 4 KiB: {text!r}")
+    return n
+
+
+def bytes_arg(text):
+    """A byte count (--max-trace-bytes): positive, with an optional unit (512M, 4G)."""
+    from hv.vmm.hostmem import parse_size
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def timeout_arg(text):
+    """--psp-timeout: seconds, > 0 (inf: never declare the PSP dead)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not v > 0:       # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds: {text!r}")
+    return v
+
+
+class _JsonState:
+    printed = False      # the command's one JSON object went to stdout already
+
+
+json_state = _JsonState()
+
+
+def emit_json(obj, **kw):
+    """Print the command's one JSON object on stdout (and remember that it was)."""
+    print(json.dumps(obj, **kw))
+    json_state.printed = True
+
+
+def add_common_options(p, psp=True):
+    from nptcore import available_backends
+    p.add_argument("--backend", choices=["c", "python"], default=None,
+                   help="NPT engine backend (default: c when built; available: %s)"
+                   % ",".join(available_backends()))
+    p.add_argument("--host-mem", type=size_arg, default=1 << 30, metavar="SIZE",
+                   help="host memory size (default 1G; untouched pages cost nothing)")
+    p.add_argument("--host-mem-file", default=None, metavar="FILE",
+                   help="back host memory with this file instead of anonymous memory "
+                        "(a new or empty file; it starts zero-filled and is kept)")
+    p.add_argument("--host-mem-file-overwrite", action="store_true",
+                   help="let --host-mem-file overwrite an existing non-empty file")
+    from psp_firmware import INTEGRITY_MODES
+    p.add_argument("--integrity", default=None, choices=sorted(INTEGRITY_MODES),
+                   help="PSP integrity mode: full (patent-literal: re-hash the whole table on "
+                        "every update) or merkle (hash tree; the default)")
+    if psp:
+        p.add_argument("--psp", choices=["inprocess", "process"], default="inprocess",
+                       help="where the PSP firmware runs")
+        p.add_argument("--psp-timeout", type=timeout_arg, default=5.0, metavar="S",
+                       help="seconds before a silent PSP process is declared dead")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="log every NPF (-v) and PSP command (-vv) to stderr")
+
+
+def setup_logging(verbose):
+    level = logging.WARNING
+    if verbose >= 1:
+        level = logging.INFO
+    logging.basicConfig(stream=sys.stderr, level=level, format="%(name)s: %(message)s")
+    # the PSP's own log (tamper reports, -vv: every command) is reported by
+    # the commands themselves; show it raw only when asked
+    logging.getLogger("psp").setLevel(logging.INFO if verbose >= 2 else logging.ERROR)
+
+
+def progress_bar(enabled):
+    if not enabled or not sys.stderr.isatty():
+        return None, None
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    prog = Progress(TextColumn("replay"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TimeRemainingColumn(), transient=True, console=stderr_console())
+    task = prog.add_task("replay", total=None)
+
+    def cb(done, total):
+        prog.update(task, completed=done, total=total)
+    return prog, cb
+
+
+def stderr_console():
+    from rich.console import Console
+    return Console(stderr=True)
+
+
+def make_vmm(args):
+    from hv.vmm.vmm import Vmm
+    return Vmm(host_mem=args.host_mem, host_mem_path=args.host_mem_file, backend=args.backend,
+               integrity=args.integrity, psp=getattr(args, "psp", "inprocess"),
+               psp_timeout=getattr(args, "psp_timeout", 5.0))
+
+
+def check_output_path(path, option):
+    """Refuse an output file that cannot be created, before the work is done."""
+    if os.path.isdir(path):
+        raise BadInput(f"cannot write {path} ({option}): is a directory")
+    parent = os.path.dirname(path) or "."
+    if not os.path.isdir(parent):
+        raise BadInput(f"cannot write {path} ({option}): no such directory {parent}")
+    if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path)
+                                                     and not os.access(path, os.W_OK)):
+        raise BadInput(f"cannot write {path} ({option}): permission denied")
+
+
+def check_host_mem_file(args):
+    """Refuse --host-mem-file naming a non-empty file before any work is done
+    (HostMemory refuses it too; with --host-mem-file-overwrite it is allowed
+    for every host memory this run sets up)."""
+    path = getattr(args, "host_mem_file", None)
+    overwrite = getattr(args, "host_mem_file_overwrite", False)
+    if overwrite and path is None:
+        raise BadInput("--host-mem-file-overwrite needs --host-mem-file FILE")
+    if path is not None:
+        from hv.vmm.hostmem import check_file
+        check_file(path, overwrite=overwrite)
