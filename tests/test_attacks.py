@@ -9,10 +9,9 @@ import time
 
 import pytest
 
-from hv import Status
-from hv import Vmm
-from hv.attacks import scenarios as attacks
-from hv.attacks.scenarios import (DETECTED, NOT_FLAGGED, REFUSED, SCENARIOS, UNDETECTED, AttackConfig,
+from hv import Status, Vmm
+import hv.attacks as attacks
+from hv.attacks import (DETECTED, NOT_FLAGGED, REFUSED, SCENARIOS, UNDETECTED, AttackConfig,
                         entry_addr, run_scenario)
 from hv.cli.main import main
 from nptcore.bits import ACC_W, ADDR_MASK

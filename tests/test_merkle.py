@@ -6,11 +6,9 @@ are not tampering. A differential property test runs random
 map/unmap/tamper sequences through both modes and compares the verdicts.
 """
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import given, HealthCheck, settings, strategies as st
 
-from hv import Status
-from hv import Vmm
+from hv import Status, Vmm
 from nptcore.bits import A, AD_MASK, D, NX, P, W
 from psp_firmware import INTEGRITY_MODES, Psp
 from psp_firmware.merkle import MerkleIntegrity

@@ -3,9 +3,7 @@ import struct
 
 import pytest
 
-from hv import Cmd
-from hv import Status
-from hv import VmStopped
+from hv import Cmd, Status, VmStopped
 from nptcore.bits import A, ACC_R, ACC_W, ACC_X, AD_MASK, D, NX, P, PF_P
 from psp_firmware import Psp, encode
 

@@ -9,11 +9,9 @@ import hashlib
 import struct
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import given, HealthCheck, settings, strategies as st
 
-from hv import Status
-from hv import Vmm
+from hv import Status, Vmm
 from nptcore.bits import A, D, NX, P, W
 from psp_firmware import core as psp_core
 from psp_firmware.merkle import MerkleIntegrity

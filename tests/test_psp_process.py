@@ -9,14 +9,12 @@ import time
 
 import pytest
 
-from hv import Cmd
-from hv import Status
+from hv import Cmd, Status
 from hv.vmm.hostmem import HostMemory
 from hv.psp_link.process import PspDead, ProcessTransport
 from hv.bench.psp import measure_roundtrip
 from nptcore.bits import ACC_R, ACC_W
-from psp_firmware import encode
-from psp_firmware import mailbox_layout as L
+from psp_firmware import encode, mailbox_layout as L
 
 PAGE = 4096
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -736,7 +734,7 @@ _ISOLATION = textwrap.dedent("""
     for i in range(64):
         v.touch(vm, 0x200000 + i * 4096, ACC_W)
     try:
-        from hv.attacks import scenarios as A
+        import hv.attacks as A
         cfg = A.AttackConfig(psp="process") if "psp" in A.AttackConfig.__dataclass_fields__ else None
         if cfg is not None:
             for r in A.run_scenarios(["severed_remap", "map_psp_memory", "race_concurrent_commands"], cfg):

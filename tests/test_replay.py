@@ -9,8 +9,7 @@ import sys
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from hv import Vmm
-from hv import load_trace
+from hv import load_trace, Vmm
 from hv.trace.replay import replay
 from hv.trace.reader import Trace
 

@@ -6,8 +6,7 @@ import shutil
 import subprocess
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import given, HealthCheck, settings, strategies as st
 
 from hv.errors import BadInput, TraceError
 from hv.trace.reader import (ACC_R, ACC_W, ACC_X, GPA_LIMIT, Access, CsvTraceWriter, Trace,

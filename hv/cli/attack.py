@@ -42,7 +42,7 @@ def add_parser(sub, common):
 
 
 def _select(names, want_all):
-    from hv.attacks.scenarios import SCENARIOS
+    from hv.attacks import SCENARIOS
     if want_all or not names:
         return list(SCENARIOS)
     out = []
@@ -58,7 +58,7 @@ def _select(names, want_all):
 
 
 def cmd_attack(args):
-    from hv.attacks import scenarios as attacks
+    import hv.attacks as attacks
     if args.check_insns is not None and args.check_insns < 1:
         raise BadInput("--check-insns must be >= 1")
     if args.check_ms is not None and not (args.check_ms > 0 and math.isfinite(args.check_ms)):
@@ -111,7 +111,7 @@ def _table(results, verbose=0):
     from rich.console import Console
     from rich.table import Table
 
-    from hv.attacks.scenarios import summarize
+    from hv.attacks import summarize
     t = Table(title="hv attack", show_lines=bool(verbose))
     t.add_column("scenario", no_wrap=True)
     t.add_column("class", no_wrap=True)

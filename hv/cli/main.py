@@ -11,10 +11,7 @@ import logging
 import os
 import sys
 
-from hv.cli import attack as attack_cli
-from hv.cli import bench as bench_cli
-from hv.cli import boot as boot_cli
-from hv.cli import replay as replay_cli
+from hv.cli import attack as attack_cli, bench as bench_cli, boot as boot_cli, replay as replay_cli
 from hv.cli.common import (EXIT_GUEST, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK, Parser,
                            add_common_options, check_host_mem_file, emit_json, json_state,
                            setup_logging)

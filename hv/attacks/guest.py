@@ -1,0 +1,365 @@
+"""Guest-driven variants: a real toy guest on the emulated CPU (hv.machine.boot)."""
+import struct
+import sys
+import threading
+
+from nptcore.bits import ACC_W, AD_MASK, ADDR_MASK, NX, P, PS, index as npt_index
+from psp_firmware import Status
+from hv.attacks.lab import _by_text, _fmt_where, _where, confirm_stopped, entry_addr, frame_of
+from hv.attacks.registry import (AttackResult, DETECTED, FALSE_POSITIVE, NOT_FLAGGED, PAGE,
+                                 SKIPPED, Undetected, scenario)
+
+
+# ---------------------------------------------------------------------------
+# guest-driven variants: a real toy guest on the emulated CPU (hv.boot)
+
+_GUEST_LOADED = False
+
+
+def load_guest_scenarios(driver="auto"):
+    """Register the guest-driven scenarios (driver "auto" or "guest")."""
+    global _GUEST_LOADED
+    if driver == "trace" or _GUEST_LOADED:
+        return
+    _GUEST_LOADED = True
+    for fn in _GUEST_SCENARIOS:
+        fn()
+
+
+_GUEST_SCENARIOS = []
+
+
+class _GuestStopped(Exception):
+    """Raised from on_slice to end a run the PSP stopped (the PSP halts the VM)."""
+
+    def __init__(self, insns, by, where=None):
+        super().__init__(by)
+        self.insns, self.by, self.where = insns, by, where
+
+
+def _guest_tools():
+    """(Boot, {name: image path}) or raise _Skip."""
+    try:
+        from hv.machine.boot import Boot
+    except ImportError as e:
+        raise _Skip(f"hv.boot not available ({e})") from None
+    try:
+        from guests.build import build_all
+        imgs = build_all()
+    except Exception as e:      # no gcc, not run from the source tree, ...
+        raise _Skip(f"guest images unavailable ({e.__class__.__name__}: {e})") from None
+    return Boot, imgs
+
+
+class _Skip(Exception):
+    pass
+
+
+class GuestLab:
+    """A real toy guest (default `compute`: a sieve over 1 MB of demand-faulted
+    bss, ~13.9 M instructions) booted through hv.boot, next to an innocent
+    guest holding a secret. `at_npf(k, fn)`: the malicious VMM runs fn(gpa)
+    inside its own NPF handler, right after serving the victim's k-th NPF
+    (mid-slice: the guest resumes on the tampered table)."""
+
+    def __init__(self, cfg, image="compute", mem=16 << 20, check_insns=None, on_slice=None,
+                 slice_insns=None):
+        Boot, imgs = _guest_tools()
+        self.cfg = cfg
+        self.vmm = cfg.new_vmm()
+        vmm = self.vmm
+        self.other = vmm.create_vm()
+        self.other_page = vmm.touch(self.other, 0x100000, ACC_W) & ~0xFFF
+        vmm.mem.write(self.other_page, b"OTHER GUEST SECRET")
+        self.victim = None
+        self.npf_hooks = {}
+        self.npf_gpas = []
+        self.tamper_insns = None
+        real = vmm.handle_npf
+
+        def handle_npf(vm, gpa, *a, **kw):
+            st = real(vm, gpa, *a, **kw)
+            if vm is self.victim:
+                self.npf_gpas.append(gpa & ~0xFFF)
+                fn = self.npf_hooks.pop(len(self.npf_gpas), None)
+                if fn is not None:
+                    fn(gpa & ~0xFFF)
+                    self.tamper_insns = self.boot.instructions
+                    self.flush()
+            return st
+        vmm.handle_npf = handle_npf        # the VMM is the attacker: its own NPF path
+        self.boot = Boot(vmm, str(imgs[image]), mem=mem, check_insns=check_insns,
+                         on_slice=on_slice, slice_insns=slice_insns)
+        self.victim = self.boot.vm
+
+    def flush(self):
+        """The VMM can always flush the emulated CPU's TLB."""
+        for cb in self.victim.on_npt_change:
+            cb()
+
+    def at_npf(self, k, fn):
+        self.npf_hooks[k] = fn
+
+    def fresh(self, n=1, align=PAGE):
+        return self.vmm.alloc.alloc(n, align=align)
+
+    def leaf(self, gpa):
+        return entry_addr(self.vmm, self.victim, gpa, 1)
+
+    def close(self):
+        try:
+            self.boot.close()
+        finally:
+            self.vmm.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _guest_result(lab, res, what, max_insns):
+    """Turn a BootResult after a mid-run tamper into an AttackResult."""
+    if res.exit_reason == "psp_stopped" and lab.tamper_insns is not None:
+        t = res.tamper or {}
+        where = None
+        if t.get("page_hpa") is not None:
+            where = {"page_hpa": hex(t["page_hpa"]), "entry_index": t["entry_index"],
+                     "expected": hex(t["expected"]), "found": hex(t["found"])}
+        by = "periodic" if t.get("detected_by", "").startswith(("CHECK_ALL", "VERIFY")) else "update"
+        exposure = res.instructions - lab.tamper_insns
+        note = confirm_stopped(lab, lab.victim)
+        return AttackResult(
+            "", DETECTED, exposure_insns=exposure, driver="guest", exposure_unit="insns",
+            detected_by=by, where=where,
+            detail=f"{what}; the guest ran {exposure} instructions on the tampered table before "
+                   f"the {_by_text(by)} stopped it (hv boot: exit_reason psp_stopped, exit code "
+                   f"{res.exit_code}): {_fmt_where(where)}{note}")
+    if lab.tamper_insns is None:
+        raise RuntimeError(f"the tamper never ran (run ended: {res.exit_reason}: {res.reason})")
+    raise Undetected(f"{what}; the guest ran on to {res.exit_reason} ({res.reason}) "
+                     f"{res.instructions - lab.tamper_insns} instructions after the tamper")
+
+
+def _guest_scenario(name, category, expected):
+    def deco(fn):
+        def wrapped(cfg):
+            try:
+                return fn(cfg)
+            except _Skip as e:
+                return AttackResult("", SKIPPED, driver="guest", exposure_unit="insns",
+                                    detail=str(e))
+        wrapped.__doc__ = fn.__doc__
+        _GUEST_SCENARIOS.append(lambda: scenario(name, category, expected, driver="guest")(wrapped))
+        return fn
+    return deco
+
+
+GUEST_NPF = 40          # tamper after the victim's 40th demand fault (inside the sieve's bss)
+GUEST_BUDGET = 20_000_000
+
+
+@_guest_scenario("guest_severed_remap", "severed_remap", DETECTED)
+def gsc_severed_remap(cfg):
+    """Guest-driven SEVered: mid-run, remap the page the guest is writing onto another guest's page."""
+    with GuestLab(cfg, check_insns=cfg.guest_check_insns) as lab:
+        def tamper(gpa):
+            s = lab.leaf(gpa)
+            v = lab.vmm.mem.read_u64(s)
+            lab.vmm.mem.write_u64(s, (v & ~ADDR_MASK) | lab.other_page)
+        lab.at_npf(GUEST_NPF, tamper)
+        res = lab.boot.run(GUEST_BUDGET)
+        return _guest_result(lab, res, "compute's bss page remapped onto the other guest's page "
+                                       "inside the VMM's NPF handler", GUEST_BUDGET)
+
+
+@_guest_scenario("guest_alias_by_write", "alias", DETECTED)
+def gsc_alias(cfg):
+    """Guest-driven alias: mid-run, point the page being written at an earlier page's frame."""
+    with GuestLab(cfg, check_insns=cfg.guest_check_insns) as lab:
+        def tamper(gpa):
+            first = lab.npf_gpas[0]
+            hpa = frame_of(lab.vmm, lab.victim, first)
+            s = lab.leaf(gpa)
+            lab.vmm.mem.write_u64(s, (lab.vmm.mem.read_u64(s) & ~ADDR_MASK) | hpa)
+        lab.at_npf(GUEST_NPF, tamper)
+        res = lab.boot.run(GUEST_BUDGET)
+        return _guest_result(lab, res, "two guest pages aliased onto one frame by a direct write",
+                             GUEST_BUDGET)
+
+
+@_guest_scenario("guest_swap_root_pointer", "root_swap", DETECTED)
+def gsc_swap_root(cfg):
+    """Guest-driven root swap: mid-run, nCR3 -> a forged copy of the table with one page redirected."""
+    with GuestLab(cfg, check_insns=cfg.guest_check_insns) as lab:
+        vmm = lab.vmm
+
+        def tamper(gpa):
+            def clone(t, lvl):
+                n = vmm.alloc.alloc(1)
+                data = bytearray(vmm.mem.read(t, PAGE))
+                for i in range(512):
+                    e = struct.unpack_from("<Q", data, 8 * i)[0]
+                    if e & P and lvl > 1 and not e & PS:
+                        struct.pack_into("<Q", data, 8 * i, (e & ~ADDR_MASK) | clone(e & ADDR_MASK, lvl - 1))
+                vmm.mem.write(n, bytes(data))
+                return n
+            fake = clone(vmm.npt_root(lab.victim), 4)
+            t = fake
+            for lvl in (4, 3, 2):
+                t = vmm.mem.read_u64(t + 8 * npt_index(gpa, lvl)) & ADDR_MASK
+            s = t + 8 * npt_index(gpa, 1)
+            vmm.mem.write_u64(s, (vmm.mem.read_u64(s) & ~ADDR_MASK) | lab.other_page)
+            vmm.mem.write_u64(lab.victim.vmsa, fake)
+        lab.at_npf(GUEST_NPF, tamper)
+        res = lab.boot.run(GUEST_BUDGET)
+        return _guest_result(lab, res, "nCR3 swapped for a forged table mid-run", GUEST_BUDGET)
+
+
+@_guest_scenario("guest_severed_periodic", "periodic", DETECTED)
+def gsc_periodic(cfg):
+    """Guest-driven, no NPF after the tamper: caught by the instruction-count periodic check."""
+    every = cfg.guest_check_insns
+    slice_n = max(1, every // 10)
+    start_at = 2_000_000            # compute is in the sieve by then: no more NPFs
+    state = {"last_check": 0, "tampered_at": None, "target": None}
+    holder = {}
+
+    def on_slice(boot, insns):
+        lab = holder["lab"]
+        # the PSP's instruction-count timer: CHECK_ALL every `every` guest instructions
+        if insns - state["last_check"] >= every:
+            state["last_check"] = insns
+            r = lab.vmm.psp.check_all()
+            if r.status == Status.INTEGRITY_FAILURE:
+                raise _GuestStopped(insns, "periodic", _where(r))
+        # the attacker: tamper right after a check, once the guest has faulted in its bss
+        if state["tampered_at"] is None and insns >= start_at and state["last_check"] == insns:
+            gpa = lab.npf_gpas[-1]
+            s = lab.leaf(gpa)
+            v = lab.vmm.mem.read_u64(s)
+            lab.vmm.mem.write_u64(s, (v & ~ADDR_MASK) | lab.other_page)
+            state["tampered_at"] = insns
+            state["target"] = gpa
+    with GuestLab(cfg, on_slice=on_slice, slice_insns=slice_n) as lab:
+        holder["lab"] = lab
+        try:
+            res = lab.boot.run(GUEST_BUDGET)
+        except _GuestStopped as d:
+            exp = d.insns - state["tampered_at"]
+            note = confirm_stopped(lab, lab.victim)
+            return AttackResult(
+                "", DETECTED, exposure_insns=exp, driver="guest", exposure_unit="insns",
+                detected_by="periodic", where=d.where,
+                detail=f"compute's bss page {state['target']:#x} remapped onto the other guest's "
+                       f"page right after a check, at instruction {state['tampered_at']}; the next "
+                       f"periodic check ({every} instructions later) caught it: "
+                       f"{_fmt_where(d.where)}{note}")
+        if state["tampered_at"] is None:
+            raise RuntimeError(f"the guest ended ({res.exit_reason}) before the tamper")
+        raise Undetected(f"the guest ran to {res.exit_reason} after the tamper")
+
+
+@_guest_scenario("guest_tamper_on_slice", "periodic", DETECTED)
+def gsc_on_slice(cfg):
+    """Tamper from hv.boot's on_slice hook; Boot's --check-insns check ends the run with exit 3."""
+    state = {}
+
+    def on_slice(boot, insns):
+        if "t" not in state and insns >= 1_000_000:
+            lab = state["lab"]
+            gpa = lab.npf_gpas[-1]
+            s = lab.leaf(gpa)
+            lab.vmm.mem.write_u64(s, lab.vmm.mem.read_u64(s) ^ NX)     # NX toggled
+            state["t"] = insns
+            lab.tamper_insns = insns
+    with GuestLab(cfg, check_insns=cfg.guest_check_insns, on_slice=on_slice) as lab:
+        state["lab"] = lab
+        res = lab.boot.run(GUEST_BUDGET)
+        r = _guest_result(lab, res, "NX toggled on a data page from on_slice (after that "
+                                    "boundary's check: live until the next check at the latest)", GUEST_BUDGET)
+        if res.exit_code != 3:
+            raise Undetected(f"hv boot exit code {res.exit_code}, not 3")
+        return r
+
+
+@_guest_scenario("guest_race_check_write", "race", DETECTED)
+def gsc_race(cfg):
+    """A VMM thread hammers an entry while the guest faults pages in (UPDATE_NPT)."""
+    with GuestLab(cfg, image="memtouch", check_insns=cfg.guest_check_insns) as lab:
+        stop = threading.Event()
+        armed = threading.Event()
+        slot = {}
+
+        def arm(gpa):
+            s = lab.leaf(gpa)
+            slot["s"], slot["good"] = s, lab.vmm.mem.read_u64(s)
+            slot["bad"] = (slot["good"] & ~ADDR_MASK) | lab.other_page
+            armed.set()
+
+        def hammer():
+            armed.wait()
+            mem = lab.vmm.mem
+            s, good, bad = slot["s"], slot["good"], slot["bad"]
+            while not stop.is_set():
+                mem.write_u64(s, bad)
+                mem.write_u64(s, good)
+            mem.write_u64(s, bad)
+        lab.at_npf(GUEST_NPF, arm)
+        th = threading.Thread(target=hammer, daemon=True)
+        th.start()
+        old = sys.getswitchinterval()
+        sys.setswitchinterval(1e-4)
+        try:
+            res = lab.boot.run(GUEST_BUDGET)
+        finally:
+            stop.set()
+            armed.set()
+            th.join()
+            sys.setswitchinterval(old)
+        if res.exit_reason != "psp_stopped":
+            r = lab.vmm.psp.check_all()      # the thread left its value: must not be in the digest
+            if r.status != Status.INTEGRITY_FAILURE:
+                raise Undetected(f"racing writes folded into the digest (run: {res.exit_reason})")
+            return AttackResult("", DETECTED, exposure_insns=res.instructions - lab.tamper_insns,
+                                driver="guest", exposure_unit="insns", detected_by="periodic",
+                                where=_where(r), detail="racing writes caught by CHECK_ALL after "
+                                                        "the run" + confirm_stopped(lab, lab.victim))
+        return _guest_result(lab, res, "a thread toggled an entry while memtouch faulted pages in",
+                             GUEST_BUDGET)
+
+
+@_guest_scenario("guest_benign_accessed_dirty", "benign", NOT_FLAGGED)
+def gsc_benign(cfg):
+    """A real guest runs with periodic checks while A/D bits are set by the walker and by hand."""
+    flips = [0]
+
+    def on_slice(boot, insns):
+        lab = holder["lab"]
+        vmm = lab.vmm
+        for t, _lvl in vmm.engine.table_pages(vmm.npt_root(lab.victim)):
+            for i in range(0, 512):
+                e = vmm.mem.read_u64(t + 8 * i)
+                if e & P:
+                    ne = e ^ AD_MASK
+                    vmm.mem.write_u64(t + 8 * i, ne)
+                    flips[0] += 1
+    holder = {}
+    budget = 3_000_000
+    with GuestLab(cfg, check_insns=cfg.guest_check_insns, on_slice=on_slice) as lab:
+        holder["lab"] = lab
+        res = lab.boot.run(budget)
+        if res.exit_reason == "psp_stopped":
+            t = res.tamper or {}
+            return AttackResult("", FALSE_POSITIVE, driver="guest", exposure_unit="insns",
+                                detail=f"A/D updates flagged: {res.reason}",
+                                where={k: t.get(k) for k in ("page_hpa", "entry_index")})
+        if res.exit_reason not in ("insn_limit", "exit_port", "hlt"):
+            raise RuntimeError(f"guest failed: {res.exit_reason}: {res.reason}")
+        if not lab.vmm.psp.verify(lab.victim.handle).ok:
+            return AttackResult("", FALSE_POSITIVE, driver="guest", detail="VERIFY failed")
+        return AttackResult("", NOT_FLAGGED, driver="guest", exposure_unit="insns",
+                            detail=f"compute ran {res.instructions} instructions, {res.npf} NPFs, "
+                                   f"{res.checks} periodic checks, {flips[0]} A/D flips by hand "
+                                   f"between slices: nothing flagged")
