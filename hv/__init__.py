@@ -22,7 +22,7 @@ __all__ = ["Vmm", "Vm", "VmStopped", "HostMemory", "PspClient", "Reply", "Cmd", 
 
 def load_trace(path, fmt=None, **kw):
     """hv.trace.load_trace (keywords: backend, max_bytes)."""
-    from hv.trace.reader import load_trace as _lt
+    from hv.trace import load_trace as _lt
     return _lt(path, fmt, **kw)
 
 

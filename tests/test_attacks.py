@@ -10,7 +10,7 @@ import time
 import pytest
 
 from hv import Status, Vmm
-import hv.attacks as attacks
+from hv import attacks
 from hv.attacks import (DETECTED, NOT_FLAGGED, REFUSED, SCENARIOS, UNDETECTED, AttackConfig,
                         entry_addr, run_scenario)
 from hv.cli.main import main

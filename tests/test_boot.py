@@ -213,7 +213,7 @@ def test_measurement(guests):
 
 def test_record_and_replay(guests, tmp_path, capsys):
     from hv.trace.replay import replay
-    from hv.trace.reader import load_trace
+    from hv.trace import load_trace
     for name in ("paging", "jump_unmapped"):
         trace = tmp_path / f"{name}.csv"
         rc = main(["boot", str(guests[name]), "--mem", "16M", "--json", "--record", str(trace)])

@@ -395,6 +395,7 @@ import hv.trace.replay
 def boom(*a, **kw):
     raise RuntimeError("simulated bug\nsecond line")
 hv.trace.replay.replay = boom
+from hv.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 

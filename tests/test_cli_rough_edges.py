@@ -18,12 +18,15 @@ import zlib
 
 import pytest
 
-from hv.trace import reader as trace_mod
+from hv import trace as trace_mod
+from hv.trace import cparse as trace_cparse
+from hv.trace import files as trace_files
+from hv.trace import text as trace_text
 from test_cli_badinput import assert_bad_input   # one definition of "bad input"
 from hv.cli.main import main
 from hv.errors import TraceError
 from hv.vmm.hostmem import HostMemory, HostMemoryError
-from hv.trace.reader import MAX_TRACE_BYTES, load_trace, parse_trace
+from hv.trace import MAX_TRACE_BYTES, load_trace, parse_trace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT)
@@ -296,7 +299,7 @@ def test_bomb_stops_at_the_cap_without_inflating_it_all(tmp_path, monkeypatch):
         def decompressobj(*a):
             return _CountingDecompressor(real(*a), produced)
 
-    monkeypatch.setattr(trace_mod, "zlib", Z)
+    monkeypatch.setattr(trace_files, "zlib", Z)
     with pytest.raises(TraceError, match="bomb.csv.gz.*1 MiB"):
         load_trace(p, max_bytes=MiB)
     assert MiB < produced[0] <= MiB + 1
@@ -351,12 +354,12 @@ def test_lines_without_accesses_cost_no_column_memory(monkeypatch):
     if "c" not in trace_mod.available_backends():
         pytest.skip("C trace parser not built")
     sizes = []
-    real = trace_mod._zeros
+    real = trace_cparse._zeros
 
     def spy(tc, n):
         sizes.append(n)
         return real(tc, n)
-    monkeypatch.setattr(trace_mod, "_zeros", spy)
+    monkeypatch.setattr(trace_cparse, "_zeros", spy)
     blank = b"\n" * 200_000 + b"  \r\n# a comment, with, commas\n" * 1000
     cases = [(b"access,gpa\nr,0x1000\n" + blank + b"w,0x2000\n", 2),
              (b"access,gpa,size\nr,0x1000,1\n" + blank, 1),
@@ -376,7 +379,7 @@ def test_split_lines_matches_split():
     for _ in range(500):
         d = bytes(rnd.choice(b"ab\n\r") for _ in range(rnd.randint(0, 60)))
         for block in (1, 2, 7, 1 << 20):
-            assert list(trace_mod._split_lines(d, block)) == d.split(b"\n")
+            assert list(trace_text._split_lines(d, block)) == d.split(b"\n")
 
 
 def test_cli_max_trace_bytes(tmp_path):
@@ -506,7 +509,7 @@ def test_boot_clean_exit_unaffected_by_insn_limit_ok(tmp_path, capsys):
 
 def test_package_load_trace_passes_the_cap(tmp_path):
     import hv
-    from hv.trace.reader import TraceError
+    from hv.trace import TraceError
     p = tmp_path / "t.csv"
     p.write_text("access,gpa,size\n" + "r,0x1000,8\n" * 200)
     assert len(hv.load_trace(str(p)).gpa) == 200

@@ -8,7 +8,8 @@ import weakref
 from unittest import mock
 
 import pytest
-from hypothesis import given, HealthCheck, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from psp_firmware import frames as frames_mod
 from psp_firmware.frames import PAGE, F, FrameTable

@@ -6,7 +6,8 @@ are not tampering. A differential property test runs random
 map/unmap/tamper sequences through both modes and compares the verdicts.
 """
 import pytest
-from hypothesis import given, HealthCheck, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from hv import Status, Vmm
 from nptcore.bits import A, AD_MASK, D, NX, P, W

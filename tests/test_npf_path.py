@@ -16,7 +16,7 @@ from hv.vmm.alloc import PAGE, FrameAllocator, OutOfMemory
 from hv.psp_link.inprocess import InProcessTransport
 from hv.psp_link.client import PspClient, Reply
 from hv.trace.replay import replay
-from hv.trace.reader import Trace
+from hv.trace import Trace
 from nptcore import available_backends
 from psp_firmware import Status
 from psp_firmware.commands import Cmd, decode_out, encode

@@ -9,7 +9,8 @@ import hashlib
 import struct
 
 import pytest
-from hypothesis import given, HealthCheck, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from hv import Status, Vmm
 from nptcore.bits import A, D, NX, P, W

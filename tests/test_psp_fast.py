@@ -14,10 +14,13 @@ import mmap
 import struct
 
 import pytest
-from hypothesis import given, HealthCheck, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from nptcore.bits import A, D, NX, P, W
-from psp_firmware import core as psp_core, mailbox_layout as L, Psp, Status
+from psp_firmware import Psp, Status
+from psp_firmware import core as psp_core
+from psp_firmware import mailbox_layout as L
 from psp_firmware.commands import Cmd, decode_out, encode
 
 PAGE = 4096

@@ -11,10 +11,11 @@ import pytest
 
 from hv import Cmd, Status
 from hv.vmm.hostmem import HostMemory
-from hv.psp_link.process import PspDead, ProcessTransport
 from hv.bench.psp import measure_roundtrip
+from hv.psp_link.process import PspDead, ProcessTransport
 from nptcore.bits import ACC_R, ACC_W
-from psp_firmware import encode, mailbox_layout as L
+from psp_firmware import encode
+from psp_firmware import mailbox_layout as L
 
 PAGE = 4096
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -19,7 +19,8 @@ import pytest
 
 from hv import Vmm
 from hv.trace.inspect import analyse, load_snapshot, save_snapshot, take_snapshot
-from nptcore.bits import A, ACC_R, ACC_W, ACC_X, ADDR_MASK, D, index as npt_index, NX, P, PS, U, W
+from nptcore.bits import A, ACC_R, ACC_W, ACC_X, ADDR_MASK, D, NX, P, PS, U, W
+from nptcore.bits import index as npt_index
 from psp_firmware import Status
 from psp_firmware.commands import _IN, Cmd
 

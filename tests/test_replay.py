@@ -9,9 +9,9 @@ import sys
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from hv import load_trace, Vmm
+from hv import Vmm, load_trace
 from hv.trace.replay import replay
-from hv.trace.reader import Trace
+from hv.trace import Trace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLED = os.path.join(ROOT, "traces", "true.lackey.gz")

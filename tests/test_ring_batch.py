@@ -22,12 +22,14 @@ import threading
 from unittest import mock
 
 import pytest
-from hypothesis import given, HealthCheck, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from hv import Vmm
 from hv.psp_link.ring import RING_BYTES, Ring
 from nptcore import available_backends
-from psp_firmware import Cmd, encode, mailbox_layout as L, Status
+from psp_firmware import Cmd, Status, encode
+from psp_firmware import mailbox_layout as L
 from psp_firmware.commands import _IN, MAX_NPAGES
 
 PAGE = 4096

@@ -15,7 +15,8 @@ import os
 
 import pytest
 
-from psp_firmware import core as psp_core, Psp
+from psp_firmware import Psp
+from psp_firmware import core as psp_core
 from psp_firmware.psp import HOLE_NONE, HOLE_PAGEMAP, HOLE_SEEK, hole_probe_for
 
 PAGE = 4096

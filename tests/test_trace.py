@@ -6,10 +6,11 @@ import shutil
 import subprocess
 
 import pytest
-from hypothesis import given, HealthCheck, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from hv.errors import BadInput, TraceError
-from hv.trace.reader import (ACC_R, ACC_W, ACC_X, GPA_LIMIT, Access, CsvTraceWriter, Trace,
+from hv.trace import (ACC_R, ACC_W, ACC_X, GPA_LIMIT, Access, CsvTraceWriter, Trace,
                       available_backends, detect_format, load_trace, parse_trace,
                       write_csv)
 
@@ -644,7 +645,7 @@ def test_bom_is_ignored(backend):
 def test_line_of_names_the_right_line_whatever_the_block(lines, trailing, block):
     """The error path's line lookup skips whole blocks by counting newlines;
     it must land on the same line as walking them one by one."""
-    from hv.trace.reader import _line_of
+    from hv.trace.text import _line_of
     data = b"\n".join(lines) + (b"\n" if trailing else b"")
     for no, want in enumerate(lines, 1):
         assert _line_of(data, no, block) == want

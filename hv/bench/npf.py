@@ -8,7 +8,7 @@ from hv.bench.common import GiB, MiB, PAGE
 
 
 def _touch_trace(npages, base=0x4000_0000):
-    from hv.trace.reader import Trace
+    from hv.trace import Trace
     gpas = array("Q", range(base, base + npages * PAGE, PAGE))
     return Trace(array("B", bytes(npages)), gpas, array("I", [8]) * npages, format="csv")
 
@@ -79,7 +79,7 @@ def valgrind_lackey(path, timeout=120):
 
 def bench_replay(p, log, tmpdir):
     from hv.trace.replay import replay
-    from hv.trace.reader import load_trace
+    from hv.trace import load_trace
     from hv.vmm.vmm import Vmm
     path = os.path.join(tmpdir, "bench.lackey")
     source = "synthesized"

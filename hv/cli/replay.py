@@ -16,7 +16,7 @@ def add_parser(sub):
     p.add_argument("--huge", action="store_true", help="map 2 MiB pages where possible")
     p.add_argument("--save", metavar="FILE", help="save the table for `hv inspect FILE`")
     p.add_argument("--inspect", action="store_true", help="show the table after the replay")
-    from hv.trace.reader import MAX_TRACE_BYTES
+    from hv.trace import MAX_TRACE_BYTES
     p.add_argument("--max-trace-bytes", type=bytes_arg, default=MAX_TRACE_BYTES, metavar="SIZE",
                    help="refuse a trace file, or gzip data decompressing, larger than SIZE "
                         "(default 4G; e.g. 512M)")
@@ -33,7 +33,7 @@ def add_parser(sub):
 def cmd_replay(args):
     from hv.trace.inspect import analyse, format_report, load_snapshot, save_snapshot, take_snapshot
     from hv.trace.replay import replay
-    from hv.trace.reader import load_trace
+    from hv.trace import load_trace
     trace = load_trace(args.trace, args.format, max_bytes=args.max_trace_bytes)
     if args.save:
         check_output_path(args.save, "--save")

@@ -128,7 +128,7 @@ class Boot:
                            f"({vmm.mem.size >> 20} MiB, {usable >> 20} MiB usable); raise --host-mem")
         self._own_record = False
         if isinstance(record, (str, bytes)) or hasattr(record, "__fspath__"):
-            from hv.trace.reader import CsvTraceWriter
+            from hv.trace import CsvTraceWriter
             try:
                 record = CsvTraceWriter(record, columns=("access", "gpa", "rip", "insn"),
                                         comment=f"hv boot {self.image.path} --mem {mem}: one row per NPF")
