@@ -1,6 +1,7 @@
 """Trusted side: the secure processor's firmware. Never imports `hv`."""
 from .commands import ATTR_RWX, ATTR_W, ATTR_X, LEVEL_2M, LEVEL_4K, Cmd, decode, encode
-from .psp import INTEGRITY_MODES, Psp, register_integrity_mode
+from .guest import INTEGRITY_MODES, register_integrity_mode
+from .psp import Psp
 from .status import Status, status_name
 
 __all__ = ["Psp", "Cmd", "Status", "status_name", "encode", "decode", "ATTR_RWX", "ATTR_W",

@@ -323,7 +323,8 @@ def main(argv=None):
         if L.U32.unpack_from(mbox, L.OFF_MAGIC)[0] != L.MAGIC or \
                 L.U32.unpack_from(mbox, L.OFF_VERSION)[0] != L.VERSION:
             raise ValueError("mailbox region has a bad magic or version")
-        from .psp import INTEGRITY_MODES, Psp
+        from .guest import INTEGRITY_MODES
+        from .psp import Psp
         if args.integrity is not None and args.integrity not in INTEGRITY_MODES:
             _load_integrity_modes()
         kw = {} if args.integrity is None else {"integrity": args.integrity}

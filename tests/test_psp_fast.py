@@ -374,7 +374,7 @@ class _CountingCore:
 
 @needs_c
 def test_a_declined_update_asks_c_once_and_a_guest_without_a_record_still_gets_c():
-    from psp_firmware import psp as psp_mod
+    from psp_firmware import guest as psp_mod
     assert psp_core.lib.PSP_NO_RECORD == psp_mod._NO_RECORD
     psp, mem = _boot("c", True)
     assert psp.mailbox(int(Cmd.UPDATE_NPT), _update_buf(1, 1, 0, 12 * MB, 3, 1))[0] == 0

@@ -1,5 +1,5 @@
 """The scrub's hole probe (csrc/psp_core.c psp_scrub_probe, its Python twin
-Psp._data_ranges, psp_firmware.psp.hole_probe_for).
+Psp._data_ranges, psp_firmware.scrub.hole_probe_for).
 
 A frame the host kernel never allocated already reads as zero; the probe
 lets the PSP skip it instead of faulting it in to compare it. What must
@@ -17,7 +17,7 @@ import pytest
 
 from psp_firmware import Psp
 from psp_firmware import core as psp_core
-from psp_firmware.psp import HOLE_NONE, HOLE_PAGEMAP, HOLE_SEEK, hole_probe_for
+from psp_firmware.scrub import HOLE_NONE, HOLE_PAGEMAP, HOLE_SEEK, hole_probe_for
 
 PAGE = 4096
 SIZE = 64 * PAGE
