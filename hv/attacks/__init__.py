@@ -37,6 +37,13 @@ why the interval is counted in guest instructions (--check-insns).
 
     from hv.attacks import run_scenarios, SCENARIOS, AttackConfig
     results = run_scenarios(["severed_remap"], AttackConfig(check_every=256))
+
+Modules: registry.py (outcomes, results, config, `@scenario`, running),
+lab.py (the lab and the trace driver), by_write.py (tampers by writing the
+table: detected), by_command.py (crafted commands: refused), timing.py
+(races, the wall-clock periodic check, the benign A/D updates), guest.py (the
+same attacks driven by a real toy guest). Imports hv.vmm, hv.machine,
+hv.trace, nptcore and psp_firmware's public API; never hv.cli.
 """
 # the scenario modules register themselves with the registry on import
 from hv.attacks import by_command, by_write, timing  # noqa: F401

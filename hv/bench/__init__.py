@@ -22,6 +22,12 @@ Sections (each returns a dict; `run()` gathers them and the headline figures):
 
 Timings are best-of-a-few wall clock (time.perf_counter); ratios come from one
 run. Tests never assert times.
+
+Modules: common.py (units, profiles, timing helpers), one module per section
+(walks.py with sha256, integrity.py, npf.py with replay, guest.py with kvm,
+psp.py, memory.py) and report.py (machine facts, headline figures, targets,
+plots, text). Imports every room but hv.cli (memory.py runs `hv` in child
+processes to measure their peak RSS).
 """
 import tempfile
 import time

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import struct
 from dataclasses import dataclass, field
 
 from unicorn import (UC_ARCH_X86, UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_ERR_INSN_INVALID,
@@ -50,9 +49,11 @@ from unicorn import (UC_ARCH_X86, UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_ERR_INSN
                      UC_MODE_64, UC_PROT_ALL, UC_TLB_VIRTUAL, Uc, UcError)
 from unicorn import x86_const as X
 
-from nptcore.bits import (ACC_R, ACC_W, ACC_X, GUEST_ADDR_MASK, K_GUEST_PF,
-                          MODE_32, MODE_LONG4, MODE_PAE, PF_FINAL, PF_ID, PF_W, PF_WALK)
+from nptcore.bits import (ACC_R, ACC_W, ACC_X, K_GUEST_PF, MODE_32, MODE_LONG4, MODE_PAE, PF_FINAL,
+                          PF_ID, PF_W, PF_WALK)
 
+from hv.machine.guest_memory import MODE_NONE, GuestMemoryView
+from hv.machine.exceptions import ExceptionDelivery, _Halt, vec_name
 from hv.machine.boot_state import MSR_EFER, apply_boot_state
 from hv.errors import VmStopped
 
@@ -77,27 +78,17 @@ _flush_tlb = getattr(_lib, "vcpu_flush_tlb", None)
 CR0_PE, CR0_PG = 1, 1 << 31
 CR4_PAE = 0x20
 EFER_LMA = 0x400
-MODE_NONE = 0
 UC_PROT_R, UC_PROT_W, UC_PROT_X = 1, 2, 4
 _PERMS = {ACC_R: UC_PROT_R, ACC_W: UC_PROT_R | UC_PROT_W, ACC_X: UC_PROT_R | UC_PROT_X}
 _UC_ACC = {16: ACC_R, 17: ACC_W, 18: ACC_X}
 ACCESS_WORDS = {ACC_R: "read", ACC_W: "write", ACC_X: "instruction fetch"}
 MODE_NAMES = {MODE_NONE: "no paging", MODE_32: "32-bit paging", MODE_PAE: "PAE paging",
               MODE_LONG4: "4-level paging"}
-VEC_NAMES = {0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM",
-             8: "#DF", 10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF",
-             17: "#AC", 18: "#MC", 19: "#XM"}
-_ERRCODE_VECTORS = {8, 10, 11, 12, 13, 14, 17}
-_CONTRIBUTORY = {0, 10, 11, 12, 13}
 
 
 def available_hooks():
     """Hook backends usable here, default first."""
     return (["c"] if _lib is not None and _uclib is not None else []) + ["python"]
-
-
-def vec_name(v):
-    return VEC_NAMES.get(v, f"vector {v}")
 
 
 def _warm_decoder(bits):
@@ -130,16 +121,6 @@ class StopInfo:
     fault: dict = field(default_factory=dict)
 
 
-class _GuestFault(Exception):
-    def __init__(self, vector, errcode=None, cr2=None):
-        super().__init__(vector)
-        self.vector, self.errcode, self.cr2 = vector, errcode, cr2
-
-
-class _Halt(Exception):
-    pass
-
-
 _registry = {}
 
 if _ffi is not None:
@@ -166,7 +147,7 @@ if _ffi is not None:
             return 1
 
 
-class UnicornVcpu:
+class UnicornVcpu(GuestMemoryView, ExceptionDelivery):
     """One vCPU of a VM, on Unicorn.  See the module docstring."""
 
     def __init__(self, vmm, vm, image, hook="c", devices=None, record=None):
@@ -341,73 +322,6 @@ class UnicornVcpu:
         out["ss"] = uc.reg_read(X.UC_X86_REG_SS)
         return out
 
-    # -- guest memory as the VMM sees it --------------------------------------
-    def translate(self, va, access=ACC_R, fault=False):
-        """HPA of linear address va (None if unmapped and not `fault`).
-
-        With fault=True this is the CPU's own access (exception delivery):
-        NPFs are taken (the VMM maps), A/D are set, a guest #PF raises
-        _GuestFault(14)."""
-        mode, cr3, lma = self.cpu_mode()
-        for _ in range(8):
-            root = self._npt_root()
-            if mode == MODE_NONE:
-                gpa = va if lma else va & 0xFFFFFFFF
-                r = self.eng.walk(root, gpa, access, set_ad=fault)
-                if r.ok:
-                    return r.hpa
-                err = r.errcode
-            else:
-                r = self.eng.walk2d(root, cr3, va, access, mode, set_ad=fault)
-                if r.ok:
-                    return r.hpa
-                if r.kind == K_GUEST_PF:
-                    if fault:
-                        raise _GuestFault(14, r.errcode, va)
-                    return None
-                gpa, err = r.gpa, r.errcode
-            if not fault:
-                return None
-            if self._npf(va, gpa, access, err, self.pc, mode):
-                raise _Halt()
-        raise _Halt()
-
-    def read_virt(self, va, n, fault=False):
-        out = bytearray()
-        while len(out) < n:
-            a = va + len(out)
-            k = min(n - len(out), 4096 - (a & 0xFFF))
-            hpa = self.translate(a, ACC_R, fault)
-            if hpa is None:
-                break
-            out += self.mem.read(hpa, k)
-        return bytes(out)
-
-    def write_virt(self, va, data):
-        off = 0
-        hpas = []
-        while off < len(data):      # translate everything first (as a CPU would fault)
-            a = va + off
-            k = min(len(data) - off, 4096 - (a & 0xFFF))
-            hpas.append((self.translate(a, ACC_W, True), off, k))
-            off += k
-        for hpa, o, k in hpas:
-            self.mem.write(hpa, data[o:o + k])
-
-    def read_gpa(self, gpa, n):
-        """Bytes at guest-physical gpa as mapped now (zeros where unmapped);
-        no NPF, no A/D update."""
-        out = bytearray()
-        while len(out) < n:
-            a = gpa + len(out)
-            k = min(n - len(out), 4096 - (a & 0xFFF))
-            r = self.eng.walk(self._npt_root(), a, ACC_R, set_ad=False)
-            out += self.mem.read(r.hpa, k) if r.ok else bytes(k)
-        return bytes(out)
-
-    def insn_bytes(self, rip, n=15):
-        return self.read_virt(rip, n)
-
     # -- the NPF path (both hooks) -------------------------------------------
     def _npf(self, va, gpa, access, err, rip, mode):
         """Resolve one NPF through the VMM.  Returns 0 to retry the walk, 1 to stop."""
@@ -491,35 +405,6 @@ class UnicornVcpu:
             self._exc = e
             self._stop_flag = 1
             return False
-
-    def _table_pages(self, root, cr3, va, mode):
-        """GPA pages of the guest table entries a 2D walk of va reads (for the
-        Python hook's record of touched pages)."""
-        pages = []
-        if mode == MODE_LONG4:
-            table, levels, esz = cr3 & GUEST_ADDR_MASK, 4, 8
-        elif mode == MODE_PAE:
-            table, levels, esz = cr3 & 0xFFFFFFE0, 3, 8
-        else:
-            table, levels, esz = cr3 & 0xFFFFF000, 2, 4
-        for L in range(levels, 0, -1):
-            if mode == MODE_32:
-                eg = table + (((va >> (2 + 10 * L)) & 1023) << 2)
-            elif mode == MODE_PAE and L == 3:
-                eg = table + (((va >> 30) & 3) << 3)
-            else:
-                eg = table + ((va >> (9 * L)) & 0xFF8)
-            pages.append(eg >> 12)
-            r = self.eng.walk(root, eg, ACC_R, set_ad=False)
-            if not r.ok:
-                break
-            e = int.from_bytes(self.mem.read(r.hpa, esz), "little")
-            if not e & 1:
-                break
-            if L == 1 or (e & 0x80 and not (mode == MODE_PAE and L == 3) and L != 4):
-                break
-            table = (e & 0xFFFFF000) if mode == MODE_32 else (e & GUEST_ADDR_MASK)
-        return pages
 
     # -- instruction counting ---------------------------------------------------
     def _block_ninsns(self, addr, size):
@@ -613,125 +498,6 @@ class UnicornVcpu:
         self._pending_intr = intno
         uc.emu_stop()
 
-    def _deliver(self, vector, errcode=None, cr2=None):
-        """Deliver an exception through the guest's IDT (same privilege level,
-        interrupt/trap gates).  Returns None, or the triple-fault story."""
-        chain = []
-        uc = self.uc
-        while True:
-            chain.append(vec_name(vector))
-            try:
-                self._deliver_one(vector, errcode, cr2)
-                self.injected.append((vector, self.pc))
-                return None
-            except _Halt:
-                raise
-            except _GuestFault as f:
-                why = f"{vec_name(f.vector)} while delivering it"
-            except _DeliveryError as d:
-                why = str(d)
-            chain[-1] += f" ({why})"
-            if vector == 8:
-                return " -> ".join(chain) + " -> triple fault (shutdown)"
-            vector = 8 if (vector in _CONTRIBUTORY or vector == 14) else 13
-            errcode, cr2 = 0, None
-            _ = uc
-
-    def _deliver_one(self, vector, errcode, cr2):
-        uc = self.uc
-        if cr2 is not None:
-            uc.reg_write(X.UC_X86_REG_CR2, cr2)
-        _sel, base, limit, _fl = uc.reg_read(X.UC_X86_REG_IDTR)
-        long_mode = self.code_bits() == 64
-        gsz = 16 if long_mode else 8
-        if vector * gsz + gsz - 1 > limit:
-            raise _DeliveryError(f"IDT limit {limit:#x}" if limit else "no IDT")
-        gate = self.read_virt(base + vector * gsz, gsz, fault=True)
-        if len(gate) < gsz:
-            raise _DeliveryError("IDT not readable")
-        off_lo, sel, ist, attr, off_mid = struct.unpack_from("<HHBBH", gate)
-        gtype = attr & 0xF
-        if not attr & 0x80:
-            raise _DeliveryError("gate not present")
-        if gtype not in (0xE, 0xF):
-            raise _DeliveryError(f"gate type {gtype:#x} not supported")
-        if vector in _ERRCODE_VECTORS and errcode is None:
-            errcode = 0
-        rip = self.pc
-        if long_mode:
-            (off_hi,) = struct.unpack_from("<I", gate, 8)
-            target = off_lo | (off_mid << 16) | (off_hi << 32)
-            rsp = uc.reg_read(X.UC_X86_REG_RSP)
-            flags = uc.reg_read(X.UC_X86_REG_RFLAGS)
-            frame = [uc.reg_read(X.UC_X86_REG_SS), rsp, flags, uc.reg_read(X.UC_X86_REG_CS), rip]
-            if vector in _ERRCODE_VECTORS:
-                frame.append(errcode)
-            new_rsp = (rsp & ~0xF) - 8 * len(frame)
-            self.write_virt(new_rsp, struct.pack(f"<{len(frame)}Q", *reversed(frame)))
-            uc.reg_write(X.UC_X86_REG_RSP, new_rsp)
-            uc.reg_write(X.UC_X86_REG_CS, sel)
-            uc.reg_write(X.UC_X86_REG_RFLAGS, flags & ~(0x100 | (0x200 if gtype == 0xE else 0)))
-            uc.reg_write(X.UC_X86_REG_RIP, target)
-        else:
-            target = off_lo | (off_mid << 16)
-            esp = uc.reg_read(X.UC_X86_REG_ESP)
-            flags = uc.reg_read(X.UC_X86_REG_EFLAGS)
-            frame = [flags, uc.reg_read(X.UC_X86_REG_CS), rip]
-            if vector in _ERRCODE_VECTORS:
-                frame.append(errcode)
-            new_esp = (esp - 4 * len(frame)) & 0xFFFFFFFF
-            self.write_virt(new_esp, struct.pack(f"<{len(frame)}I", *[v & 0xFFFFFFFF for v in reversed(frame)]))
-            uc.reg_write(X.UC_X86_REG_ESP, new_esp)
-            uc.reg_write(X.UC_X86_REG_CS, sel)
-            uc.reg_write(X.UC_X86_REG_EFLAGS, flags & ~(0x100 | (0x200 if gtype == 0xE else 0)))
-            uc.reg_write(X.UC_X86_REG_EIP, target)
-
-    def _exact_cr2(self, page, rip, ecode):
-        """The faulting linear address for CR2.  Unicorn hands the TLB-fill
-        hook only the page; the exact address comes from decoding the
-        instruction at rip (its memory operands, or the implicit stack slot)."""
-        if ecode & 0x10:                                     # fetch
-            return rip if rip >> 12 == page >> 12 else page
-        try:
-            import capstone
-            from capstone import x86 as cx
-            bits = self.code_bits()
-            md = capstone.Cs(capstone.CS_ARCH_X86, {64: capstone.CS_MODE_64, 32: capstone.CS_MODE_32,
-                                                     16: capstone.CS_MODE_16}[bits])
-            md.detail = True
-            code = self.read_virt(rip, 15)
-            insn = next(md.disasm(code, rip, 1))
-            uc, cands = self.uc, []
-            mask = (1 << bits) - 1
-
-            def reg(r):
-                if not r:
-                    return 0
-                name = insn.reg_name(r)
-                if name in ("rip", "eip"):
-                    return rip + insn.size
-                return uc.reg_read(getattr(X, "UC_X86_REG_" + name.upper()))
-
-            for op in insn.operands:
-                if op.type == cx.X86_OP_MEM:
-                    m = op.mem
-                    ea = (reg(m.base) + reg(m.index) * m.scale + m.disp) & mask
-                    if m.segment and insn.reg_name(m.segment) in ("fs", "gs"):
-                        ea += uc.reg_read(X.UC_X86_REG_FS_BASE if insn.reg_name(m.segment) == "fs"
-                                          else X.UC_X86_REG_GS_BASE)
-                    cands.append((ea, op.size or 1))
-            sp = uc.reg_read(X.UC_X86_REG_RSP if bits == 64 else X.UC_X86_REG_ESP)
-            w = bits // 8
-            cands += [((sp - w) & mask, w), (sp, w)]
-            for ea, size in cands:
-                if ea >> 12 == page >> 12:
-                    return ea
-                if ea < page < ea + size:
-                    return page
-        except Exception:        # noqa: BLE001 - fall back to the page address
-            pass
-        return page
-
     # -- running ---------------------------------------------------------------
     def _reset_flags(self):
         self._exc = None
@@ -824,7 +590,3 @@ class UnicornVcpu:
             if count is None:
                 return StopInfo("error", detail=f"emulator stopped at rip {pc:#x} for no known reason")
             # emu_start ended by its count: go round, the budget check decides
-
-
-class _DeliveryError(Exception):
-    pass

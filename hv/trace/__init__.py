@@ -76,6 +76,14 @@ kvm_page_fault events.
 Two parser backends give identical results: ``"c"`` (``hv._trace_c``, built
 with cffi from ``csrc/trace.c``) and ``"python"``.  ``backend=None`` picks C
 when it is built.
+
+Modules: model.py (Trace, Access, limits), files.py (reading a file: caps,
+gzip, pipes), text.py (format detection and the helpers every parser shares),
+one module per format (csv_format.py with the writer, lackey.py, ftrace.py),
+cparse.py (the C parsers), reader.py (entry points), replay.py (a trace
+through the VMM's NPF path) and inspect.py (a saved table: snapshot, analysis).
+Imports hv.errors and, for replay/inspect, hv.vmm and nptcore; never hv.cli,
+hv.machine or the tools.
 """
 from hv.errors import TraceError
 from hv.trace.csv_format import CsvTraceWriter, write_csv

@@ -65,7 +65,7 @@ class CheckCommands:
 
     def start_periodic_check(self, interval_ms, on_stop=None):
         """Start (or restart) the wall-time checker thread; returns it."""
-        from .periodic import PeriodicChecker
+        from ..periodic import PeriodicChecker
         self.stop_periodic_check()
         self._periodic = PeriodicChecker(self, interval_ms, on_stop=on_stop)
         self._periodic.start()

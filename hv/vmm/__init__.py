@@ -1,0 +1,8 @@
+"""The VMM: `Vmm` and `Vm` (vmm.py: platform set-up, guests, the NPF path that
+turns a walk miss into an UPDATE_NPT), host memory (hostmem.py: one mmap,
+anonymous or a memfd/file, that the PSP shares) and the HPA allocator
+(alloc.py).
+
+Imports nptcore, psp_firmware's public constants and hv.psp_link (its end of
+the mailbox); never hv.machine, hv.trace, hv.cli or the tools.
+"""
