@@ -27,6 +27,7 @@
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
+#include <sched.h>
 #include <unistd.h>
 #include <sys/mman.h>
 #include <openssl/sha.h>
@@ -673,6 +674,42 @@ static uint32_t update_from_buf(struct psp_ctx *c, const uint8_t *buf, struct ri
 uint32_t psp_mailbox_update(struct psp_ctx *c, const uint8_t *buf)
 {
     return update_from_buf(c, buf, NULL);
+}
+
+/* The firmware's lock (struct psp_ctx.busy): commands are serialized, as the
+ * real mailbox serializes them. A spin that yields: the holder is either the
+ * Python mailbox (a handler, micro- to milliseconds) or another thread's
+ * psp_shared_update (a microsecond). Called from Python through cffi, which
+ * releases the GIL around the call, so a waiting Python thread never blocks
+ * a holder that needs the GIL. */
+void psp_lock(struct psp_ctx *c)
+{
+    unsigned spins = 0;
+    while (__atomic_exchange_n(&c->busy, 1, __ATOMIC_ACQUIRE)) {
+        if (++spins > 64) {
+            sched_yield();
+            spins = 0;
+        }
+    }
+}
+
+void psp_unlock(struct psp_ctx *c)
+{
+    __atomic_store_n(&c->busy, 0, __ATOMIC_RELEASE);
+}
+
+/* psp_mailbox_update for a caller in another C module that holds the lock
+ * (the vCPU's NPF fast path, csrc/vcpu.c): the same checks and commit, and
+ * the command counted, as the mailbox counts every command it answers. */
+uint32_t psp_shared_update(struct psp_ctx *c, const uint8_t *buf)
+{
+    c->shared_commands++;
+    return update_from_buf(c, buf, NULL);
+}
+
+uint64_t psp_shared_update_addr(void)
+{
+    return (uint64_t)(uintptr_t)&psp_shared_update;
 }
 
 /* Answer ring entries [start, n) (psp_firmware/mailbox_layout.py) while they

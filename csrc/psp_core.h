@@ -37,6 +37,11 @@ struct psp_ctx {
     int64_t hole_fd;         /*   the fd for hole_kind (-1: none) */
     struct psp_guest *ring_guests[64];   /* the ring loop's guests: handle % 64 if
                                             free, else any free slot */
+    int32_t busy;            /* the firmware's lock word: 1 while a command runs. Every
+                                entry takes it (psp_lock), the Python mailbox as well as
+                                a caller of psp_mailbox_update on another thread (the
+                                vCPU's NPF fast path, csrc/vcpu.c) */
+    uint64_t shared_commands;   /* UPDATE_NPTs such a caller sent (psp_shared_update) */
 };
 /* cdef-end */
 
@@ -71,6 +76,10 @@ int psp_update_fast(struct psp_ctx *c, struct psp_guest *g, uint32_t level, uint
                     uint64_t hpa, uint32_t attrs, uint32_t npages);
 #define PSP_NO_RECORD 0xFFFFFFFF   /* psp_mailbox_update: no such guest in the ring table */
 uint32_t psp_mailbox_update(struct psp_ctx *c, const PSP_BYTE *buf);
+void psp_lock(struct psp_ctx *c);
+void psp_unlock(struct psp_ctx *c);
+uint32_t psp_shared_update(struct psp_ctx *c, const PSP_BYTE *buf);
+uint64_t psp_shared_update_addr(void);
 uint32_t psp_ring_fast(struct psp_ctx *c, PSP_BYTE *ring, uint32_t start, uint32_t n,
                        uint32_t *progress);
 /* cdef-end */

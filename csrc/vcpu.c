@@ -4,6 +4,7 @@
  */
 #include <stdbool.h>
 #include <stdint.h>
+#include <sched.h>
 #include <string.h>
 
 #include "npt.h"
@@ -96,6 +97,65 @@ static uint32_t perms_for(int access)
     return UC_PROT_READ;
 }
 
+#define PF_P 1ULL
+#define PF_W 2ULL
+#define PF_ID 16ULL
+#define ATTR_RWX 3u
+#define LEVEL_4K 1u
+
+typedef uint32_t (*psp_update_t)(void *ctx, const uint8_t *buf);
+
+static void psp_lock_word(int32_t *w)
+{
+    unsigned spins = 0;
+    while (__atomic_exchange_n(w, 1, __ATOMIC_ACQUIRE)) {
+        if (++spins > 64) {
+            sched_yield();
+            spins = 0;
+        }
+    }
+}
+
+/* The common NPF, without leaving C: a not-present fault at a GPA inside the
+ * guest's RAM gets the next frame the VMM handed over, mapped RWX at 4 KiB by
+ * the PSP's own UPDATE_NPT entry (psp_mailbox_update, with the firmware's
+ * lock word held: the same command buffer, checks and commit as through the
+ * mailbox). Returns 1 when the PSP committed it (logged for the VMM's
+ * bookkeeping, which Python does after emu_start), 0 for anything else:
+ * nothing changed, and the NPF goes to Python (which also refuses, reports
+ * and stops exactly as before). */
+static int fast_npf(vcpu_ctx *c, uint64_t gpa, uint64_t err, int access)
+{
+    uint8_t buf[32];
+    uint64_t page = gpa & ~0xFFFULL, hpa;
+    uint32_t done, level = LEVEL_4K, attrs = ATTR_RWX, one = 1;
+    uint64_t *l;
+    if (!c->fast_on || (err & PF_P) || gpa >= c->fast_ram || c->next_frame >= c->nframes ||
+            c->log_n >= c->log_cap)
+        return 0;
+    hpa = c->frames[c->next_frame];
+    memcpy(buf, &c->fast_handle, 4);
+    memcpy(buf + 4, &level, 4);
+    memcpy(buf + 8, &page, 8);
+    memcpy(buf + 16, &hpa, 8);
+    memcpy(buf + 24, &attrs, 4);
+    memcpy(buf + 28, &one, 4);
+    psp_lock_word(c->psp_busy);
+    done = ((psp_update_t)c->psp_update)(c->psp_ctx, buf);
+    __atomic_store_n(c->psp_busy, 0, __ATOMIC_RELEASE);
+    if (done != 1)
+        return 0;                   /* declined or not its guest: nothing changed */
+    c->next_frame++;
+    l = c->log + 5ULL * c->log_n++;
+    l[0] = gpa;
+    l[1] = (err & PF_ID) ? ACC_X : ((err & PF_W) ? ACC_W : ACC_R);
+    l[2] = err;
+    l[3] = rd(c, c->pc_reg);
+    l[4] = hpa;
+    (void)access;
+    return 1;
+}
+
 static bool tlb_fill(void *uc, uint64_t va, int type, uc_tlb_entry_t *e, void *user)
 {
     vcpu_ctx *c = (vcpu_ctx *)user;
@@ -161,6 +221,8 @@ static bool tlb_fill(void *uc, uint64_t va, int type, uc_tlb_entry_t *e, void *u
         c->f_kind = K_NPF;
         c->f_mode = mode;
         c->f_rip = rd(c, c->pc_reg);
+        if (fast_npf(c, gpa, err, access))
+            continue;               /* mapped by the PSP: walk again */
         c->npf_calls++;
         if (vcpu_py_npf(c) != 0) {
             c->stop = 1;

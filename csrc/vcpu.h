@@ -52,6 +52,21 @@ typedef struct vcpu_ctx {
      * encoded UC_CTL_TLB_FLUSH write request (set up by Python) */
     void *uc_ctl;
     uint32_t ctl_tlb_flush;
+    /* the NPF fast path (csrc/vcpu.c fast_npf): the C twin of the VMM's
+     * 4 KiB NPF handling, armed by Python (hv/machine/unicorn_vcpu.py) only
+     * where the VMM's policy is that case (fault-around 1, no 2 MiB pages,
+     * nothing recorded or logged, the in-process PSP with its C core). An
+     * NPF it does not take goes to Python as before. */
+    int32_t fast_on;
+    uint32_t fast_handle;    /* the guest's PSP handle */
+    uint64_t fast_ram;       /* guest RAM size: a GPA at or beyond it goes to Python */
+    void *psp_update;        /* psp_mailbox_update (psp_firmware._psp_core_c) */
+    void *psp_ctx;           /* its struct psp_ctx * */
+    int32_t *psp_busy;       /* &psp_ctx.busy: the firmware's lock word */
+    uint64_t *frames;        /* frames the VMM handed over, used in order */
+    uint32_t nframes, next_frame;
+    uint64_t *log;           /* per NPF taken: gpa, access, errcode, rip, hpa */
+    uint32_t log_cap, log_n;
 } vcpu_ctx;
 
 /* the Python callbacks: cffi extern "Python+C" functions defined by the

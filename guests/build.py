@@ -45,6 +45,8 @@ GUESTS = {
               "prints 'Hello from the guest!', exits 0"),
     "memtouch": (64, ["crt0_64.S", "lib.c", "memtouch.c"],
                  "touches one byte per page up to RAM-64KiB, checks, exits 0/1"),
+    "firsttouch": (64, ["crt0_64.S", "lib.c", "firsttouch.c"],
+                   "writes one byte per page up to RAM-64KiB once (the first-touch benchmark), exits 0"),
     "compute": (64, ["crt0_64.S", "lib.c", "compute.c"],
                 "sieve of primes below 10^6, checks the answer, exits 0/1"),
     "paging": (64, ["crt0_64.S", "lib.c", "paging.c"],

@@ -6,7 +6,8 @@ per-instruction hook.  The boot state is the one `hv.loader` describes: for
 ELF64 images long mode with the loader's identity page tables (CR3 = 0x2000)
 and GDT (0x1000), for multiboot kernels 32-bit protected mode, paging off.
 
-    run_flat_unicorn(image, ram_size, max_insns) -> (exit_code, serial, insn_count)
+    run_flat_unicorn(image, ram_size, max_insns, tlb="flat"|"per_access", block_count=False)
+        -> (exit_code, serial, insn_count)
 
 `image` is an `hv.loader.Image` or a path.  The result is a `FlatResult`,
 a 3-tuple with extra attributes: `.reason` ("exit" port 0xF4, "hlt",
@@ -31,8 +32,9 @@ from __future__ import annotations
 
 import time
 
-from unicorn import (UC_ARCH_X86, UC_HOOK_BLOCK, UC_HOOK_INSN, UC_HOOK_INTR,
-                     UC_MODE_32, UC_MODE_64, Uc, UcError)
+from unicorn import (UC_ARCH_X86, UC_HOOK_BLOCK, UC_HOOK_INSN, UC_HOOK_INTR, UC_HOOK_TLB_FILL,
+                     UC_MODE_32, UC_MODE_64, UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE,
+                     UC_TLB_VIRTUAL, Uc, UcError)
 from unicorn import x86_const as X
 
 from hv.machine.boot_state import apply_boot_state
@@ -64,14 +66,46 @@ class FlatResult(tuple):
                 f"reason={self.reason!r}, detail={self.detail!r}, seconds={self.seconds:.3f})")
 
 
-def _setup(image, ram_size):
+# the permissions a TLB fill grants for each access kind (Unicorn's UC_MEM_*
+# codes 16 read, 17 write, 18 fetch), as hv's fill hook grants them: write
+# only after a write, execute only after a fetch, so a store to a page that
+# was only read or fetched takes a fresh fill instead of Unicorn's
+# self-modifying-code check on every store to a writable+executable page
+_PER_ACCESS = {16: UC_PROT_READ, 17: UC_PROT_READ | UC_PROT_WRITE,
+               18: UC_PROT_READ | UC_PROT_EXEC}
+
+
+def _identity_fill(uc, va, typ, entry, _ud):
+    """UC_HOOK_TLB_FILL of the per-access baseline: virtual == physical (the
+    toy guests' own page tables are identity maps), the permissions of the
+    access kind only."""
+    entry.paddr = va & ~0xFFF
+    entry.perms = _PER_ACCESS.get(typ, UC_PROT_READ)
+    return True
+
+
+def _setup(image, ram_size, tlb="flat", count=False):
+    """tlb "flat": all RAM one mapping, every page read/write/execute and no
+    hook; "per_access": the same memory behind UC_TLB_VIRTUAL and an identity
+    TLB-fill hook that grants each access kind's permissions only (what hv's
+    vCPU does, without the NPT and the PSP). count: count instructions with
+    hv's own C block hook (hv.machine.unicorn_vcpu.BlockCounter), as `hv
+    boot` does on every run (st["counter"])."""
     mode = UC_MODE_64 if image.mode == 64 else UC_MODE_32
     uc = Uc(UC_ARCH_X86, mode)
     uc.mem_map(0, ram_size)
+    if tlb == "per_access":
+        uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
+        uc.hook_add(UC_HOOK_TLB_FILL, _identity_fill)
+    elif tlb != "flat":
+        raise ValueError(f"unknown tlb mode {tlb!r} (flat or per_access)")
     image.load(lambda gpa, data: uc.mem_write(gpa, data), include_zero=False)
     apply_boot_state(uc, image)
 
-    st = {"serial": bytearray(), "exit": None, "fault": None, "mute": False}
+    st = {"serial": bytearray(), "exit": None, "fault": None, "mute": False, "counter": None}
+    if count:
+        from hv.machine.unicorn_hooks import BlockCounter
+        st["counter"] = BlockCounter(uc, lambda a, n: bytes(uc.mem_read(a, n)), image.mode)
 
     def on_out(uc, port, size, value, _):
         if port == COM1:
@@ -187,7 +221,7 @@ def _tail_count(image, ram_size, prefix, limit):
 
 
 def run_flat_unicorn(image, ram_size, max_insns=100_000_000, count_insns=True,
-                     chunk=CHUNK):
+                     chunk=CHUNK, tlb="flat", block_count=False):
     """Run an ELF64 (or multiboot) guest in plain, flat Unicorn.  See module doc."""
     from hv.machine.loader import load_image
     if not hasattr(image, "segments"):
@@ -195,12 +229,14 @@ def run_flat_unicorn(image, ram_size, max_insns=100_000_000, count_insns=True,
     elif image.ram_size != ram_size:
         image = load_image(image.path, ram_size, name=image.name)
     max_insns = int(max_insns or 0)
-    uc, st, pc_reg = _setup(image, ram_size)
+    uc, st, pc_reg = _setup(image, ram_size, tlb, count=block_count)
     err = None
     t0 = time.perf_counter()
     if not count_insns:
         err = _step(uc, st, pc_reg, image, max_insns)
         seconds = time.perf_counter() - t0
+        if st["counter"] is not None:
+            st["counter"].close()
         # (with a budget, a run that stops right after an instruction ending
         # in byte 0xF4 would look like hlt; the counting path rules that out)
         halted = not _ended(st, err) and _at_hlt(uc, uc.reg_read(pc_reg))

@@ -91,6 +91,7 @@ class Psp(PlatformCommands, LaunchCommands, NptCommands, CheckCommands):
         self._dirty = None      # per-frame stale merkle chunk masks (PLATFORM_INIT)
         self._ptabs = None      # per-frame shadow / line-hash pointers, C core only
         self._ctx = None        # struct psp_ctx: the C fast path's view of the state
+        self._shared = None     # self._ctx once a C caller on another thread shares it
         self._guests = {}
         self._next_handle = 1
         self._pool = []
@@ -122,36 +123,49 @@ class Psp(PlatformCommands, LaunchCommands, NptCommands, CheckCommands):
     # the mailbox
     def mailbox(self, cmd, buf):
         with self._lock:
-            self._commands += 1
-            handler = None
-            if cmd == _UPDATE_NPT and self._ctx is not None and type(buf) is bytes \
-                    and len(buf) == _UPDATE_NPT_LEN:
-                # an ordinary UPDATE_NPT goes straight to the C fast path, the
-                # same psp_update_fast cmd_update_npt starts with; if it
-                # declines (nothing changed), decode and dispatch as usual
-                done = self._c.psp_mailbox_update(self._ctx, buf)
-                if done == 0:
-                    # declined (nothing changed): straight to the general path,
-                    # without cmd_update_npt asking C a second time
-                    handler = self._update_npt_general
-                elif done != _NO_RECORD:
-                    out = _DONE_OUT.get(done)
-                    return _SUCCESS, out if out is not None else _UPDATE_NPT_OUT.pack(done, 0)
+            shared = self._shared
+            if shared is None:
+                return self._dispatch(cmd, buf)
+            # a C caller on another thread shares the firmware (share_update_entry):
+            # its lock word is taken too, so the two never run at once
+            self._c.psp_lock(shared)
             try:
-                args = unpack_args(cmd, buf)
-                if handler is None:
-                    handler = self._handlers.get(cmd)
-                if handler is None:
-                    return int(Status.INVALID_COMMAND), b""
-                st, out = handler(*args)
-            except DecodeError as e:
-                return int(e.status), b""
-            except _Refuse as r:
-                return int(r.status), r.out
-            except Exception:   # a firmware bug: report it, never crash the caller
-                log.exception("PSP internal error on command %r", cmd)
-                return int(Status.INTERNAL_ERROR), b""
-            return int(st), out
+                return self._dispatch(cmd, buf)
+            finally:
+                self._c.psp_unlock(shared)
+
+    def _dispatch(self, cmd, buf):
+        """One command, with the firmware's lock held (mailbox)."""
+        self._commands += 1
+        handler = None
+        if cmd == _UPDATE_NPT and self._ctx is not None and type(buf) is bytes \
+                and len(buf) == _UPDATE_NPT_LEN:
+            # an ordinary UPDATE_NPT goes straight to the C fast path, the
+            # same psp_update_fast cmd_update_npt starts with; if it
+            # declines (nothing changed), decode and dispatch as usual
+            done = self._c.psp_mailbox_update(self._ctx, buf)
+            if done == 0:
+                # declined (nothing changed): straight to the general path,
+                # without cmd_update_npt asking C a second time
+                handler = self._update_npt_general
+            elif done != _NO_RECORD:
+                out = _DONE_OUT.get(done)
+                return _SUCCESS, out if out is not None else _UPDATE_NPT_OUT.pack(done, 0)
+        try:
+            args = unpack_args(cmd, buf)
+            if handler is None:
+                handler = self._handlers.get(cmd)
+            if handler is None:
+                return int(Status.INVALID_COMMAND), b""
+            st, out = handler(*args)
+        except DecodeError as e:
+            return int(e.status), b""
+        except _Refuse as r:
+            return int(r.status), r.out
+        except Exception:   # a firmware bug: report it, never crash the caller
+            log.exception("PSP internal error on command %r", cmd)
+            return int(Status.INTERNAL_ERROR), b""
+        return int(st), out
 
     def run_ring(self, ring, n, progress=None, before_entry=None):
         """Answer a CSV-style ring of `n` commands in place (one wake-up).
@@ -184,7 +198,14 @@ class Psp(PlatformCommands, LaunchCommands, NptCommands, CheckCommands):
         while i < n:
             t0 = ns()
             with lock:
-                j = fast(ctx, ringc, i, n, progc)
+                shared = self._shared
+                if shared is not None:
+                    self._c.psp_lock(shared)
+                try:
+                    j = fast(ctx, ringc, i, n, progc)
+                finally:
+                    if shared is not None:
+                        self._c.psp_unlock(shared)
                 self._commands += j - i
             fw += ns() - t0
             if j >= n:
@@ -226,6 +247,26 @@ class Psp(PlatformCommands, LaunchCommands, NptCommands, CheckCommands):
             if progress is not None:
                 progress[0] = i + 1
         return fw
+
+    def share_update_entry(self):
+        """For a C caller of the in-process firmware on another thread (the
+        vCPU's NPF fast path, csrc/vcpu.c): (address of psp_shared_update,
+        address of its struct psp_ctx, address of the context's lock word),
+        or None without the C core (or before
+        PLATFORM_INIT). From then on every entry of the firmware also takes
+        the context's lock word (psp_lock), which that caller takes around
+        each call: commands stay serialized. psp_shared_update (psp_mailbox_update,
+        counted) validates
+        every argument itself and declines (changes nothing) what it does not
+        take; its caller then sends the command through the mailbox."""
+        with self._lock:
+            if self._ctx is None:
+                return None
+            self._shared = self._ctx
+            ffi = _core.ffi
+            return (int(self._c.psp_shared_update_addr()),
+                    int(ffi.cast("uintptr_t", self._ctx)),
+                    int(ffi.cast("uintptr_t", ffi.addressof(self._ctx, "busy"))))
 
     # ------------------------------------------------------------------
     # memory helpers (host memory is the VMM's: read it, never trust it)

@@ -9,9 +9,13 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REQUIRED = ["walk_c_vs_python", "walk_c_vs_floor", "merkle_update_growth",
-            "full_update_growth", "npf_us_4k", "kvm_fault_us", "replay_accesses_per_s",
-            "guest_speed_vs_unicorn", "psp_roundtrip_us_process", "psp_roundtrip_us_inprocess",
-            "psp_ring_us_per_cmd"]
+            "full_update_growth", "npf_replay_us_4k", "npf_first_touch_us",
+            "npf_first_touch_us_fa16", "npf_first_touch_us_2m", "kvm_fault_us",
+            "npf_first_touch_vs_kvm", "replay_accesses_per_s", "guest_speed_vs_unicorn",
+            "guest_speed_vs_unicorn_flat", "psp_roundtrip_us_process_p50",
+            "psp_roundtrip_us_process_p99", "psp_roundtrip_us_inprocess_p50",
+            "psp_ring_us_per_cmd", "cpus_idle"]
+NEEDS_KVM = ("kvm_fault_us", "npf_first_touch_vs_kvm")
 
 
 def _kvm_usable():
@@ -23,29 +27,102 @@ def _kvm_usable():
 def bench_json(tmp_path_factory):
     plots = tmp_path_factory.mktemp("plots")
     env = dict(os.environ, HV_BENCH_TINY="1", PYTHONPATH=ROOT)
-    p = subprocess.run([sys.executable, "-m", "hv", "bench", "--quick", "--json",
+    # -v: progress lines on stderr, and nothing else (the NPF log stays off)
+    p = subprocess.run([sys.executable, "-m", "hv", "bench", "--quick", "--json", "-v",
                         "--plot", str(plots)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
-    return json.loads(p.stdout), plots
+    return json.loads(p.stdout), plots, p.stderr
 
 
 def test_required_keys_are_numbers(bench_json):
-    res, _ = bench_json
+    res = bench_json[0]
+    assert res["errors"] == []
     for k in REQUIRED:
         assert k in res, k
         v = res[k]
-        if k == "kvm_fault_us" and not _kvm_usable():
+        if k in NEEDS_KVM and not _kvm_usable():
             assert v is None
             continue
-        if k == "guest_speed_vs_unicorn" and v is None:
-            pytest.skip(f"hv boot unavailable: {res['guest'].get('skipped')}")
         assert isinstance(v, (int, float)) and not isinstance(v, bool), (k, v)
-        assert v > 0, (k, v)
+        assert v > 0 or (k == "cpus_idle" and v == 0), (k, v)
+
+
+def test_ratios_are_their_two_sides(bench_json):
+    """Each headline ratio is the quotient of the two figures the run
+    recorded for its sides (computed here from the definition)."""
+    res = bench_json[0]
+    g = res["guest"]
+    for name in ("compute", "firsttouch"):
+        s = g[f"speed_{name}"]
+        assert s["vs_unicorn"] == pytest.approx(s["unicorn_s"] / s["hv_s"])
+        assert s["vs_unicorn_flat"] == pytest.approx(s["unicorn_flat_s"] / s["hv_s"])
+    assert res["guest_speed_vs_unicorn"] == pytest.approx(
+        min(g["speed_compute"]["vs_unicorn"], g["speed_firsttouch"]["vs_unicorn"]))
+    ft = g["first_touch_4k"]
+    assert res["npf_first_touch_us"] == pytest.approx(ft["elapsed_s"] * 1e6 / ft["pages"])
+    if _kvm_usable():
+        assert res["npf_first_touch_vs_kvm"] == pytest.approx(
+            res["npf_first_touch_us"] / res["kvm_fault_us"])
+    rows = res["integrity"]["rows"]["merkle"]
+    assert res["merkle_update_growth"] == pytest.approx(rows[-1]["update_us"] / rows[0]["update_us"])
+    m = res["machine"]
+    assert res["cpus_idle"] == max(0, round(m["cpus_allowed"] - m["loadavg_at_start"][0]))
+
+
+def test_first_touch_takes_one_npf_per_page(bench_json):
+    """firsttouch at 4 KiB: an NPF for every page it writes (and its stack);
+    fault-around 16 and 2 MiB pages: far fewer for the same pages."""
+    g = bench_json[0]["guest"]
+    a, b, c = g["first_touch_4k"], g["first_touch_fa16"], g["first_touch_2m"]
+    assert a["pages"] == b["pages"] == c["pages"]
+    assert a["pages"] <= a["npf"] <= a["pages"] + 4
+    assert b["npf"] <= a["npf"] // 8 and c["npf"] < b["npf"] * 4
+
+
+def test_verbose_logs_progress_only(bench_json):
+    """-v shows the benchmark's progress, never the NPF log inside a timed section."""
+    err = bench_json[2]
+    assert "first touch" in err and "integrity" in err
+    assert "hv.npf" not in err and "npf gpa=" not in err
+
+
+def test_a_failing_section_is_an_error(monkeypatch, capsys):
+    import hv.bench as bench
+    from hv.cli.main import main
+
+    def broken(p):
+        raise RuntimeError("simulated")
+    monkeypatch.setattr(bench, "bench_sha256", broken)
+    monkeypatch.setenv("HV_BENCH_TINY", "1")
+    rc = main(["bench", "--only", "sha256", "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 1
+    assert "section sha256: RuntimeError: simulated" in err
+    res = json.loads(out)
+    assert res["sha256"]["error"] == "RuntimeError: simulated"
+    assert res["errors"] == ["sha256: RuntimeError: simulated"]
+
+
+def test_text_report_is_tables_with_units(monkeypatch, capsys):
+    from hv.cli.main import main
+    monkeypatch.setenv("HV_BENCH_TINY", "1")
+    assert main(["bench", "--only", "sha256,walks"]) == 0
+    out = capsys.readouterr().out
+    import re
+    assert "{'" not in out and not re.search(r"[a-z_]=\S", out)     # no raw dicts, no k=v dumps
+    walk_rows = [ln for ln in out.splitlines() if ln.strip().startswith(("16 MiB", "64 MiB"))]
+    assert len(walk_rows) == 2
+    for ln in walk_rows:
+        assert ln.count(" ns") == 4 and ln.count(" x") == 2
+    # aligned: the header and the rows of the walk table have the same width
+    i = out.splitlines().index(next(ln for ln in out.splitlines() if ln.startswith("NPT walk")))
+    block = out.splitlines()[i + 1:i + 5]
+    assert len({len(ln) for ln in block}) == 1, block
 
 
 def test_sections_and_targets(bench_json):
-    res, _ = bench_json
+    res = bench_json[0]
     for sec in ("machine", "sha256", "walks", "integrity", "npf", "replay", "kvm", "targets"):
         assert sec in res, sec
     for mode in ("full", "merkle"):
@@ -65,9 +142,10 @@ def test_sections_and_targets(bench_json):
 
 def test_plots_written(bench_json):
     pytest.importorskip("matplotlib")
-    res, plots = bench_json
+    res, plots = bench_json[:2]
     names = sorted(os.listdir(plots))
-    assert "integrity_vs_mapped.png" in names and "walk_ratios.png" in names
+    assert {"integrity_vs_mapped.png", "walk_ratios.png", "first_touch.png"} <= set(names)
+    assert sorted(res["plots"]) == sorted(os.path.join(str(plots), n) for n in names)
     for n in names:
         with open(os.path.join(plots, n), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"

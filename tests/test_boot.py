@@ -62,6 +62,7 @@ GUESTS = {
     "compute": (16 * MiB, "exit_port", 0, "compute: primes below 1000000: 78498, sum 37550402023"),
     "paging": (16 * MiB, "exit_port", 0, "paging: OK\n"),
     "memtouch": (4 * MiB, "exit_port", 0, "memtouch: OK\n"),
+    "firsttouch": (4 * MiB, "exit_port", 0, "firsttouch: "),
     "mb_hello": (32 * MiB, "exit_port", 0, "mem_lower=640KB mem_upper=31744KB\n"),
     "triple_fault": (16 * MiB, "triple_fault", 1, "triple_fault: empty IDT, ud2\n"),
     "jump_unmapped": (16 * MiB, "error", 1, "jumping to 0x1001000 (beyond RAM)\n"),
@@ -432,3 +433,87 @@ def test_plain_gcc_guest_with_sse(tmp_path, hook):
     assert b"xmm" in subprocess.run(["objdump", "-d", str(img)], capture_output=True).stdout
     res = boot(str(img), hook=hook)
     assert (res.exit_reason, res.exit_code, res.serial) == ("exit_port", 0, "sse ok\n")
+
+
+def test_firsttouch_touches_every_page_once(guests, hook):
+    """The first-touch benchmark guest writes each page from the end of its
+    image (the ELF's __image_end, rounded up) to RAM - 64 KiB once: that many
+    NPFs, each a new page, plus the stack's."""
+    from elftools.elf.elffile import ELFFile
+    path = guests["firsttouch"]
+    with open(path, "rb") as f:
+        sym = ELFFile(f).get_section_by_name(".symtab").get_symbol_by_name("__image_end")[0]
+    start = (sym["st_value"] + 4095) & ~4095
+    mem = 4 * MiB
+    want = (mem - 64 * 1024 - start) // 4096
+    r = boot(path, mem, hook)
+    assert (r.exit_reason, r.exit_code) == ("exit_port", 0), r.reason
+    assert r.serial == f"firsttouch: {want} pages\n"
+    # every touched page took its own NPF (fault-around 1): the data pages,
+    # and at least one stack page; nothing else ran
+    assert want < r.npf <= want + 4
+    assert r.pages_mapped - r.launch_pages == r.npf
+
+
+# ---------------------------------------------------------------------------
+# the C NPF fast path (csrc/vcpu.c fast_npf) against the Python NPF path
+
+def _boot_full(path, mem, fast, monkeypatch, racer=False):
+    """Boot with the NPF fast path on or off; everything the VMM, the PSP and
+    the report say about the run."""
+    import threading
+    monkeypatch.setenv("HV_NPF_FAST", "1" if fast else "0")
+    vmm = Vmm(host_mem=128 * MiB)
+    stop = threading.Event()
+    try:
+        b = Boot(vmm, path, mem=mem, hook="c")
+        if racer:      # another thread sends commands while the guest faults
+            def race():
+                while not stop.is_set():
+                    vmm.psp.nop()
+                    vmm.psp.guest_status(b.vm.handle)
+            th = threading.Thread(target=race)
+            th.start()
+        try:
+            r = b.run()
+        finally:
+            stop.set()
+            if racer:
+                th.join()
+        st = vmm.psp.guest_status(b.vm.handle)
+        out = {"exit": (r.exit_reason, r.exit_code), "serial": r.serial, "npf": r.npf,
+               "npf_log": list(b.vcpu.npf_log), "pages_mapped": r.pages_mapped,
+               "mapped": sorted(b.vm.mapped), "hpa_of": dict(b.vm.hpa_of),
+               "digest": st.fields["digest"], "psp_pages": st.fields.get("mapped_pages"),
+               "python_npfs": b.vcpu._ctx.npf_calls, "frames_left": vmm.alloc.free_pages()}
+        b.close()
+        return out, vmm.psp.commands
+    finally:
+        vmm.close()
+
+
+@pytest.mark.parametrize("name", sorted(GUESTS))
+def test_npf_fast_path_gives_the_python_paths_answers(guests, name, monkeypatch):
+    if "c" not in available_hooks():
+        pytest.skip("the C vCPU hook is not built")
+    mem = GUESTS[name][0]
+    fast, fast_cmds = _boot_full(guests[name], mem, True, monkeypatch)
+    slow, slow_cmds = _boot_full(guests[name], mem, False, monkeypatch)
+    took = fast.pop("python_npfs"), slow.pop("python_npfs")
+    # same NPFs in the same order, same frames, same table, same digest
+    assert fast == slow
+    assert fast_cmds == slow_cmds           # the fast path's UPDATE_NPTs are counted
+    assert took[1] == slow["npf"]           # off: every NPF went to Python
+    if slow["npf"] > 20 and name != "jump_unmapped":
+        assert took[0] < slow["npf"] // 2   # on: most never left C
+
+
+def test_npf_fast_path_with_a_racing_thread(guests, monkeypatch):
+    """Commands from another thread while the guest faults through the fast
+    path: the firmware's lock word keeps them apart; the outcome is the
+    sequential one."""
+    if "c" not in available_hooks():
+        pytest.skip("the C vCPU hook is not built")
+    alone, _ = _boot_full(guests["firsttouch"], 8 * MiB, True, monkeypatch)
+    raced, _ = _boot_full(guests["firsttouch"], 8 * MiB, True, monkeypatch, racer=True)
+    assert raced == alone

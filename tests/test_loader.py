@@ -102,7 +102,7 @@ def bad(path, ram=RAM):
 
 
 def test_build_is_idempotent(guests):
-    assert set(guests) == {"hello", "memtouch", "compute", "paging", "jump_unmapped",
+    assert set(guests) == {"hello", "memtouch", "firsttouch", "compute", "paging", "jump_unmapped",
                            "triple_fault", "mb_hello"}
     mtimes = {n: os.stat(p).st_mtime_ns for n, p in guests.items()}
     again = gbuild.build_all()

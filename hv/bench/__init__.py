@@ -29,6 +29,8 @@ psp.py, memory.py) and report.py (machine facts, headline figures, targets,
 plots, text). Imports every room but hv.cli (memory.py runs `hv` in child
 processes to measure their peak RSS).
 """
+import contextlib
+import logging
 import tempfile
 import time
 
@@ -44,14 +46,34 @@ from hv.bench.walks import bench_sha256, bench_walks
 __all__ = ["run", "format_report", "PROFILES"]
 
 
+@contextlib.contextmanager
+def _quiet_logs():
+    """Nothing logs inside a timed section: the NPF log (-v: every NPF with
+    its disassembled instruction) and the PSP's own log are off for the
+    whole run; -v shows the benchmark's progress lines only."""
+    saved = [(lg, lg.level) for lg in (logging.getLogger("hv"), logging.getLogger("psp"))]
+    for lg, _ in saved:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in saved:
+            lg.setLevel(level)
+
+
 def run(profile="quick", plot_dir=None, log=None, sections=None):
-    """Run the benchmark; returns one dict (headline keys at the top level)."""
+    """Run the benchmark; returns one dict (headline keys at the top level).
+
+    A section that raises is recorded as {"error": ...} and the others still
+    run; `res["errors"]` lists them (the CLI then exits 1). A section that
+    cannot run here for a reason of the machine (no /dev/kvm) says
+    {"skipped": reason}, which is not an error."""
     p = PROFILES[profile]
     log = log or (lambda msg: None)
-    res = {"profile": profile, "machine": machine_info()}
+    res = {"profile": profile, "machine": machine_info(), "errors": []}
     t_start = time.perf_counter()
     want = (lambda s: True) if sections is None else (lambda s: s in sections)
-    with tempfile.TemporaryDirectory(prefix="hv-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="hv-bench-") as tmp, _quiet_logs():
         def section(name, fn, *a):
             if not want(name):
                 return None
@@ -59,8 +81,10 @@ def run(profile="quick", plot_dir=None, log=None, sections=None):
             try:
                 r = fn(*a)
             except Exception as exc:          # one broken section must not hide the others
-                r = {"skipped": f"error: {exc.__class__.__name__}: {exc}"}
-                log(f"{name}: {r['skipped']}")
+                msg = " ".join(f"{exc.__class__.__name__}: {exc}".splitlines())
+                r = {"error": msg}
+                res["errors"].append(f"{name}: {msg}")
+                log(f"{name}: ERROR {msg}")
             r["seconds"] = time.perf_counter() - t0
             res[name] = r
             return r
@@ -82,5 +106,3 @@ def run(profile="quick", plot_dir=None, log=None, sections=None):
     if plot_dir:
         res["plots"] = plot(res, plot_dir)
     return res
-
-

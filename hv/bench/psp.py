@@ -169,6 +169,7 @@ def bench_psp_figures(n=3000, batch=256, rounds=8, backend=None, integrity=None)
         "psp_ring_us_per_cmd": pr["ring_us_per_cmd"],
         "psp_ring_us_per_cmd_resident": pr["ring_resident_us_per_cmd"],
         "psp_roundtrip_us_process_p99": pr["roundtrip_us_p99"],
+        "psp_roundtrip_us_inprocess_p99": ip["roundtrip_us_p99"],
         "psp_roundtrip_transport_us_process": pr["roundtrip_transport_us_median"],
         "psp_ring_transport_us_per_cmd": pr["ring_transport_us_per_cmd"],
         "psp_transport_detail": {"inprocess": ip, "process": pr},

@@ -12,7 +12,7 @@ import sys
 from hv.cli.common import emit_json
 from hv.errors import BadInput
 
-EXIT_OK = 0
+EXIT_OK, EXIT_FAILED = 0, 1
 
 # the shared options of the other commands -> why hv bench has none of them
 _NOT_FOR_BENCH = {
@@ -50,7 +50,8 @@ def add_parser(sub, common):
                    help="comma-separated sections: sha256,walks,integrity,npf,replay,kvm,guest,psp,memory")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("-v", "--verbose", action="count", default=0,
-                   help="log progress to stderr also with --json")
+                   help="show progress on stderr also with --json (never the NPF log: "
+                        "nothing logs inside a timed section)")
     for opt in _NOT_FOR_BENCH:       # hidden: refused with the reason, not "unrecognized"
         p.add_argument(opt, action=_NotForBench, nargs="?", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)
@@ -91,4 +92,6 @@ def cmd_bench(args):
         emit_json(res, default=str)
     else:
         print(bench.format_report(res))
-    return EXIT_OK
+    for err in res["errors"]:          # a broken section is an error, not a skip
+        print(f"hv: bench: section {err}", file=sys.stderr)
+    return EXIT_FAILED if res["errors"] else EXIT_OK

@@ -52,20 +52,12 @@ from unicorn import x86_const as X
 from nptcore.bits import (ACC_R, ACC_W, ACC_X, K_GUEST_PF, MODE_32, MODE_LONG4, MODE_PAE, PF_FINAL,
                           PF_ID, PF_W, PF_WALK)
 
+from hv.machine.fast_npf import FastNpf
+from hv.machine.unicorn_hooks import _add_c_hook, _ffi, _lib, _registry, _uclib, available_hooks
 from hv.machine.guest_memory import MODE_NONE, GuestMemoryView
 from hv.machine.exceptions import ExceptionDelivery, _Halt, vec_name
 from hv.machine.boot_state import MSR_EFER, apply_boot_state
 from hv.errors import VmStopped
-
-try:
-    from unicorn.unicorn_py3.unicorn import uclib as _uclib
-except ImportError:          # pragma: no cover - other binding layouts
-    _uclib = None
-
-try:
-    from hv._vcpu_c import ffi as _ffi, lib as _lib
-except ImportError:          # pragma: no cover - C module not built
-    _ffi = _lib = None
 
 log = logging.getLogger("hv.vcpu")
 _npflog = logging.getLogger("hv.npf")
@@ -84,11 +76,6 @@ _UC_ACC = {16: ACC_R, 17: ACC_W, 18: ACC_X}
 ACCESS_WORDS = {ACC_R: "read", ACC_W: "write", ACC_X: "instruction fetch"}
 MODE_NAMES = {MODE_NONE: "no paging", MODE_32: "32-bit paging", MODE_PAE: "PAE paging",
               MODE_LONG4: "4-level paging"}
-
-
-def available_hooks():
-    """Hook backends usable here, default first."""
-    return (["c"] if _lib is not None and _uclib is not None else []) + ["python"]
 
 
 def _warm_decoder(bits):
@@ -121,33 +108,7 @@ class StopInfo:
     fault: dict = field(default_factory=dict)
 
 
-_registry = {}
-
-if _ffi is not None:
-    @_ffi.def_extern()
-    def vcpu_py_npf(ctx):
-        v = _registry.get(ctx.handle)
-        if v is None:
-            return 1
-        try:
-            return v._npf(ctx.f_va, ctx.f_gpa, ctx.f_access, ctx.f_err, ctx.f_rip, ctx.f_mode)
-        except BaseException as e:       # noqa: BLE001 - re-raised after emu_start
-            v._exc = e
-            return 1
-
-    @_ffi.def_extern()
-    def vcpu_py_block(ctx, addr, size):
-        v = _registry.get(ctx.handle)
-        if v is None:
-            return 1
-        try:
-            return v._block_ninsns(addr, size)
-        except BaseException as e:       # noqa: BLE001
-            v._exc = e
-            return 1
-
-
-class UnicornVcpu(GuestMemoryView, ExceptionDelivery):
+class UnicornVcpu(GuestMemoryView, ExceptionDelivery, FastNpf):
     """One vCPU of a VM, on Unicorn.  See the module docstring."""
 
     def __init__(self, vmm, vm, image, hook="c", devices=None, record=None):
@@ -181,6 +142,8 @@ class UnicornVcpu(GuestMemoryView, ExceptionDelivery):
         self._py_last = (0, 0, 0)
         self._closed = False
         self._exit_pc = None
+        self._fast_batch = 64         # frames handed to the NPF fast path per arming
+        self._fast_frames = []
 
         self.bits = 64 if image.mode == 64 else 32
         self.uc = uc = Uc(UC_ARCH_X86, UC_MODE_64 if image.mode == 64 else UC_MODE_32)
@@ -243,12 +206,7 @@ class UnicornVcpu(GuestMemoryView, ExceptionDelivery):
         if fill:
             kinds.insert(0, (UC_HOOK_TLB_FILL, _lib.vcpu_tlb_fill_addr()))
         for htype, addr in kinds:
-            h = ctypes.c_size_t()
-            err = _uclib.uc_hook_add(self.uc._uch, ctypes.byref(h), htype,
-                                     ctypes.c_void_p(addr), ud, 1, 0)
-            if err:
-                raise UcError(err)
-            self._hh.append(h)
+            self._hh.append(_add_c_hook(self.uc, htype, addr, ud))
 
     def _set_boot_state(self, image):
         # segment loads read the boot GDT through the walker (launch pages)
@@ -325,6 +283,13 @@ class UnicornVcpu(GuestMemoryView, ExceptionDelivery):
     # -- the NPF path (both hooks) -------------------------------------------
     def _npf(self, va, gpa, access, err, rip, mode):
         """Resolve one NPF through the VMM.  Returns 0 to retry the walk, 1 to stop."""
+        self._disarm_fast()           # the fast path's NPFs came first
+        r = self._npf_python(va, gpa, access, err, rip, mode)
+        if r == 0:
+            self._arm_fast()
+        return r
+
+    def _npf_python(self, va, gpa, access, err, rip, mode):
         kind = ACC_X if err & PF_ID else (ACC_W if err & PF_W else ACC_R)
         bits = 64 if mode == MODE_LONG4 else (32 if self.bits == 32 or mode else self.bits)
         self.npf_log.append((gpa, kind, err, rip))
@@ -527,10 +492,13 @@ class UnicornVcpu(GuestMemoryView, ExceptionDelivery):
                     return StopInfo("limit")
             self._reset_flags()
             err = None
+            self._arm_fast()
             try:
                 uc.emu_start(self.pc, self._until, count=budget)
             except UcError as e:
                 err = e
+            finally:
+                self._disarm_fast()
             pc = self.pc
             if self._exit_pc is not None:
                 # count up to and including the OUT that ended the run

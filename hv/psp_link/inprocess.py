@@ -24,9 +24,12 @@ class InProcessTransport:
     name = "inprocess"
 
     def __init__(self, psp):
-        # the only things of the PSP the VMM holds: its two entry points
+        # the only things of the PSP the VMM holds: its entry points
         self._mailbox = psp.mailbox
         self._run_ring = psp.run_ring
+        # for a C caller on the vCPU's thread: psp_shared_update's address and
+        # context (Psp.share_update_entry; None without the C core)
+        self.share_update_entry = getattr(psp, "share_update_entry", lambda: None)
         # the batch ring: a private buffer, allocated once (an anonymous
         # mapping: its slices are bytes, as the shared mailbox's are)
         self._ring_view = memoryview(mmap.mmap(-1, RING_BYTES))

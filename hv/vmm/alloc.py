@@ -87,6 +87,35 @@ class FrameAllocator:
                 return hpa
         raise OutOfMemory(f"range {hpa:#x}+{n} pages is not free")
 
+    def alloc_each(self, k):
+        """k frames, the ones k calls of alloc(1) would return, in that order
+        (fewer when memory runs out: as many as there are)."""
+        out = []
+        starts, ends = self._starts, self._ends
+        while len(out) < k and starts:
+            s = starts[0]
+            e = ends.pop(s)
+            take = min(k - len(out), (e - s) // PAGE)
+            out.extend(range(s, s + take * PAGE, PAGE))
+            b = s + take * PAGE
+            if b < e:
+                starts[0] = b
+                ends[b] = e
+            else:
+                del starts[0]
+            self.allocated += take
+        return out
+
+    def free_each(self, hpas):
+        """Give back frames taken one by one (alloc_each): runs merged."""
+        i, n = 0, len(hpas)
+        while i < n:
+            j = i + 1
+            while j < n and hpas[j] == hpas[j - 1] + PAGE:
+                j += 1
+            self.free(hpas[i], j - i)
+            i = j
+
     def free(self, hpa, n=1):
         s, e = hpa, hpa + n * PAGE
         i = bisect.bisect_left(self._starts, s)

@@ -4,6 +4,7 @@ The VMM never writes an NPT entry itself: on a nested page fault it picks a
 GPA range and an HPA range and asks the PSP (UPDATE_NPT) to install them.
 """
 import logging
+import os
 import struct
 from dataclasses import dataclass, field
 
@@ -75,6 +76,9 @@ class Vmm:
         if not r.ok:
             raise RuntimeError(f"PSP platform init failed: {r.name}")
         self.vms = []
+        self._fast_entry = None       # the PSP's entry for the vCPU's NPF fast path (lazy)
+        # HV_NPF_FAST=0: every NPF through handle_npf (A/B runs; the same results)
+        self.npf_fast = os.environ.get("HV_NPF_FAST", "1") != "0"
         self._donate_pool(POOL_CHUNK)
 
     def _make_transport(self, psp, backend, integrity, timeout, check_ms):
@@ -256,6 +260,41 @@ class Vmm:
         # (GPAs that were not mapped: no TLB holds them, nothing to flush)
         self._record(vm, g >> 12, npages, hpa, level, False)
         return _SUCCESS
+
+    # -- the NPF fast path's share of the policy ---------------------------
+    def npf_fast_entry(self, vm):
+        """Where the C vCPU may resolve vm's NPFs itself (csrc/vcpu.c
+        fast_npf), the PSP entry it calls: (address, context), else None.
+
+        That is the case handle_npf's 4 KiB branch handles: fault-around 1,
+        no 2 MiB pages, a guest with RAM of known size that is not stopped,
+        the in-process PSP with its C core, no NPF logging, and this class's
+        own handle_npf (a VMM that replaced it, as the attack lab does, gets
+        its own for every NPF). Everything else, and every NPF the fast path
+        does not take (a refusal, a new table, a protection fault), goes
+        through handle_npf."""
+        if vm.fault_around != 1 or vm.huge or vm.ram_size is None or vm.fatal is not None:
+            return None
+        if not self.npf_fast or "handle_npf" in self.__dict__ or log.isEnabledFor(_INFO):
+            return None
+        share = getattr(self.transport, "share_update_entry", None)
+        if share is None:
+            return None
+        if self._fast_entry is None:
+            self._fast_entry = share() or False
+        return self._fast_entry or None
+
+    def npfs_resolved(self, vm, entries):
+        """The bookkeeping handle_npf does, for NPFs the fast path resolved:
+        entries of (gpa, hpa), in order; each was one UPDATE_NPT of 4 KiB that
+        the PSP answered SUCCESS."""
+        vm.npf += len(entries)
+        psp = self.psp
+        psp.commands += len(entries)
+        psp.by_status[_SUCCESS] = psp.by_status.get(_SUCCESS, 0) + len(entries)
+        record = self._record
+        for gpa, hpa in entries:
+            record(vm, gpa >> 12, 1, hpa, 1, False)
 
     def touch(self, vm, gpa, access=ACC_R):
         """Access one GPA as the guest would: walk, take an NPF on a miss.

@@ -61,7 +61,14 @@ class CheckCommands:
         with self._lock:
             if self._platform != PLATFORM_INIT:
                 return 0, []
-            return self._check_all_guests()
+            shared = self._shared
+            if shared is None:
+                return self._check_all_guests()
+            self._c.psp_lock(shared)        # see Psp.mailbox
+            try:
+                return self._check_all_guests()
+            finally:
+                self._c.psp_unlock(shared)
 
     def start_periodic_check(self, interval_ms, on_stop=None):
         """Start (or restart) the wall-time checker thread; returns it."""

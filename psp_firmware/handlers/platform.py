@@ -65,7 +65,8 @@ class PlatformCommands:
         return Status.SUCCESS, encode_out(
             Cmd.PLATFORM_STATUS, state=self._platform, guests=len(self._guests),
             pool_free=len(self._pool), host_size=self._frames.host_size if self._frames else 0,
-            commands=self._commands, **frames)
+            commands=self._commands + (self._ctx.shared_commands if self._ctx is not None else 0),
+            **frames)
 
     def cmd_pool_add(self, hpa, npages):
         self._need_platform()
