@@ -497,13 +497,16 @@ def test_inprocess_transport_hands_the_firmware_int_and_bytes():
 # the vCPU's TLB flush
 
 def test_vcpu_flush_tlb_in_c():
+    """flush_tlb really empties Unicorn's TLB, through the C uc_ctl call and
+    through the binding alike: a guest running in its warm pages takes no TLB
+    fill, and after a flush it must fill its pages again."""
     from hv.machine.unicorn_vcpu import UnicornVcpu, available_hooks
     if "c" not in available_hooks():
         pytest.skip("C vCPU hook not built")
     from hv.machine.loader import load_image
     import guests.build as gb
     try:
-        img = gb.build_all()["hello"]
+        img = gb.build_all()["compute"]
     except gb.BuildError as e:
         pytest.skip(str(e))
     vmm = Vmm(host_mem=128 << 20)
@@ -514,11 +517,21 @@ def test_vcpu_flush_tlb_in_c():
             vmm.load_page(vm, gpa, data)
         vc = UnicornVcpu(vmm, vm, image, hook="c")
         assert vc._c_flush
+        assert vc.run(count=200_000).kind == "limit"       # warm: the sieve's inner loop
+
+        def fills_in_next(n=1000):
+            f = vc._ctx.fills
+            assert vc.run(count=n).kind == "limit"
+            return vc._ctx.fills - f
+        assert fills_in_next() == 0
         vc.flush_tlb()                 # the C uc_ctl call
+        assert fills_in_next() >= 1
+        assert fills_in_next() == 0
         vc._c_flush = False
         vc.flush_tlb()                 # the binding's
+        assert fills_in_next() >= 1
         vc.close()
-        vc.flush_tlb()                 # closed: nothing to flush
+        vc.flush_tlb()                 # closed: nothing to flush, and no error
     finally:
         vmm.close()
 

@@ -293,6 +293,14 @@ def test_launch_measurement(vmm):
     _vm2, m2 = launch(b"image page 1")
     _vm3, m3 = launch(b"image page X")
     assert m1 == m2 and m1 != m3 and len(m1) == 32
+    # the definition: SHA-256 over every page loaded, in order, each as its
+    # GPA (8 bytes, little-endian) followed by its 4096 bytes (zero-padded)
+    import hashlib
+    import struct
+    want = hashlib.sha256()
+    for gpa, data in ((0x100000, b"image page 1"), (0x101000, b"second page")):
+        want.update(struct.pack("<Q", gpa) + data.ljust(4096, b"\0"))
+    assert m1 == want.digest()
     assert vmm.psp.launch_finish(vm1.handle).status == Status.INVALID_GUEST_STATE
     hpa = vmm.alloc.alloc(1)
     assert vmm.psp.launch_update_data(vm1.handle, 0x200000, hpa, 1).status == Status.INVALID_GUEST_STATE
