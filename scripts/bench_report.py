@@ -1,105 +1,171 @@
 #!/usr/bin/env python3
-"""Markdown tables from a `hv bench --json` / `scripts/bench_full.py` result.
+"""docs/benchmarks.md from a `hv bench --json` / `scripts/bench_full.py` result.
 
-    .venv/bin/python scripts/bench_report.py bench_full.json > tables.md
+    .venv/bin/python scripts/bench_full.py --out /tmp/bench.json
+    .venv/bin/python scripts/bench_report.py /tmp/bench.json > docs/benchmarks.md
 
-Prints the tables docs/benchmarks.md records (walks, integrity, NPF path,
-memtouch, KVM, PSP transports, targets), every number taken from the JSON,
-so that the recorded document and the run cannot disagree.
+Every number on the page is taken from the JSON, so that the recorded
+document and the run cannot disagree; each table says what each side of its
+ratios includes (hv.bench.report.SIDES).
 """
 import json
 import sys
 
-MiB = 1 << 20
+MiB, GiB = 1 << 20, 1 << 30
 
 
 def _size(n):
-    return f"{n // (1 << 30)} GiB" if n >= 1 << 30 else f"{n // MiB} MiB"
+    return f"{n // GiB} GiB" if n >= GiB else f"{n // MiB} MiB"
 
 
-def _f(v, nd=1):
+def _f(v, nd=2, unit=""):
     if v is None:
         return "n/a"
-    if isinstance(v, float) and abs(v) >= 1e5:
-        return f"{v:.3g}"
-    return f"{v:.{nd}f}"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        s = f"{v:,}"
+    elif abs(v) >= 1e5:
+        s = f"{v:,.0f}"
+    else:
+        s = f"{v:.{nd}f}"
+    return f"{s} {unit}".rstrip()
 
 
-def walks(r):
-    out = ["| mapped | table pages | C batch | C single call | pure Python | C floor | "
-           "Python / C batch | C batch / floor |",
-           "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for w in r["walks"]["rows"]:
-        out.append(f"| {_size(w['mapped'])} | {w['table_pages']} | {_f(w['c_batch_ns'])} | "
-                   f"{_f(w['c_single_ns'])} | {_f(w['python_ns'], 0)} | {_f(w['floor_ns'])} | "
-                   f"{w['c_vs_python']:.0f}x | {w['c_vs_floor']:.2f}x |")
+def _table(header, rows, align=None):
+    align = align or ["---"] + ["---:"] * (len(header) - 1)
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return out
 
 
-def integrity(r):
-    rows = r["integrity"]["rows"]
-    out = ["| mapped | table pages | full UPDATE_NPT | merkle UPDATE_NPT | check, full | "
-           "check, merkle | merkle / full check |",
-           "|---:|---:|---:|---:|---:|---:|---:|"]
-    for f, m in zip(rows["full"], rows["merkle"]):
-        out.append(f"| {_size(f['mapped'])} | {f['table_pages']} | {_f(f['update_us'])} µs | "
-                   f"{_f(m['update_us'])} µs | {f['check_us'] / 1000:.2f} ms | "
-                   f"{m['check_us'] / 1000:.2f} ms | {m['check_us'] / f['check_us']:.2f}x |")
-    return out
+INTRO = """# Benchmarks: what PSP-managed nested paging costs
+
+`hv bench [--quick] [--json] [--plot DIR] [--only SECTIONS]` measures everything
+below in one run (hv/bench/); `scripts/bench_full.py` runs the long profile and
+writes every figure as JSON, and `scripts/bench_report.py RESULTS.json` writes
+this page from that JSON. `--plot DIR` writes `integrity_vs_mapped.png`,
+`walk_ratios.png` and `first_touch.png` (each stamped with the machine, profile
+and date); they are not committed.
+
+Every ratio compares like with like: both sides do the same work in the same
+run, and each table says what each side includes. Timings are wall clock,
+best of `repeat` runs; nothing logs inside a timed section. The machine is
+shared: the load at the start and the number of idle CPUs are recorded
+below, and the test suite never asserts a time.
+"""
 
 
-def npf(r):
-    kf = r.get("kvm_fault_us")
-    out = ["| | faults | µs per fault | µs per page | per page / KVM demand fault |",
-           "|---|---:|---:|---:|---:|"]
-    for name, label in (("4k", "4 KiB"), ("fa16", "fault-around 16"), ("2m", "2 MiB")):
-        n = r["npf"][name]
-        ratio = f"{n['us_per_page'] / kf:.3g}x" if kf else "n/a"
-        out.append(f"| {label} | {n['npf']} | {_f(n['us_per_fault'])} | {_f(n['us_per_page'], 2)} "
-                   f"| {ratio} |")
-    return out
-
-
-def memtouch(r):
+def render(r):
+    m = r["machine"]
+    out = [INTRO, "## Machine of the recorded run", ""]
+    out += _table(["", ""], [
+        ["date", m.get("date", "?")],
+        ["profile", r["profile"]],
+        ["CPU", f"{m['cpu']}, {m['cpus']} CPUs ({m.get('cpus_allowed')} allowed), "
+                f"{'under a hypervisor' if m.get('running_under_hypervisor') else 'bare metal'}"],
+        ["memory", f"{m['mem_gib']} GiB"],
+        ["OS", f"Linux {m['kernel']}, Python {m['python']}; NPT engines: "
+               f"{', '.join(m.get('backends', []))}"],
+        ["KVM", "/dev/kvm present" if m.get("kvm") else "no /dev/kvm"],
+        ["load at start", f"{' / '.join(str(x) for x in m['loadavg_at_start'])} (1/5/15 min); "
+                          f"{m.get('cpus_idle')} CPUs idle"],
+        ["whole run", f"{r.get('total_seconds', 0):.1f} s"],
+    ], ["---", "---"])
+    if r.get("errors"):
+        out += ["", "**Sections that failed:** " + "; ".join(r["errors"])]
+    out += ["", "## Targets", ""]
+    out += _table(["figure", "value", "target", "met"],
+                  [[f"`{k}`", _f(t["value"]), t["target"],
+                    "n/a" if t["met"] is None else ("met" if t["met"] else "**not met**")]
+                   for k, t in r.get("targets", {}).items()], ["---", "---:", "---", "---"])
+    from hv.bench.report import SIDES
+    out += ["", "## What each side of a ratio includes", ""]
+    for k, (what, a, b) in SIDES.items():
+        out.append(f"- `{k}` = {what} = {_f(r.get(k))}.")
+        out += [f"  - {s}" for s in (a, b) if s]
     g = r.get("guest", {})
-    out = ["| | faults | pages touched | µs per fault | µs per page |",
-           "|---|---:|---:|---:|---:|"]
-    for name, label in (("4k", "4 KiB"), ("fa16", "fault-around 16"), ("2m", "2 MiB")):
-        m = g.get(f"memtouch_{name}")
-        if m:
-            out.append(f"| {label} | {m['npf']} | {m['pages']} | {_f(m['us_per_fault'])} | "
-                       f"{_f(m['us_per_page'], 2)} |")
-    return out
-
-
-def psp(r):
-    d = r["psp"]["psp_transport_detail"]
-    ip, pr = d["inprocess"], d["process"]
-    rows = [("NOP round trip, median", "roundtrip_us_median", "roundtrip_transport_us_median"),
-            ("NOP round trip, p99", "roundtrip_us_p99", "roundtrip_transport_us_p99"),
-            (f"ring of {pr['ring_batch']} NOPs, per command", "ring_nop_us_per_cmd",
-             "ring_nop_transport_us_per_cmd"),
-            ("ring of NOPs, PSP still awake, per command", "ring_nop_awake_us_per_cmd", None),
-            (f"ring of {pr['ring_batch']} UPDATE_NPT (fresh frames), per command",
-             "ring_us_per_cmd", "ring_transport_us_per_cmd"),
-            ("the same on frames the VMM had touched", "ring_resident_us_per_cmd",
-             "ring_resident_transport_us_per_cmd"),
-            ("UPDATE_NPT one call at a time, per command", "update_us_per_cmd", None)]
-    out = ["| µs | in-process | PSP process | of which transport (process) |",
-           "|---|---:|---:|---:|"]
-    for label, k, kt in rows:
-        out.append(f"| {label} | {_f(ip.get(k), 2)} | {_f(pr.get(k), 2)} | "
-                   f"{_f(pr.get(kt), 2) if kt else ''} |")
-    return out
-
-
-def targets(r):
-    out = ["| target | goal | this run | met? |", "|---|---|---|---|"]
-    for k, t in r["targets"].items():
-        met = "n/a" if t["met"] is None else ("met" if t["met"] else "**NOT met**")
-        out.append(f"| {k} | {t['target']} | {_f(t['value'], 3) if t['value'] is not None else 'n/a'}"
-                   f" | {met} |")
-    return out
+    kf = r.get("kvm_fault_us")
+    if g:
+        out += ["", "## NPF path: first touch of a page, and trace replay", "",
+                f"KVM's in-kernel demand fault on the same machine, same run: {_f(kf, unit='µs')} "
+                "per page (a guest writing one byte to each page of a fresh memslot)."
+                " hv: the `firsttouch` guest writing each page of its RAM once under `hv boot`"
+                " (NPF exit, VMM frame allocation, PSP UPDATE_NPT with the digest check and"
+                " update, the host page allocated and zeroed by the kernel at the guest's"
+                " write, the write). Replay: the same NPF path from a trace; its frames are"
+                " never written, so no host page is allocated (not comparable with KVM).", ""]
+        rows = []
+        for k, label in (("4k", "4 KiB"), ("fa16", "fault-around 16"), ("2m", "2 MiB")):
+            ft = g.get(f"first_touch_{k}") or {}
+            rp = r.get("npf", {}).get(k) or {}
+            v = ft.get("us_per_page")
+            rows.append([label, _f(ft.get("pages")), _f(ft.get("npf")), _f(v, unit="µs"),
+                         _f(v / kf if v and kf else None, unit="x"),
+                         _f(rp.get("us_per_fault"), unit="µs"), _f(rp.get("us_per_page"), unit="µs")])
+        out += _table(["pages", "pages touched", "NPFs", "first touch per page", "vs KVM",
+                       "replay per NPF", "replay per page"], rows)
+        out += ["", "## Guest speed: plain Unicorn time / hv boot time", "",
+                "1.0 means managing the NPT through the PSP costs nothing. *per-access+count*:"
+                " the like-for-like baseline (same image, `UC_TLB_VIRTUAL`, an identity fill"
+                " granting each access kind's permissions only, the same C instruction counter)."
+                " *uncounted*: that baseline without counting instructions (hv boot always"
+                " counts). *flat RWX*: all RAM one read/write/execute mapping, no hooks.", ""]
+        rows = []
+        for n in ("compute", "firsttouch"):
+            s = g.get(f"speed_{n}")
+            if s:
+                rows.append([n, _f(s["instructions"]), _f(s["npf"]), _f(s["hv_s"] * 1e3, unit="ms"),
+                             _f(s["unicorn_s"] * 1e3, unit="ms"), _f(s["vs_unicorn"], unit="x"),
+                             _f(s["vs_unicorn_nocount"], unit="x"), _f(s["vs_unicorn_flat"], unit="x")])
+        out += _table(["guest", "instructions", "NPFs", "hv boot", "plain Unicorn",
+                       "per-access+count", "uncounted", "flat RWX"], rows)
+    w = r.get("walks", {}).get("rows")
+    if w:
+        out += ["", "## NPT walk: ns per walk, random GPAs over the mapped range", ""]
+        out += _table(["mapped", "table pages", "C batch", "C single call", "pure Python",
+                       "C floor", "Python / C batch", "C batch / floor"],
+                      [[_size(x["mapped"]), x.get("table_pages", ""), _f(x["c_batch_ns"], 1),
+                        _f(x["c_single_ns"], 0), _f(x["python_ns"], 0), _f(x["floor_ns"], 1),
+                        _f(x["c_vs_python"], 0, "x"), _f(x["c_vs_floor"], 2, "x")] for x in w])
+    ig = r.get("integrity", {}).get("rows")
+    if ig:
+        out += ["", "## Integrity: UPDATE_NPT and the full check, as the mapped span grows", "",
+                "UPDATE_NPT of a fresh 4 KiB page at a random GPA in an existing page table,"
+                " the firmware's own work (no VMM, client or transport). merkle: the C update"
+                " (psp_mailbox_update) with the deferred hash-tree work paid in the timing (a"
+                " GUEST_STATUS after each round, its time divided over the round). full: the"
+                " mailbox entry, which re-hashes the whole table before every update. Check:"
+                " VERIFY, every table page re-hashed from host memory.", ""]
+        out += _table(["mapped", "table pages", "merkle update", "full update", "merkle check",
+                       "full check"],
+                      [[_size(a["mapped"]), a["table_pages"], _f(a["update_us"], unit="µs"),
+                        _f(b["update_us"], 1, "µs"), _f(a["check_us"] / 1e3, 2, "ms"),
+                        _f(b["check_us"] / 1e3, 2, "ms")]
+                       for a, b in zip(ig["merkle"], ig["full"])])
+    ps = r.get("psp", {})
+    if ps and "error" not in ps:
+        out += ["", "## PSP mailbox", "",
+                "An empty command (NOP) in-process and to the PSP process (shared-memory"
+                " mailbox, eventfd doorbells), and a ring of batched UPDATE_NPTs to the PSP"
+                " process on fresh frames (firmware work included). The process transport"
+                " needs two idle CPUs (one for the VMM, one for the PSP).", ""]
+        out += _table(["transport", "p50", "p99", "ring, per UPDATE_NPT"],
+                      [["in-process", _f(ps.get("psp_roundtrip_us_inprocess"), unit="µs"),
+                        _f(ps.get("psp_roundtrip_us_inprocess_p99"), unit="µs"), "-"],
+                       ["process", _f(ps.get("psp_roundtrip_us_process"), unit="µs"),
+                        _f(ps.get("psp_roundtrip_us_process_p99"), unit="µs"),
+                        _f(ps.get("psp_ring_us_per_cmd"), unit="µs")]])
+    out += ["", "## Other figures", ""]
+    out += _table(["figure", "value"], [
+        ["SHA-256", _f(r.get("sha256_mb_s"), 0, "MB/s")],
+        ["replay throughput (lackey trace, parsing included)",
+         _f(r.get("replay_accesses_per_s"), unit="accesses/s")],
+        ["KVM exit round trip (user space and back)", _f(r.get("kvm_exit_us"), unit="µs")],
+        ["replay peak RSS, --host-mem 16G over 1G", _f(r.get("replay_rss_growth_16g_vs_1g"), unit="x")],
+        ["boot peak RSS, --host-mem 16G over 1G", _f(r.get("boot_rss_growth_16g_vs_1g"), unit="x")],
+    ], ["---", "---:"])
+    return "\n".join(out) + "\n"
 
 
 def main(argv=None):
@@ -108,18 +174,7 @@ def main(argv=None):
         print("usage: bench_report.py RESULTS.json", file=sys.stderr)
         return 2
     with open(argv[0]) as f:
-        r = json.load(f)
-    for title, fn in (("Walks (ns per walk)", walks), ("Integrity", integrity),
-                      ("NPF path (trace replay)", npf), ("memtouch guest (hv boot)", memtouch),
-                      ("PSP transports", psp), ("Targets", targets)):
-        print(f"#### {title}\n")
-        print("\n".join(fn(r)))
-        print()
-    k = r.get("kvm", {})
-    print(f"KVM: demand fault {_f(k.get('kvm_fault_us'), 2)} µs/page (THP "
-          f"{_f(k.get('kvm_fault_thp_us'), 2)}), second touch {_f(k.get('kvm_touch_us'), 2)}, "
-          f"exit round trip {_f(k.get('kvm_exit_us'), 2)} µs; SHA-256 "
-          f"{_f(r['sha256']['sha256_mb_s'], 0)} MB/s; total {_f(r.get('total_seconds'))} s")
+        sys.stdout.write(render(json.load(f)))
     return 0
 
 
