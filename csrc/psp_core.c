@@ -676,6 +676,19 @@ uint32_t psp_mailbox_update(struct psp_ctx *c, const uint8_t *buf)
     return update_from_buf(c, buf, NULL);
 }
 
+/* The merkle flush's search for stale table pages (psp_firmware/merkle.py
+ * _flush): the indices i < n whose page hpa[i] has a nonzero stale-chunk
+ * mask, in order, into out; returns how many. One byte read per table page,
+ * instead of a Python loop over every table page of the guest. */
+uint32_t psp_dirty_scan(const uint8_t *dirty, const uint64_t *hpa, uint32_t n, uint32_t *out)
+{
+    uint32_t k = 0;
+    for (uint32_t i = 0; i < n; i++)
+        if (dirty[hpa[i] >> 12])
+            out[k++] = i;
+    return k;
+}
+
 /* The firmware's lock (struct psp_ctx.busy): commands are serialized, as the
  * real mailbox serializes them. A spin that yields: the holder is either the
  * Python mailbox (a handler, micro- to milliseconds) or another thread's

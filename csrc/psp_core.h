@@ -76,6 +76,7 @@ int psp_update_fast(struct psp_ctx *c, struct psp_guest *g, uint32_t level, uint
                     uint64_t hpa, uint32_t attrs, uint32_t npages);
 #define PSP_NO_RECORD 0xFFFFFFFF   /* psp_mailbox_update: no such guest in the ring table */
 uint32_t psp_mailbox_update(struct psp_ctx *c, const PSP_BYTE *buf);
+uint32_t psp_dirty_scan(const PSP_BYTE *dirty, const uint64_t *hpa, uint32_t n, uint32_t *out);
 void psp_lock(struct psp_ctx *c);
 void psp_unlock(struct psp_ctx *c);
 uint32_t psp_shared_update(struct psp_ctx *c, const PSP_BYTE *buf);

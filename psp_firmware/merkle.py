@@ -204,6 +204,8 @@ class MerkleIntegrity:
         self.nkids = {}       # hpa (level > 1) -> list of NCHUNKS child counts
         self.parent = {}      # child table hpa -> (parent hpa, index)
         self._by_level = {1: [], 2: [], 3: [], 4: []}
+        self._lvl_arr = {1: array("Q"), 2: array("Q"), 3: array("Q"), 4: array("Q")}  # the same, for C
+        self._scan_out = None
         self._digest = None
         self._vplan = None      # verify_all's page order (_VerifyPlan)
         self._memc = None
@@ -309,6 +311,7 @@ class MerkleIntegrity:
             self._ptabs.set_lines(hpa, lines)
         lvl = self.shadow.levels[hpa]
         self._by_level[lvl].append(hpa)
+        self._lvl_arr[lvl].append(hpa)
         if lvl > 1:
             self.kids[hpa] = [0] * 512
             self.slots[hpa] = bytearray(512 * HBYTES)
@@ -328,6 +331,8 @@ class MerkleIntegrity:
             d.clear()
         for lst in self._by_level.values():
             lst.clear()
+        for lvl in self._lvl_arr:
+            self._lvl_arr[lvl] = array("Q")
         if self._c is not None:
             for d in (self._slots_c, self._chunk_c, self._lines_c):
                 d.clear()
@@ -352,7 +357,7 @@ class MerkleIntegrity:
         slots, parent, node_h = self.slots, self.parent, self.node_h
         changed = force
         for lvl in (1, 2, 3, 4):
-            for t in self._by_level[lvl]:
+            for t in self._stale(lvl):
                 m = dirty[t >> 12]
                 if not m:
                     continue
@@ -366,6 +371,22 @@ class MerkleIntegrity:
                     dirty[p >> 12] |= 1 << (i // CHUNK_ENTRIES)
         if changed:
             self._digest = self._root_digest()
+
+    def _stale(self, lvl):
+        """The guest's table pages of level lvl that may have stale chunks:
+        with the C core, only those whose mask is nonzero (psp_dirty_scan,
+        one byte per page); the pure-Python twin walks them all (the same
+        pages come out either way: _flush skips a zero mask)."""
+        pages = self._by_level[lvl]
+        if self._c is None or not pages or isinstance(self.dirty, _NoDirtyArray):
+            return pages
+        ffi = _core.ffi
+        arr = self._lvl_arr[lvl]
+        if self._scan_out is None or len(self._scan_out) < len(arr):
+            self._scan_out = ffi.new("uint32_t[]", max(1024, 2 * len(arr)))
+        k = self._c.psp_dirty_scan(ffi.from_buffer(self.dirty), ffi.from_buffer("uint64_t[]", arr),
+                                   len(arr), self._scan_out)
+        return [pages[i] for i in ffi.unpack(self._scan_out, k)]
 
     # ------------------------------------------------------------------
     # checks
