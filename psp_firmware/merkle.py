@@ -373,10 +373,8 @@ class MerkleIntegrity:
             self._digest = self._root_digest()
 
     def _stale(self, lvl):
-        """The guest's table pages of level lvl that may have stale chunks:
-        with the C core, only those whose mask is nonzero (psp_dirty_scan,
-        one byte per page); the pure-Python twin walks them all (the same
-        pages come out either way: _flush skips a zero mask)."""
+        """Level-lvl table pages that may be stale: with the C core only those
+        with a nonzero mask (psp_dirty_scan); the Python twin returns all."""
         pages = self._by_level[lvl]
         if self._c is None or not pages or isinstance(self.dirty, _NoDirtyArray):
             return pages
