@@ -93,8 +93,12 @@ def resolve_image(name):
     raise BadInput(f"cannot build bundled guest {name!r}: no writable output directory")
 
 
-def cmd_boot(args):
-    from hv.machine.boot import Boot, format_report
+def run_boot(args, serial_sink=None):
+    """`hv boot` on parsed options, printing nothing -> (exit code, the JSON
+    object `--json` prints).  `serial_sink(bytes)`: called as the guest
+    writes to COM1 (cmd_boot streams it to stdout).  Used by cmd_boot and by
+    each point of `hv sweep`."""
+    from hv.machine.boot import Boot
     from hv.machine.loader import load_image
 
     if args.insn_limit_ok and args.max_insns is None:
@@ -112,16 +116,11 @@ def cmd_boot(args):
             raise BadInput(f"cannot write serial output to {args.serial} (--serial): "
                            f"{e.strerror or e}") from None
 
-    out = sys.stdout
-    stream = not args.json
-
     def sink(b):
         if serial_file is not None:
             serial_file.write(b)
-        if stream:
-            out.write(b.decode("latin-1"))
-            if b == b"\n":
-                out.flush()
+        if serial_sink is not None:
+            serial_sink(b)
 
     vmm = make_vmm(args)
     boot = None
@@ -132,21 +131,35 @@ def cmd_boot(args):
         if res.exit_reason == "insn_limit":
             # cut short is not a clean guest exit, unless the user said so
             res.exit_code = EXIT_OK if args.insn_limit_ok else EXIT_GUEST
-        if args.json:
-            d = res.to_dict()
-            if not args.vga:
-                d.pop("vga", None)
-            emit_json(d)
-        else:
-            out.flush()
-            if res.serial and not res.serial.endswith("\n"):
-                out.write("\n")
-                out.flush()
-            print(format_report(res), file=sys.stderr)
-        return res.exit_code
+        d = res.to_dict()
+        if not args.vga:
+            d.pop("vga", None)
+        return res.exit_code, d
     finally:
         if serial_file is not None:
             serial_file.close()
         if boot is not None:
             boot.close()
         vmm.close()
+
+
+def cmd_boot(args):
+    from hv.machine.boot import BootResult, format_report
+
+    out = sys.stdout
+
+    def stream(b):
+        out.write(b.decode("latin-1"))
+        if b == b"\n":
+            out.flush()
+
+    code, d = run_boot(args, None if args.json else stream)
+    if args.json:
+        emit_json(d)
+    else:
+        out.flush()
+        if d["serial"] and not d["serial"].endswith("\n"):
+            out.write("\n")
+            out.flush()
+        print(format_report(BootResult(**d)), file=sys.stderr)
+    return code

@@ -91,6 +91,24 @@ def add_common_options(p, psp=True):
                    help="log every NPF (-v) and PSP command (-vv) to stderr")
 
 
+def error_outcome(e):
+    """What a subcommand's exception means -> (exit code, the JSON object for
+    it, the line for stderr): BadInput is exit 2; a dead PSP process and any
+    other exception are exit 1 (an internal error names its type).  main()
+    prints these; `hv sweep` records them as a point's failed row."""
+    msg = " ".join(str(e).splitlines())
+    if isinstance(e, BadInput):
+        return EXIT_INPUT, {"exit_reason": "bad_input", "exit_code": EXIT_INPUT,
+                            "error": msg}, f"hv: {msg}"
+    if getattr(e, "exit_reason", None) == "psp_dead":
+        return EXIT_GUEST, {"exit_reason": "psp_dead", "exit_code": EXIT_GUEST,
+                            "error": str(e)}, f"hv: PSP dead: {msg}"
+    msg = " ".join(f"{e.__class__.__name__}: {e}".splitlines())
+    return EXIT_GUEST, {"exit_reason": "error", "exit_code": EXIT_GUEST,
+                        "error": f"internal error: {msg}"}, \
+        f"hv: internal error: {msg} (run with HV_DEBUG=1 for a traceback)"
+
+
 def setup_logging(verbose):
     level = logging.WARNING
     if verbose >= 1:

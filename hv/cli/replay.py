@@ -30,8 +30,11 @@ def add_parser(sub):
     p.set_defaults(func=cmd_inspect)
 
 
-def cmd_replay(args):
-    from hv.trace.inspect import analyse, format_report, load_snapshot, save_snapshot, take_snapshot
+def run_replay(args, progress=None):
+    """`hv replay` on parsed options, printing nothing -> (exit code, the
+    JSON object `--json` prints).  `progress(done, total)`: see replay().
+    Used by cmd_replay and by each point of `hv sweep`."""
+    from hv.trace.inspect import analyse, load_snapshot, save_snapshot, take_snapshot
     from hv.trace.replay import replay
     from hv.trace import load_trace
     trace = load_trace(args.trace, args.format, max_bytes=args.max_trace_bytes)
@@ -40,12 +43,7 @@ def cmd_replay(args):
     vmm = make_vmm(args)
     try:
         vm = vmm.create_vm(fault_around=args.fault_around, huge=args.huge)
-        prog, cb = progress_bar(not args.json)
-        if prog:
-            with prog:
-                res = replay(vmm, vm, trace, progress=cb)
-        else:
-            res = replay(vmm, vm, trace)
+        res = replay(vmm, vm, trace, progress=progress)
         stopped = res["stopped"]
         st = vmm.psp.guest_status(vm.handle)
         digest = st.fields.get("digest", b"").hex()
@@ -82,22 +80,33 @@ def cmd_replay(args):
                 rep = analyse(load_snapshot(f.name), args.backend)
                 os.unlink(f.name)
                 out["inspect"] = rep
-        if args.json:
-            emit_json(out)
-        else:
-            print(f"{trace.format} trace {args.trace}: {out['accesses']} accesses, {out['npf']} NPFs, "
-                  f"{out['pages_mapped']} pages mapped, {out['psp_commands']} PSP commands "
-                  f"({out['refused']} refused), backend {out['backend']}")
-            print(f"NPT digest {digest}")
-            if stopped:
-                print(f"stopped: {stopped}")
-            if args.inspect:
-                print(format_report(out["inspect"]))
         if tamper:
-            return EXIT_TAMPER
-        return EXIT_GUEST if stopped else EXIT_OK
+            return EXIT_TAMPER, out
+        return (EXIT_GUEST if stopped else EXIT_OK), out
     finally:
         vmm.close()
+
+
+def cmd_replay(args):
+    from hv.trace.inspect import format_report
+    prog, cb = progress_bar(not args.json)
+    if prog:
+        with prog:
+            code, out = run_replay(args, cb)
+    else:
+        code, out = run_replay(args)
+    if args.json:
+        emit_json(out)
+    else:
+        print(f"{out['format']} trace {args.trace}: {out['accesses']} accesses, {out['npf']} NPFs, "
+              f"{out['pages_mapped']} pages mapped, {out['psp_commands']} PSP commands "
+              f"({out['refused']} refused), backend {out['backend']}")
+        print(f"NPT digest {out['digest']}")
+        if out["stopped"]:
+            print(f"stopped: {out['stopped']}")
+        if args.inspect:
+            print(format_report(out["inspect"]))
+    return code
 
 
 def cmd_inspect(args):

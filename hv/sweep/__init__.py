@@ -9,7 +9,8 @@
     plot.py      --plot
 
 The command (`hv sweep`) is hv/cli/sweep.py; it hands the executors its
-point runner.  Nothing here imports hv.cli.
+point runner.  Imports hv.errors only (Ray and matplotlib lazily, where
+asked for); never hv.cli.
 """
 from .local import LocalExecutor, default_jobs
 from .results import Results, make_row, row_failed

@@ -13,6 +13,7 @@ from ..errors import BadInput
 __all__ = ["plot_rows", "METRICS"]
 
 METRICS = ("npf", ("psp_s", "elapsed_s"))
+_LABELS = {"npf": "NPFs", "psp_s": "PSP time (s)", "elapsed_s": "elapsed_s: run time (s)"}
 
 
 def _metric_names(rows):
@@ -82,7 +83,7 @@ def plot_rows(rows, axes, path):
             ax.set_xticks(range(len(values)))
             ax.set_xticklabels([str(v) for v in values])
             ax.set_xlabel(f"--{axis}")
-            ax.set_ylabel(metric)
+            ax.set_ylabel(_LABELS.get(metric, metric))
             ax.grid(alpha=0.3)
             if m_i == 0 and c == 0 and med:
                 ax.legend(fontsize="small")

@@ -54,7 +54,8 @@ class RayExecutor:
         self._started = False
 
     def describe(self):
-        return {"executor": "ray", "ray_address": self.address, "jobs": self.jobs}
+        return {"executor": "ray", "ray_address": self.address,
+                "jobs": getattr(self, "_window", None) or self.jobs}
 
     def _init(self):
         ray = self.ray
@@ -87,7 +88,7 @@ class RayExecutor:
             self.close()
 
     def _run(self, ray, tasks, runner, on_result):
-        window = self.jobs or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        window = self._window = self.jobs or max(1, int(ray.cluster_resources().get("CPU", 1)))
         remote = ray.remote(num_cpus=1)(run_task_on_content)
         left = {}                       # input path -> tasks of it not yet finished
         for t in tasks:
@@ -114,7 +115,9 @@ class RayExecutor:
                     inflight[remote.remote(runner, t, ref)] = t
                 if not inflight:
                     continue
-                ready, _ = ray.wait(list(inflight), num_returns=1)
+                # a short timeout keeps Ctrl-C prompt (a KeyboardInterrupt waits
+                # for the call to return)
+                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.2)
                 for r in ready:
                     t = inflight.pop(r)
                     try:
