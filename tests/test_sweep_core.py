@@ -306,3 +306,17 @@ def test_ray_executor_ships_content_and_gives_the_local_rows(corpus, tmp_path, m
         assert {k: v for k, v in row.items() if k not in strip} == \
             {k: v for k, v in lrow.items() if k not in strip}
     assert os.getpid() not in {r["pid"] for r in summary["rows"]}
+
+
+def test_progress_bar_counts_points_and_failures():
+    from hv.sweep.run import SweepProgress
+    from rich.progress import TimeRemainingColumn
+    with SweepProgress(5, enabled=True) as bar:
+        prog = bar._prog
+        assert any(isinstance(c, TimeRemainingColumn) for c in prog.columns)    # the ETA
+        bar.advance()
+        bar.advance(failed=True)
+        task = prog.tasks[0]
+        assert (task.completed, task.total) == (2, 5)
+        assert task.description == "sweep (1 failed)"
+    assert SweepProgress(5, enabled=False)._prog is None
