@@ -296,3 +296,15 @@ def test_ctrl_c_exits_130_and_keeps_the_finished_rows(tmp_path):
     res = json.loads(proc.stdout)
     assert (res["ran"], res["skipped"], res["failed"]) == (1, 3, 0)
     assert res["rows"][-1]["npf"] == 8000
+
+
+def test_a_ray_cluster_that_cannot_be_reached_is_exit_2_and_writes_nothing(spec, tmp_path,
+                                                                            capsys, monkeypatch):
+    pytest.importorskip("ray")
+    if os.path.exists("/tmp/ray/ray_current_cluster"):
+        pytest.skip("a Ray cluster runs on this machine: auto would find it")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    code, out, err = _run(capsys, "sweep", spec, "--out", tmp_path / "o", "--executor", "ray")
+    assert code == 2 and out == ""
+    assert "--ray-address auto: cannot start or reach Ray" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()

@@ -180,6 +180,9 @@ def test_results_refuse_an_existing_sweep_without_resume(corpus, tmp_path):
     with pytest.raises(BadInput, match="already holds a sweep's results.jsonl: --resume"):
         Results(out)
     assert (out / "results.jsonl").read_bytes() == before
+    # an empty one (a sweep that wrote no row) is no sweep to keep
+    _write(str(tmp_path / "empty" / "results.jsonl"), "")
+    Results(tmp_path / "empty").close()
     _write(str(tmp_path / "file"), "x")
     with pytest.raises(BadInput, match="not a directory"):
         Results(tmp_path / "file")

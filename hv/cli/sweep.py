@@ -152,21 +152,29 @@ def cmd_sweep(args):
     points = _points(spec)
     executor = _executor(args)
     out_dir = args.out or _default_out(args.spec)
-    results = Results(out_dir, resume=args.resume, axes=list(spec.axes))
+    results = None
     try:
+        executor.start()          # a cluster that cannot be reached: exit 2, nothing written
+        results = Results(out_dir, resume=args.resume, axes=list(spec.axes))
         summary = run_sweep(points, results, executor, run_point)
     except KeyboardInterrupt:
-        done = sum(p.key in results.rows for p in points)
-        print(f"hv: sweep interrupted: {done} of {len(points)} points have their row in "
-              f"{out_dir} (hv sweep {args.spec} --out {out_dir} --resume runs the rest)",
-              file=sys.stderr)
+        if results is not None:
+            done = sum(p.key in results.rows for p in points)
+            print(f"hv: sweep interrupted: {done} of {len(points)} points have their row in "
+                  f"{out_dir} (hv sweep {args.spec} --out {out_dir} --resume runs the rest)",
+                  file=sys.stderr)
         raise
     finally:
-        results.close()
+        if results is not None:
+            results.close()
+        executor.close()
     if args.plot:
         from hv.sweep.plot import plot_rows
         summary["plot"] = plot_rows(summary["rows"], list(spec.axes),
                                     os.path.join(out_dir, "sweep.png"))
+        if summary["plot"] is None:
+            print("hv: sweep: no plot: no axis with two values among rows that have NPFs",
+                  file=sys.stderr)
     if args.json:
         emit_json(summary)
     else:

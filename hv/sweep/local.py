@@ -79,6 +79,12 @@ class LocalExecutor:
     def describe(self):
         return {"executor": "local", "jobs": self.jobs}
 
+    def start(self):
+        """Nothing to set up: workers start with the first points."""
+
+    def close(self):
+        """Nothing left running between runs."""
+
     def run(self, tasks, runner, on_result):
         """Run every task; ``on_result(task, result)`` is called in this
         thread as each finishes (result: see worker.run_task)."""

@@ -57,7 +57,9 @@ class RayExecutor:
         return {"executor": "ray", "ray_address": self.address,
                 "jobs": getattr(self, "_window", None) or self.jobs}
 
-    def _init(self):
+    def start(self):
+        """Join the cluster (or start the local Ray) now: a cluster that
+        cannot be reached is BadInput before anything is written."""
         ray = self.ray
         if ray.is_initialized():
             return
@@ -81,7 +83,7 @@ class RayExecutor:
 
     def run(self, tasks, runner, on_result):
         ray = self.ray
-        self._init()
+        self.start()
         try:
             self._run(ray, list(tasks), runner, on_result)
         finally:

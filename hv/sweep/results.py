@@ -60,7 +60,7 @@ def _cell(v):
 class Results:
     """The results files of one sweep in ``out_dir`` (created if missing).
 
-    Without ``resume`` an existing results.jsonl is refused (BadInput), never
+    Without ``resume`` a results.jsonl with rows is refused (BadInput), never
     overwritten.  With it, its rows are read (``rows``: point name -> row);
     a last line cut short by a kill is dropped, and so are failed rows, whose
     points run again; the files are then rewritten from the rows kept.
@@ -75,7 +75,7 @@ class Results:
         if os.path.exists(self.dir) and not os.path.isdir(self.dir):
             raise BadInput(f"--out {self.dir}: not a directory")
         exists = os.path.exists(self.jsonl_path)
-        if exists and not resume:
+        if exists and not resume and os.path.getsize(self.jsonl_path):
             raise BadInput(f"--out {self.dir} already holds a sweep's {JSONL}: --resume to "
                            "finish it, or choose another --out")
         try:
