@@ -308,3 +308,17 @@ def test_a_ray_cluster_that_cannot_be_reached_is_exit_2_and_writes_nothing(spec,
     assert code == 2 and out == ""
     assert "--ray-address auto: cannot start or reach Ray" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_ray_address_where_nothing_answers_is_exit_2_at_once(spec, tmp_path, capsys):
+    pytest.importorskip("ray")
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()                     # nothing listens there now
+    code, out, err = _run(capsys, "sweep", spec, "--out", tmp_path / "o",
+                          "--ray-address", f"127.0.0.1:{port}")
+    assert code == 2 and out == ""
+    assert f"nothing answers at 127.0.0.1:{port}" in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()

@@ -2,8 +2,8 @@
 
 ``address``: ``"local"`` starts a Ray instance on this machine for the run
 (and stops it afterwards); anything else is handed to ``ray.init`` to join
-an existing cluster (``auto``, ``HOST:PORT`` of the head's GCS, or
-``ray://HOST:10001`` through Ray Client).
+an existing cluster (``auto``, ``HOST:PORT`` of the head's GCS, or any other
+address ``ray.init`` takes).
 
 What travels to a worker: the runner (a module-level function, pickled by
 name: ``hv`` must be installed on every node), the task (command, options,
@@ -14,6 +14,8 @@ private temporary file (worker.run_task_on_content).  No path of this
 machine is opened on a worker.
 """
 import logging
+import os
+import socket
 
 from ..errors import BadInput
 from .worker import failed_result, run_task_on_content
@@ -63,6 +65,8 @@ class RayExecutor:
         ray = self.ray
         if ray.is_initialized():
             return
+        if self.address != "local":
+            _check_reachable(self.address)
         kw = dict(include_dashboard=False, log_to_driver=False,
                   logging_level=logging.WARNING)
         try:
@@ -142,3 +146,20 @@ class RayExecutor:
         left[t.path] -= 1
         if not left[t.path]:
             content.pop(t.path, None)     # its object can leave the store
+
+
+def _check_reachable(address, timeout=3.0):
+    """A HOST:PORT address (given, or in RAY_ADDRESS for ``auto``) where
+    nothing accepts a connection is BadInput now: ray.init would retry for
+    minutes, blocking Ctrl-C.  Other forms are left to ray.init."""
+    addr = os.environ.get("RAY_ADDRESS", "") if address == "auto" else address
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or "/" in addr or not port.isdigit():
+        return
+    host = host.strip("[]")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except (OSError, ValueError, OverflowError) as e:
+        why = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise BadInput(f"--ray-address {address}: nothing answers at {host}:{port} ({why}); "
+                       "is its head started (ray start --head)?") from None
