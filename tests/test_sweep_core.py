@@ -323,3 +323,19 @@ def test_progress_bar_counts_points_and_failures():
         assert (task.completed, task.total) == (2, 5)
         assert task.description == "sweep (1 failed)"
     assert SweepProgress(5, enabled=False)._prog is None
+
+
+def test_a_local_ray_stays_on_the_loopback_address():
+    """The Ray `--ray-address local` starts talks over 127.0.0.1 only (Ray's
+    default is the machine's network address)."""
+    pytest.importorskip("ray")
+    from hv.sweep.rayexec import RayExecutor
+    ex = RayExecutor("local", jobs=1)
+    ex.start()
+    try:
+        nodes = ex.ray.nodes()
+        assert [n["NodeManagerAddress"] for n in nodes] == ["127.0.0.1"]
+        assert ex.ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    finally:
+        ex.close()
+    assert not ex.ray.is_initialized()

@@ -41,6 +41,19 @@ def _import_ray():
     return ray
 
 
+def _loopback_only(ray):
+    """A Ray started here for the run stays on the loopback address: by
+    default Ray replaces 127.0.0.1 with the machine's own network address
+    (for other nodes to reach it), which a one-machine run has no use for.
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is Ray's own switch for that (read
+    by the workers it starts; the driver's copy of the constant is set too,
+    in case Ray was imported before)."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    consts = getattr(getattr(ray, "_private", None), "ray_constants", None)
+    if consts is not None and hasattr(consts, "ENABLE_RAY_CLUSTER"):
+        consts.ENABLE_RAY_CLUSTER = False
+
+
 class RayExecutor:
     """Run tasks as Ray tasks.  ``jobs``: at most this many in flight (and,
     for ``address="local"``, the CPUs the local instance gets); default: the
@@ -71,6 +84,7 @@ class RayExecutor:
                   logging_level=logging.WARNING)
         try:
             if self.address == "local":
+                _loopback_only(ray)
                 ray.init(address="local", num_cpus=self.jobs, **kw)
             else:
                 ray.init(address=self.address, **kw)
