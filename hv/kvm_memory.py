@@ -13,8 +13,9 @@ VMM meant to map.
 A 2 MiB leaf maps its whole 2 MiB; ``around`` (fault-around) maps every page
 of a window the table maps.  Runs of pages with consecutive HPAs go in one
 mmap.  When the table changes (UNMAP, RECLAIM, a malicious write),
-:meth:`GuestRam.resync` walks every page KVM can reach again and remaps or
-unmaps it; the kernel's MMU notifiers make KVM drop the stale translation.
+:meth:`GuestRam.resync` makes the memslot what the table says again (remap,
+unmap, map); the kernel's MMU notifiers make KVM drop the stale
+translation.  :meth:`resync` on a new VM maps the launch pages.
 A page the table maps read-only (W clear) is mapped read-only, so a guest
 write to it exits (a protection fault); NX cannot be expressed in a host
 mapping and is not enforced here.
@@ -167,34 +168,33 @@ class GuestRam:
                 out.append((p, hpa, writable))
         return out
 
-    def map_all(self):
-        """Map everything the table maps now (the launch pages, before the
-        first instruction).  Returns the number of pages."""
-        with self.lock:
-            items = []
-            limit = self.size
-            for gpa, hpa, size, entry in self.engine.mappings(self.root()):
-                if gpa >= limit:
-                    continue
-                w = bool(entry & W)
-                for off in range(0, min(size, limit - gpa), PAGE):
-                    items.append(((gpa + off) >> 12, hpa + off, w))
-            items.sort()
-            self._map_runs(items)
-            return len(items)
+    def table_pages(self):
+        """Guest pages [0, RAM) the table maps now (sorted)."""
+        out = []
+        limit = self.size
+        for gpa, _hpa, size, _entry in self.engine.mappings(self.root()):
+            if gpa < limit:
+                out.extend(range(gpa >> 12, min(gpa + size, limit) >> 12))
+        out.sort()
+        return out
 
     def resync(self):
-        """Make every page KVM can reach match the table again: remap what
-        points elsewhere now, unmap what the table no longer maps.  Returns
-        the number of pages changed."""
+        """Make the memslot what the table says again: remap pages that point
+        elsewhere now (or changed permission), unmap what the table no longer
+        maps, map what it maps anew.  (KVM reads the guest's own page tables
+        itself, without an exit: a table page it cannot reach would be a
+        guest #PF, so every page the table maps is mapped.)  Returns the
+        number of pages changed."""
         with self.lock:
-            remap, gone = [], []
-            for page, (hpa, writable) in sorted(self.pages.items()):
+            change, gone = [], []
+            want = self.table_pages()
+            for page in sorted(set(want).union(self.pages)):
                 ok, h, w, _ = self.lookup(page << 12, ACC_R, set_ad=False)
                 if not ok:
-                    gone.append(page)
-                elif (h, w) != (hpa, writable):
-                    remap.append((page, h, w))
+                    if page in self.pages:
+                        gone.append(page)
+                elif self.pages.get(page) != (h, w):
+                    change.append((page, h, w))
             i = 0
             while i < len(gone):
                 j = i + 1
@@ -202,8 +202,8 @@ class GuestRam:
                     j += 1
                 self._unmap(gone[i], j - i)
                 i = j
-            self._map_runs(remap)
-            return len(remap) + len(gone)
+            self._map_runs(change)
+            return len(change) + len(gone)
 
     def mapped(self, gpa):
         """(hpa, writable) KVM sees at gpa's page, or None."""

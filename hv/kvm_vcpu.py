@@ -138,13 +138,14 @@ class KvmVcpu:
     """One vCPU of a VM, on /dev/kvm.  See the module docstring.
 
     kvm_vm / ram: share one KVM VM and its memslot between vCPUs (the first
-    vCPU makes them when not given)."""
+    vCPU makes them when not given); regs: registers to start with other
+    than the image's (e.g. another stack for a second vCPU)."""
 
     accel = "kvm"
     instructions = None
 
     def __init__(self, vmm, vm, image, devices=None, record=None, kvm_vm=None, ram=None,
-                 vcpu_id=0):
+                 vcpu_id=0, regs=None):
         why = K.probe()
         if why is not None:
             raise K.KvmUnavailable(why)
@@ -166,14 +167,14 @@ class KvmVcpu:
         try:
             if ram is None:
                 ram = GuestRam(self.kvm_vm, vmm.mem, vmm.engine, self._npt_root, vm.ram_size)
-                ram.map_all()               # the launch pages: in the table before the run
+                ram.resync()                # the launch pages: in the table before the run
                 self._own_ram = True
             else:
                 self._own_ram = False
             self.ram = ram
             self.cpu = self.kvm_vm.create_vcpu(vcpu_id)
             self.cpu.setup_cpuid()
-            self._set_boot_state(image)
+            self._set_boot_state(image, regs or {})
             self._can_kick = _install_kick_handler()
             self._kicker = _Kicker(self.cpu)
         except BaseException:
@@ -183,7 +184,7 @@ class KvmVcpu:
         self._want_rip = record is not None
 
     # -- setup ----------------------------------------------------------------
-    def _set_boot_state(self, image):
+    def _set_boot_state(self, image, extra):
         s = self.cpu.get_sregs()
         for name, d in boot_segments(image).items():
             s.set_segment(name, d["base"], d["limit"], d["selector"], d["type"], d["present"],
@@ -194,7 +195,7 @@ class KvmVcpu:
         s["cr3"], s["cr4"], s["efer"], s["cr0"] = cpu["cr3"], cpu["cr4"], cpu["efer"], cpu["cr0"]
         self.cpu.set_sregs(s)
         regs = [0] * 18
-        for name, value in image.initial_regs.items():
+        for name, value in {**image.initial_regs, **extra}.items():
             full = {"eip": "rip", "eflags": "rflags"}.get(name, "r" + name[1:] if name[0] == "e"
                                                            else name)
             regs[K.REG_NAMES.index(full)] = value
