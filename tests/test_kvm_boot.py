@@ -4,7 +4,6 @@ the emulator, every first touch of a page an NPF through the PSP.
 Skipped, with the reason, where /dev/kvm is missing or refuses."""
 import ctypes
 import errno
-import os
 import shutil
 import struct
 import subprocess
@@ -16,9 +15,9 @@ import pytest
 from nptcore.bits import ACC_R, ACC_W, ACC_X, ADDR_MASK
 from psp_firmware import Status
 
-from hv import kvm
-from hv.boot import Boot
-from hv.vmm import Vmm
+from hv.machine import kvm
+from hv.machine.boot import Boot
+from hv.vmm.vmm import Vmm
 
 MiB = 1 << 20
 WHY = kvm.probe()
@@ -338,7 +337,7 @@ def test_severed_remap_the_guest_really_reads_the_other_page(tmp_path, accel):
 def test_memory_fault_exit_style(guests, monkeypatch):
     """Kernels with hardware EPT/NPT report an unmapped memslot page as
     -EFAULT + KVM_EXIT_MEMORY_FAULT: map the GPA, KVM_RUN again."""
-    from hv import kvm_vcpu
+    from hv.machine import kvm_vcpu
     vmm = Vmm(host_mem=128 * MiB, shared_mem=True)
     try:
         b = Boot(vmm, str(guests["hello"]), mem=16 * MiB, accel="kvm")
@@ -386,9 +385,9 @@ def test_time_limit_and_check_ms_on_a_spinning_guest(tmp_path):
 def test_two_vcpus_fault_the_same_pages(guests):
     """Two vCPUs (one thread each) run memtouch over the same RAM: each page
     is one NPF however many vCPUs touch it first, and both finish."""
-    from hv.devices import Devices
-    from hv.kvm_vcpu import KvmVcpu
-    from hv.loader import load_image
+    from hv.machine.devices import Devices
+    from hv.machine.kvm_vcpu import KvmVcpu
+    from hv.machine.loader import load_image
     mem = 4 * MiB
     single = boot(guests["memtouch"], "kvm", mem)
     vmm = Vmm(host_mem=128 * MiB, shared_mem=True)

@@ -36,7 +36,8 @@ from dataclasses import asdict, dataclass, field
 from hv.machine.devices import VGA_BASE, VGA_BYTES, Devices, vga_rows
 from hv.errors import BadInput
 from hv.machine.loader import load_image
-from hv.machine.unicorn_vcpu import ACCESS_WORDS, UnicornVcpu, available_hooks
+from hv.machine.stop import ACCESS_WORDS, StopInfo
+from hv.machine.unicorn_vcpu import UnicornVcpu, available_hooks
 
 __all__ = ["Boot", "BootResult", "EXIT_REASONS", "exit_code_for"]
 
@@ -160,7 +161,7 @@ class Boot:
         self.measurement = vmm.launch_finish(self.vm).hex()
         self.devices = Devices(serial_sink)
         if accel == "kvm":
-            from .kvm_vcpu import KvmVcpu
+            from hv.machine.kvm_vcpu import KvmVcpu
             self.hook = None
             self.vcpu = KvmVcpu(vmm, self.vm, self.image, devices=self.devices, record=record)
         else:
@@ -243,7 +244,6 @@ class Boot:
 
     def _run_kvm(self, max_ms):
         """KVM: wall-time slices; returns (stop, tamper, t0)."""
-        from .vcpu import StopInfo
         vc = self.vcpu
         slice_s = None
         if self.check_ms:
@@ -308,7 +308,6 @@ class Boot:
             if max_insns is not None and vc.instructions - start >= max_insns:
                 break
             if end is not None and time.perf_counter() >= end:
-                from .vcpu import StopInfo
                 stop = StopInfo("time_limit")
                 break
             due = self.check_insns is not None
@@ -409,7 +408,7 @@ class Boot:
 
 def _check_kvm(vmm, check_insns):
     """What --accel kvm needs, or BadInput (exit 2) saying what is missing."""
-    from .kvm import probe
+    from hv.machine.kvm import probe
     why = probe()
     if why is not None:
         raise BadInput(f"KVM is not available: {why}")

@@ -51,11 +51,13 @@ from nptcore.bits import (ACC_R, ACC_W, ACC_X, K_GUEST_PF, K_OK, MODE_32, MODE_L
 
 from psp_firmware import Status
 
-from . import kvm as K
-from .boot_state import boot_segments
-from .kvm_memory import GuestRam, GuestRamError
-from .vcpu import ACCESS_WORDS, StopInfo
-from .vmm import NCR3_MASK, VmStopped
+from hv.errors import VmStopped
+from hv.machine import kvm as K
+from hv.machine.boot_state import boot_segments
+from hv.machine.guest_memory import MODE_NONE, GuestMemoryView
+from hv.machine.kvm_memory import GuestRam, GuestRamError
+from hv.machine.stop import StopInfo
+from hv.vmm.vmm import NCR3_MASK
 
 log = logging.getLogger("hv.kvm")
 _npflog = logging.getLogger("hv.npf")
@@ -65,7 +67,6 @@ KICK_SIGNAL = signal.SIGRTMIN + 4
 CR0_PE, CR0_PG = 1, 1 << 31
 CR4_PAE = 0x20
 EFER_LMA = 0x400
-MODE_NONE = 0
 _U32 = struct.Struct("<I")
 _MMIO = struct.Struct("<Q8sIB")
 _IO = struct.Struct("<BBHIQ")
@@ -134,7 +135,7 @@ class _Kicker:
                     pass
 
 
-class KvmVcpu:
+class KvmVcpu(GuestMemoryView):
     """One vCPU of a VM, on /dev/kvm.  See the module docstring.
 
     kvm_vm / ram: share one KVM VM and its memslot between vCPUs (the first
@@ -265,55 +266,30 @@ class KvmVcpu:
         out["ss"] = s.segment("ss")[2]
         return out
 
-    # -- guest memory as the VMM sees it (no faults) -------------------------------
-    def translate(self, va, access=ACC_R, s=None):
-        """(gpa, hpa) of linear address va now, or None (nothing faults)."""
-        mode, cr3, lma = self.cpu_mode(s)
-        root = self._npt_root()
-        if mode == MODE_NONE:
-            gpa = va if lma else va & 0xFFFFFFFF
-            r = self.eng.walk(root, gpa, access, set_ad=False)
-            return (gpa, r.hpa) if r.ok else None
-        r = self.eng.walk2d(root, cr3, va, access, mode, set_ad=False)
-        return (r.gpa, r.hpa) if r.kind == K_OK else None
-
-    def read_virt(self, va, n, s=None):
-        out = bytearray()
-        while len(out) < n:
-            a = va + len(out)
-            k = min(n - len(out), 4096 - (a & 0xFFF))
-            t = self.translate(a, ACC_R, s)
-            if t is None:
-                break
-            out += self.mem.read(t[1], k)
-        return bytes(out)
-
-    def read_gpa(self, gpa, n):
-        """Bytes at guest-physical gpa as the table maps them now (zeros where
-        unmapped); no NPF, no A/D update."""
-        out = bytearray()
-        root = self._npt_root()
-        while len(out) < n:
-            a = gpa + len(out)
-            k = min(n - len(out), 4096 - (a & 0xFFF))
-            r = self.eng.walk(root, a, ACC_R, set_ad=False)
-            out += self.mem.read(r.hpa, k) if r.ok else bytes(k)
-        return bytes(out)
+    # -- guest memory as the VMM sees it: GuestMemoryView (translate, read_virt, read_gpa)
 
     def last_insns(self, limit=16):
         """[(addr, hex bytes, text)]: the instruction at rip (KVM keeps no history)."""
-        from .disasm import disasm_many
+        from hv.machine.disasm import disasm_many
         s = self.cpu.get_sregs()
         pc = self.pc
         bits = self.code_bits(s)
-        return [list(x) for x in disasm_many(self.read_virt(self._linear(pc, s), 15, s), pc,
+        return [list(x) for x in disasm_many(self.read_virt(self._linear(pc, s), 15), pc,
                                              bits, count=1)][-limit:]
 
     def _linear(self, rip, s):
         return rip if self.code_bits(s) == 64 else (s.segment("cs")[0] + rip) & 0xFFFFFFFF
 
     # -- the NPF path ------------------------------------------------------------
-    def _npf(self, gpa, access, err, rip, insn, bits):
+    def _npf(self, va, gpa, access, err, rip, mode):
+        """GuestMemoryView's NPF path (a faulting translate): 1 if the guest must stop."""
+        try:
+            self._take_npf(gpa, access, err, rip, None, 64 if mode == MODE_LONG4 else self.bits)
+        except VmStopped:
+            return 1
+        return 0
+
+    def _take_npf(self, gpa, access, err, rip, insn, bits):
         """One nested page fault through the VMM (may raise VmStopped)."""
         self.npf_log.append((gpa, access, err, rip))
         try:
@@ -333,7 +309,7 @@ class KvmVcpu:
                 if hit[0]:
                     return hit[1]
                 miss = hit[1]
-                self._npf(gpa, access, miss.errcode, rip, insn, bits)
+                self._take_npf(gpa, access, miss.errcode, rip, insn, bits)
         raise VmStopped(Status.INTERNAL_ERROR, f"GPA {gpa:#x} still unmapped after its NPF")
 
     def _insn_reader(self, rip, s=None):
@@ -343,7 +319,7 @@ class KvmVcpu:
         def insn():
             if "b" not in cache:
                 ss = s or self.cpu.get_sregs()
-                cache["b"] = self.read_virt(self._linear(rip, ss), 15, ss)
+                cache["b"] = self.read_virt(self._linear(rip, ss), 15)
             return cache["b"]
         return insn
 
@@ -404,14 +380,14 @@ class KvmVcpu:
             if self._resolve_va(lin, ACC_X, s, rip):
                 return None
             # 2. the page it runs on into
-            from .disasm import decode_length, memory_operands
+            from hv.machine.disasm import decode_length, memory_operands
             bits = self.code_bits(s)
-            code = self.read_virt(lin, 15, s)
+            code = self.read_virt(lin, 15)
             size = decode_length(code, rip, bits)
             if size is None and len(code) < 15:
                 if self._resolve_va((lin + len(code)) & ((1 << bits) - 1), ACC_X, s, rip):
                     return None
-                code = self.read_virt(lin, 15, s)
+                code = self.read_virt(lin, 15)
             # 3. its memory operands (an access KVM could not emulate)
             regs = self.cpu.regs()
 
@@ -426,9 +402,9 @@ class KvmVcpu:
         except _GuestPf as g:
             return StopInfo("error", detail=f"guest page fault at {g.va:#x} (error code "
                                             f"{g.errcode:#x}) KVM did not deliver, rip {rip:#x}")
-        from .disasm import disasm_one
+        from hv.machine.disasm import disasm_one
         return StopInfo("error", detail=f"KVM could not emulate the instruction at rip {rip:#x} "
-                                        f"({disasm_one(self.read_virt(lin, 15, s), rip, self.code_bits(s))})")
+                                        f"({disasm_one(self.read_virt(lin, 15), rip, self.code_bits(s))})")
 
     def _on_memory_fault(self):
         _flags, gpa, _size = self.cpu.memory_fault()
@@ -543,4 +519,4 @@ def _reg_value(regs, name):
     return 0
 
 
-__all__ = ["KvmVcpu", "KICK_SIGNAL", "ACCESS_WORDS"]
+__all__ = ["KvmVcpu", "KICK_SIGNAL"]
