@@ -39,7 +39,7 @@ from hv.machine.loader import load_image
 from hv.machine.stop import ACCESS_WORDS, StopInfo
 from hv.machine.unicorn_vcpu import UnicornVcpu, available_hooks
 
-__all__ = ["Boot", "BootResult", "EXIT_REASONS", "exit_code_for"]
+__all__ = ["Boot", "BootResult", "EXIT_REASONS", "ACCELS", "exit_code_for", "resolve_accel"]
 
 EXIT_REASONS = ("exit_port", "hlt", "triple_fault", "insn_limit", "time_limit", "psp_stopped",
                 "psp_dead", "error")
@@ -404,6 +404,22 @@ class Boot:
 
     def close(self):
         self.vcpu.close()
+
+
+def resolve_accel(name):
+    """--accel: "unicorn" or "kvm" as given ("kvm" where /dev/kvm refuses:
+    BadInput "KVM is not available: ..."), "auto": kvm where it works."""
+    if name in (None, "unicorn"):
+        return "unicorn"
+    from hv.machine.kvm import probe
+    why = probe()
+    if name == "auto":
+        return "unicorn" if why else "kvm"
+    if name != "kvm":
+        raise BadInput(f"unknown accelerator {name!r} (unicorn, kvm or auto)")
+    if why:
+        raise BadInput(f"KVM is not available: {why}")
+    return "kvm"
 
 
 def _check_kvm(vmm, check_insns):
