@@ -90,10 +90,13 @@ class GuestRam:
     def _map(self, page, hpa, n, writable):
         addr = self.base + (page << 12)
         prot = PROT_READ | (PROT_WRITE if writable else 0)
-        _check(_mmap(addr, n << 12, prot, MAP_SHARED | MAP_FIXED, self.fd, hpa), addr,
-               f"map GPA {page << 12:#x} -> HPA {hpa:#x}")
+        if _mmap(addr, n << 12, prot, MAP_SHARED | MAP_FIXED, self.fd, hpa) != addr:
+            _check(_MAP_FAILED, addr, f"map GPA {page << 12:#x} -> HPA {hpa:#x}")
         self.maps += 1
         pages = self.pages
+        if n == 1:
+            pages[page] = (hpa, writable)
+            return
         for i in range(n):
             pages[page + i] = (hpa + (i << 12), writable)
 
@@ -140,8 +143,10 @@ class GuestRam:
             ok, hpa, writable, level = self.lookup(gpa, access)
             if not ok:
                 return False, hpa
-            
             page = gpa >> 12
+            if level == 1 and around == 1:          # the common case, without lists
+                self._map(page, hpa, 1, writable)
+                return True, hpa, writable
             limit = self.size >> 12
             if level == 2:
                 first = page & ~511

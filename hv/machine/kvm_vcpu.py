@@ -68,6 +68,7 @@ CR0_PE, CR0_PG = 1, 1 << 31
 CR4_PAE = 0x20
 EFER_LMA = 0x400
 _U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
 _MMIO = struct.Struct("<Q8sIB")
 _IO = struct.Struct("<BBHIQ")
 _handler_lock = threading.Lock()
@@ -135,6 +136,28 @@ class _Kicker:
                     pass
 
 
+def set_boot_state(cpu, image, extra=None):
+    """Write the image's entry state into a KVM vCPU (a VcpuFd): the
+    descriptor caches the boot GDT gives its selectors, GDTR, no IDT (as the
+    emulator starts), CR0/CR3/CR4/EFER and the ABI's registers (extra:
+    registers to set otherwise)."""
+    s = cpu.get_sregs()
+    for name, d in boot_segments(image).items():
+        s.set_segment(name, d["base"], d["limit"], d["selector"], d["type"], d["present"],
+                      d["dpl"], d["db"], d["s"], d["l"], d["g"], d["avl"])
+    c = image.cpu
+    s.set_table("gdt", c["gdt_base"], c["gdt_limit"])
+    s.set_table("idt", 0, 0)
+    s["cr3"], s["cr4"], s["efer"], s["cr0"] = c["cr3"], c["cr4"], c["efer"], c["cr0"]
+    cpu.set_sregs(s)
+    regs = [0] * 18
+    for name, value in {**image.initial_regs, **(extra or {})}.items():
+        full = {"eip": "rip", "eflags": "rflags"}.get(name, "r" + name[1:] if name[0] == "e"
+                                                       else name)
+        regs[K.REG_NAMES.index(full)] = value
+    cpu.set_regs(regs)
+
+
 class KvmVcpu(GuestMemoryView):
     """One vCPU of a VM, on /dev/kvm.  See the module docstring.
 
@@ -186,28 +209,17 @@ class KvmVcpu(GuestMemoryView):
 
     # -- setup ----------------------------------------------------------------
     def _set_boot_state(self, image, extra):
-        s = self.cpu.get_sregs()
-        for name, d in boot_segments(image).items():
-            s.set_segment(name, d["base"], d["limit"], d["selector"], d["type"], d["present"],
-                          d["dpl"], d["db"], d["s"], d["l"], d["g"], d["avl"])
-        cpu = image.cpu
-        s.set_table("gdt", cpu["gdt_base"], cpu["gdt_limit"])
-        s.set_table("idt", 0, 0)              # as Unicorn starts: no IDT
-        s["cr3"], s["cr4"], s["efer"], s["cr0"] = cpu["cr3"], cpu["cr4"], cpu["efer"], cpu["cr0"]
-        self.cpu.set_sregs(s)
-        regs = [0] * 18
-        for name, value in {**image.initial_regs, **extra}.items():
-            full = {"eip": "rip", "eflags": "rflags"}.get(name, "r" + name[1:] if name[0] == "e"
-                                                           else name)
-            regs[K.REG_NAMES.index(full)] = value
-        self.cpu.set_regs(regs)
+        set_boot_state(self.cpu, image, extra)
 
     def control_page(self):
         """HPA of the control page (VMSA) this vCPU takes nCR3 from."""
         return self._vmsa
 
     def _npt_root(self):
-        return self.mem.read_u64(self._vmsa) & NCR3_MASK
+        vmsa = self._vmsa
+        if 0 <= vmsa <= self.mem.size - 8:
+            return _U64.unpack_from(self.mem.buf, vmsa)[0] & NCR3_MASK
+        return self.mem.read_u64(vmsa) & NCR3_MASK      # (raises, saying why)
 
     def close(self):
         if self._closed:
@@ -303,9 +315,10 @@ class KvmVcpu(GuestMemoryView):
         NPF through the VMM if the table maps nothing there.  Returns the
         frame's HPA (of the page)."""
         ram = self.ram
+        around = self.vm.fault_around
         with ram.lock:
             for _ in range(4):
-                hit = ram.map_gpa(gpa, access, self.vm.fault_around)
+                hit = ram.map_gpa(gpa, access, around)
                 if hit[0]:
                     return hit[1]
                 miss = hit[1]
@@ -328,7 +341,7 @@ class KvmVcpu(GuestMemoryView):
         pa, data, n, is_write = _MMIO.unpack_from(cpu.run_map, 32)
         access = ACC_W if is_write else ACC_R
         rip = insn = None
-        if (self._want_rip or _npflog.isEnabledFor(_INFO)) and not is_write:
+        if not is_write and (self._want_rip or _npflog.isEnabledFor(_INFO)):
             # a read exits before its instruction retires: RIP is the
             # faulting instruction (a write's RIP is already past it)
             rip = cpu.get_regs()[16]
