@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from nptcore import available_backends
 from nptcore.bits import ACC_R, ACC_W, ACC_X, ADDR_MASK
 from psp_firmware import Status
 
@@ -39,9 +40,10 @@ def guests():
         pytest.skip(str(e))
 
 
-def boot(path, accel, mem=16 * MiB, fault_around=1, huge=False, prepare=None, **kw):
+def boot(path, accel, mem=16 * MiB, fault_around=1, huge=False, prepare=None, engine=None,
+         psp="inprocess", **kw):
     """Boot once; the result with the NPF log and the KVM memslot's pages."""
-    vmm = Vmm(host_mem=128 * MiB, shared_mem=True)
+    vmm = Vmm(host_mem=128 * MiB, shared_mem=True, backend=engine, psp=psp)
     try:
         b = Boot(vmm, str(path), mem=mem, accel=accel, vga=True, **kw)
         b.vm.fault_around, b.vm.huge = fault_around, huge
@@ -72,6 +74,19 @@ def test_bundled_guest_same_on_kvm(guests, name):
     k = boot(guests[name], "kvm", GUESTS[name])
     same(u, k)
     assert u.exit_reason != "error" or name == "jump_unmapped"
+
+
+@pytest.mark.parametrize("engine", [pytest.param(b, marks=[] if b in available_backends() else
+                                                 [pytest.mark.skip(reason=f"{b} engine not built")])
+                                    for b in ("c", "python")])
+@pytest.mark.parametrize("name", ["memtouch", "paging"])
+def test_engines_and_psp_process_on_kvm(guests, engine, name):
+    """The VMM's walks of the PSP's table on KVM: C and Python engines alike,
+    and with the PSP in its own process."""
+    u = boot(guests[name], "unicorn", 8 * MiB, engine=engine)
+    same(u, boot(guests[name], "kvm", 8 * MiB, engine=engine))
+    if engine == "c":
+        same(u, boot(guests[name], "kvm", 8 * MiB, engine=engine, psp="process"))
 
 
 @pytest.mark.parametrize("fa,huge", [(16, False), (1, True)], ids=["fa16", "2m"])
