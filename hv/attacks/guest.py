@@ -209,6 +209,7 @@ GUEST_NPF = 40          # tamper after the victim's 40th demand fault (inside th
 GUEST_BUDGET = 20_000_000
 KVM_BUDGET_MS = 120_000     # the same bound on KVM, which counts no instructions
 KVM_BENIGN_MS = 1_000       # the benign scenario's run on KVM
+KVM_QUIET_SLICES = 5        # slices without an NPF before the periodic scenario tampers
 
 
 def _ran(res):
@@ -280,15 +281,17 @@ def gsc_periodic(cfg):
     every = cfg.guest_check_insns
     slice_n = max(1, every // 10)
     start_at = 2_000_000            # compute is in the sieve by then: no more NPFs
-    state = {"last_check": 0, "tampered_at": None, "target": None, "npf": -1}
+    state = {"last_check": 0, "tampered_at": None, "target": None, "npf": -1, "quiet": 0}
     holder = {}
 
     def on_slice(boot, insns):
         lab = holder["lab"]
         if insns is None:           # KVM: every slice is cfg.wall_ms of wall time
             insns = state["last_check"] + every
-            quiet = lab.victim.npf == state["npf"]       # no NPF for a whole slice: in the sieve
+            # no NPF for KVM_QUIET_SLICES slices: compute is past its bss, in the sieve
+            state["quiet"] = state["quiet"] + 1 if lab.victim.npf == state["npf"] else 0
             state["npf"] = lab.victim.npf
+            quiet = state["quiet"] >= KVM_QUIET_SLICES
         else:
             quiet = insns >= start_at
         # the PSP's timer: CHECK_ALL every `every` guest instructions (KVM: every slice)
@@ -324,6 +327,10 @@ def gsc_periodic(cfg):
                        f"{_fmt_where(d.where)}{note}")
         if state["tampered_at"] is None:
             raise RuntimeError(f"the guest ended ({res.exit_reason}) before the tamper")
+        if res.exit_reason == "psp_stopped":     # caught all the same (by an NPF after all)
+            return _guest_result(lab, res, f"compute's bss page {state['target']:#x} remapped "
+                                           f"onto the other guest's page after a check",
+                                 GUEST_BUDGET)
         raise Undetected(f"the guest ran to {res.exit_reason} after the tamper")
 
 

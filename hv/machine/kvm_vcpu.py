@@ -93,8 +93,9 @@ def _install_kick_handler():
 class _Kicker:
     """Kicks one vCPU thread out of KVM_RUN at a deadline."""
 
-    def __init__(self, cpu):
+    def __init__(self, cpu, can_signal):
         self.cpu = cpu
+        self.can_signal = can_signal     # else only immediate_exit (seen at the next exit)
         self.cond = threading.Condition()
         self.deadline = None
         self.target = None
@@ -131,7 +132,8 @@ class _Kicker:
                 self.deadline = None
                 try:
                     self.cpu.set_immediate_exit(True)
-                    signal.pthread_kill(self.target, KICK_SIGNAL)
+                    if self.can_signal:
+                        signal.pthread_kill(self.target, KICK_SIGNAL)
                 except (OSError, ValueError, ProcessLookupError):
                     pass
 
@@ -200,7 +202,7 @@ class KvmVcpu(GuestMemoryView):
             self.cpu.setup_cpuid()
             self._set_boot_state(image, regs or {})
             self._can_kick = _install_kick_handler()
-            self._kicker = _Kicker(self.cpu)
+            self._kicker = _Kicker(self.cpu, self._can_kick)
         except BaseException:
             self.close()
             raise
