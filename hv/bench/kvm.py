@@ -1,16 +1,16 @@
 """Guests on KVM: the NPF through the PSP against KVM's own demand fault, on
 the same guest in the same run, and guest speed on KVM against the emulator.
 
-- bench_kvm_npf: the memtouch guest (one write to every page of its RAM, then
-  a read-back) booted twice on /dev/kvm with the same RAM size:
+- bench_kvm_npf: the firsttouch guest (one write to every page of its RAM,
+  once) booted twice on /dev/kvm with the same RAM size:
   * through hv (`hv boot --accel kvm`): every first touch exits to the VMM,
     which asks the PSP (UPDATE_NPT) and maps the frame the table names into
     the memslot -- kvm_psp_npf_us = run time / NPFs;
   * flat: all RAM one anonymous memslot, image copied in, nothing else --
     every first touch is KVM's in-kernel demand fault (no exit):
     kvm_fault_us = run time / pages touched.
-  Both runs include the same guest work (its loops, its serial output), so
-  the difference is the NPF path.  Fault-around 16 and 2 MiB pages through
+  Both runs include the same guest work (its loop, one line of serial
+  output), so the difference is the NPF path.  Fault-around 16 and 2 MiB pages through
   hv beside them (µs per page).
 - bench_kvm_guest: the compute guest under `hv boot` on KVM and on the
   emulator: kvm_guest_speedup = emulator time / KVM time.
@@ -95,12 +95,12 @@ def run_flat_kvm(path, mem):
 
 
 def bench_kvm_npf(p, log):
-    """memtouch on KVM through the PSP vs KVM's in-kernel fault, same RAM size."""
+    """firsttouch on KVM through the PSP vs KVM's in-kernel fault, same RAM size."""
     why = _kvm_why()
     if why is not None:
         return {"skipped": f"KVM is not available: {why}", "kvm_psp_npf_us": None}
-    path = str(_images()["memtouch"])
-    mem = p.get("kvm_memtouch_pages", p["memtouch_pages"]) * PAGE + 2 * MiB
+    path = str(_images()["firsttouch"])
+    mem = p.get("kvm_touch_pages", p["memtouch_pages"]) * PAGE + 2 * MiB
     reps = max(1, p.get("repeat", 1))
     best, out = {}, {}
     for _ in range(reps):
@@ -109,8 +109,8 @@ def bench_kvm_npf(p, log):
             if name not in best or r.elapsed_s < best[name].elapsed_s:
                 best[name] = r
         s, serial, code = run_flat_kvm(path, mem)
-        if code != 0 or not serial.endswith("memtouch: OK\n"):
-            raise RuntimeError(f"flat KVM memtouch failed: {serial!r}")
+        if code != 0 or not serial.startswith("firsttouch: "):
+            raise RuntimeError(f"flat KVM firsttouch failed: {serial!r}")
         out["flat_s"] = s if "flat_s" not in out else min(out["flat_s"], s)
     r4 = best["4k"]
     touched = max(1, r4.npf)                    # 4 KiB, no fault-around: one NPF per page
@@ -131,7 +131,7 @@ def bench_kvm_npf(p, log):
     out["kvm_psp_npf_vs_kvm"] = out["kvm_psp_npf_us"] / kf
     out["kvm_fa16_vs_kvm"] = out["kvm_psp_npf_fa16_us_per_page"] / kf
     out["kvm_2m_vs_kvm"] = out["kvm_psp_npf_2m_us_per_page"] / kf
-    log(f"kvm memtouch {mem // MiB} MiB: {out['kvm_psp_npf_us']:.1f} us per NPF through the PSP, "
+    log(f"kvm firsttouch {mem // MiB} MiB: {out['kvm_psp_npf_us']:.1f} us per NPF through the PSP, "
         f"{kf:.1f} us per in-kernel fault ({out['kvm_psp_npf_vs_kvm']:.2f}x); fault-around 16 "
         f"{out['kvm_psp_npf_fa16_us_per_page']:.1f}, 2 MiB {out['kvm_psp_npf_2m_us_per_page']:.2f}"
         f" us per page")
