@@ -450,3 +450,25 @@ def test_record_on_kvm(guests, tmp_path):
     rows = list(t)
     assert len(rows) == k.npf
     assert {(r.gpa >> 12) for r in rows} == {g >> 12 for g, _, _, _ in k.npf_log}
+
+
+def test_host_mapping_failure_is_a_guest_error(guests, monkeypatch):
+    """A frame that cannot be mapped into the memslot (e.g. vm.max_map_count
+    reached) ends the run as a guest error naming it, not a traceback."""
+    from hv.machine import kvm_memory
+    real = kvm_memory._mmap
+    calls = []
+
+    def failing(addr, n, prot, flags, fd, off):
+        if fd >= 0 and calls:
+            ctypes.set_errno(errno.ENOMEM)
+            return kvm_memory._MAP_FAILED
+        if fd >= 0:
+            calls.append(1)
+        return real(addr, n, prot, flags, fd, off)
+
+    def prepare(b):
+        monkeypatch.setattr(kvm_memory, "_mmap", failing)
+    k = boot(guests["memtouch"], "kvm", 4 * MiB, prepare=prepare)
+    assert k.exit_reason == "error" and k.exit_code == 1
+    assert "vm.max_map_count" in k.reason and "Cannot allocate memory" in k.reason
