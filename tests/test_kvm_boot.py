@@ -1,4 +1,4 @@
-"""Guests on KVM (hv/kvm_vcpu.py): the same guests give the same answers as on
+"""Guests on KVM (hv/machine/kvm_vcpu.py): the same guests give the same answers as on
 the emulator, every first touch of a page an NPF through the PSP.
 
 Skipped, with the reason, where /dev/kvm is missing or refuses."""

@@ -1,6 +1,8 @@
-"""The CPU state a loaded image starts in, written into a Unicorn x86 CPU.
+"""The CPU state a loaded image starts in, written into a Unicorn x86 CPU
+(apply_boot_state), and the segment descriptor caches its boot GDT gives
+(boot_segments: for the KVM vCPU, which sets them directly).
 
-Shared by the vCPU (hv/vcpu.py) and the plain-Unicorn baseline
+Shared by the Unicorn vCPU (hv/machine/unicorn_vcpu.py) and the plain-Unicorn baseline
 (guests/flat_runner.py), so both start a guest identically. `image.cpu` and
 `image.initial_regs` come from hv.loader.
 """

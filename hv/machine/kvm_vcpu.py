@@ -1,7 +1,7 @@
 """The KVM vCPU: the same guests as the emulator, on /dev/kvm.
 
 Guest RAM is one memslot filled page by page from the PSP's table
-(hv/kvm_memory.py): a guest access to a page KVM has no mapping for exits
+(hv/machine/kvm_memory.py): a guest access to a page KVM has no mapping for exits
 to us, and we do what the emulated vCPU's TLB-fill hook does on a miss:
 walk the table; if it maps nothing, a nested page fault through the VMM
 (``vmm.handle_npf``: UPDATE_NPT at the PSP); then map what the table says
@@ -19,10 +19,10 @@ and all three are handled:
 - KVM_EXIT_MEMORY_FAULT with -EFAULT (kernels with hardware EPT/NPT and
   KVM_CAP_MEMORY_FAULT_INFO): the GPA is given; map it and KVM_RUN again.
 
-Devices as on the emulator (hv/devices.py): COM1, the exit port 0xF4
+Devices as on the emulator (hv/machine/devices.py): COM1, the exit port 0xF4
 (KVM_EXIT_IO), ``hlt`` (KVM_EXIT_HLT), the VGA text buffer (guest RAM, read
 through the table).  A triple fault is KVM_EXIT_SHUTDOWN.  The entry state
-is the loader's (hv/boot_state.py): the same boot GDT, boot page tables
+is the loader's (hv/machine/boot_state.py): the same boot GDT, boot page tables
 (ELF64: CR3 = the identity map in guest memory, loaded at launch like every
 image page), registers and control registers as on Unicorn, so the guest
 sees the same machine and takes the same NPFs.
@@ -182,8 +182,8 @@ class KvmVcpu(GuestMemoryView):
         self.npf_log = []             # (gpa, access, errcode, rip or None) of every NPF
         self.gpf_count = 0            # (guest #PFs are delivered by the CPU, not counted)
         self.injected = []
-        self.exits = 0                # KVM_RUN returns
-        self.kicks = 0                # of them interrupted by the kicker
+        self.exits = 0                # exits to the VMM (KVM_RUN returns but the kicker's)
+        self.kicks = 0                # KVM_RUNs the kicker interrupted (ends of slices)
         self.bits = 64 if image.mode == 64 else 32
         self._closed = False
         self._own = kvm_vm is None
