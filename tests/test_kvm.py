@@ -1,4 +1,4 @@
-"""The minimal /dev/kvm client (hv/kvm.py): skipped where KVM is not usable."""
+"""The minimal /dev/kvm client (hv/machine/kvm.py): skipped where KVM is not usable."""
 import pytest
 
 from hv.machine import kvm

@@ -2,6 +2,7 @@
 import struct
 import sys
 import threading
+import time
 
 from nptcore.bits import ACC_W, AD_MASK, ADDR_MASK, NX, P, PS, index as npt_index
 from psp_firmware import Status
@@ -55,22 +56,33 @@ class _Skip(Exception):
     pass
 
 
+OTHER_SECRET = b"OTHER GUEST SECRET"
+
+
 class GuestLab:
     """A real toy guest (default `compute`: a sieve over 1 MB of demand-faulted
     bss, ~13.9 M instructions) booted through hv.boot, next to an innocent
     guest holding a secret. `at_npf(k, fn)`: the malicious VMM runs fn(gpa)
     inside its own NPF handler, right after serving the victim's k-th NPF
-    (mid-slice: the guest resumes on the tampered table)."""
+    (mid-slice: the guest resumes on the tampered table).
+
+    cfg.accel "kvm": the guest runs on KVM, whose memslot follows the table
+    (flush() remaps, so the guest really uses the page the VMM put there);
+    the periodic check is by time (cfg.wall_ms ms: check_insns only says
+    whether there is one), and exposure is counted in ms and KVM exits."""
 
     def __init__(self, cfg, image="compute", mem=16 << 20, check_insns=None, on_slice=None,
                  slice_insns=None):
         Boot, imgs = _guest_tools()
         self.cfg = cfg
+        self.kvm = cfg.accel == "kvm"
+        self.tampered = False
+        self.tamper_exits = self.tamper_t = None
         self.vmm = cfg.new_vmm()
         vmm = self.vmm
         self.other = vmm.create_vm()
         self.other_page = vmm.touch(self.other, 0x100000, ACC_W) & ~0xFFF
-        vmm.mem.write(self.other_page, b"OTHER GUEST SECRET")
+        vmm.mem.write(self.other_page, OTHER_SECRET)
         self.victim = None
         self.npf_hooks = {}
         self.npf_gpas = []
@@ -84,16 +96,48 @@ class GuestLab:
                 fn = self.npf_hooks.pop(len(self.npf_gpas), None)
                 if fn is not None:
                     fn(gpa & ~0xFFF)
-                    self.tamper_insns = self.boot.instructions
+                    self.mark()
                     self.flush()
             return st
         vmm.handle_npf = handle_npf        # the VMM is the attacker: its own NPF path
+        kw = {}
+        if self.kvm:
+            ms = max(1, round(cfg.wall_ms))
+            kw = {"accel": "kvm", "check_ms": ms if check_insns else None, "slice_ms": ms}
+            check_insns = None
         self.boot = Boot(vmm, str(imgs[image]), mem=mem, check_insns=check_insns,
-                         on_slice=on_slice, slice_insns=slice_insns)
+                         on_slice=on_slice, slice_insns=slice_insns, **kw)
         self.victim = self.boot.vm
 
+    def mark(self):
+        """The tamper happens now: where exposure starts."""
+        self.tampered = True
+        self.tamper_insns = self.boot.instructions
+        self.tamper_exits = getattr(self.boot.vcpu, "exits", None)
+        self.tamper_t = time.perf_counter()
+
+    def exposure(self, res=None):
+        """dict(exposure_insns, exposure_ms, exposure_exits, exposure_unit) since mark()."""
+        if not self.kvm:
+            return {"exposure_insns": (res.instructions if res else self.boot.instructions)
+                    - self.tamper_insns, "exposure_unit": "insns"}
+        return {"exposure_ms": round((time.perf_counter() - self.tamper_t) * 1000, 3),
+                "exposure_exits": self.boot.vcpu.exits - self.tamper_exits, "exposure_unit": "ms"}
+
+    def other_note(self):
+        """Whether the victim's accesses really reached the other guest's page."""
+        if self.vmm.mem.read(self.other_page, len(OTHER_SECRET)) == OTHER_SECRET:
+            return ""
+        return "; the victim's writes landed in the other guest's page (its secret is overwritten)"
+
+    def run(self, insns):
+        """Run the victim: `insns` instructions at most (on KVM: KVM_BUDGET_MS)."""
+        if self.kvm:
+            return self.boot.run(max_ms=KVM_BUDGET_MS)
+        return self.boot.run(insns)
+
     def flush(self):
-        """The VMM can always flush the emulated CPU's TLB."""
+        """The VMM can always flush the emulated CPU's TLB (on KVM: remap the memslot)."""
         for cb in self.victim.on_npt_change:
             cb()
 
@@ -121,25 +165,30 @@ class GuestLab:
 
 def _guest_result(lab, res, what, max_insns):
     """Turn a BootResult after a mid-run tamper into an AttackResult."""
-    if res.exit_reason == "psp_stopped" and lab.tamper_insns is not None:
+    if res.exit_reason == "psp_stopped" and lab.tampered:
         t = res.tamper or {}
         where = None
         if t.get("page_hpa") is not None:
             where = {"page_hpa": hex(t["page_hpa"]), "entry_index": t["entry_index"],
                      "expected": hex(t["expected"]), "found": hex(t["found"])}
         by = "periodic" if t.get("detected_by", "").startswith(("CHECK_ALL", "VERIFY")) else "update"
-        exposure = res.instructions - lab.tamper_insns
-        note = confirm_stopped(lab, lab.victim)
+        exp = lab.exposure(res)
+        note = confirm_stopped(lab, lab.victim) + lab.other_note()
         return AttackResult(
-            "", DETECTED, exposure_insns=exposure, driver="guest", exposure_unit="insns",
-            detected_by=by, where=where,
-            detail=f"{what}; the guest ran {exposure} instructions on the tampered table before "
+            "", DETECTED, driver="guest", detected_by=by, where=where, **exp,
+            detail=f"{what}; the guest ran {_exposure_text(exp)} on the tampered table before "
                    f"the {_by_text(by)} stopped it (hv boot: exit_reason psp_stopped, exit code "
                    f"{res.exit_code}): {_fmt_where(where)}{note}")
-    if lab.tamper_insns is None:
+    if not lab.tampered:
         raise RuntimeError(f"the tamper never ran (run ended: {res.exit_reason}: {res.reason})")
     raise Undetected(f"{what}; the guest ran on to {res.exit_reason} ({res.reason}) "
-                     f"{res.instructions - lab.tamper_insns} instructions after the tamper")
+                     f"{_exposure_text(lab.exposure(res))} after the tamper")
+
+
+def _exposure_text(exp):
+    if exp.get("exposure_ms") is not None:
+        return f"{exp['exposure_ms']} ms ({exp['exposure_exits']} KVM exits)"
+    return f"{exp['exposure_insns']} instructions"
 
 
 def _guest_scenario(name, category, expected):
@@ -158,6 +207,15 @@ def _guest_scenario(name, category, expected):
 
 GUEST_NPF = 40          # tamper after the victim's 40th demand fault (inside the sieve's bss)
 GUEST_BUDGET = 20_000_000
+KVM_BUDGET_MS = 120_000     # the same bound on KVM, which counts no instructions
+KVM_BENIGN_MS = 1_000       # the benign scenario's run on KVM
+KVM_QUIET_SLICES = 5        # slices without an NPF before the periodic scenario tampers
+
+
+def _ran(res):
+    if res.instructions is None:
+        return f"{res.elapsed_s * 1000:.0f} ms on KVM ({res.exits} exits)"
+    return f"{res.instructions} instructions"
 
 
 @_guest_scenario("guest_severed_remap", "severed_remap", DETECTED)
@@ -169,7 +227,7 @@ def gsc_severed_remap(cfg):
             v = lab.vmm.mem.read_u64(s)
             lab.vmm.mem.write_u64(s, (v & ~ADDR_MASK) | lab.other_page)
         lab.at_npf(GUEST_NPF, tamper)
-        res = lab.boot.run(GUEST_BUDGET)
+        res = lab.run(GUEST_BUDGET)
         return _guest_result(lab, res, "compute's bss page remapped onto the other guest's page "
                                        "inside the VMM's NPF handler", GUEST_BUDGET)
 
@@ -184,7 +242,7 @@ def gsc_alias(cfg):
             s = lab.leaf(gpa)
             lab.vmm.mem.write_u64(s, (lab.vmm.mem.read_u64(s) & ~ADDR_MASK) | hpa)
         lab.at_npf(GUEST_NPF, tamper)
-        res = lab.boot.run(GUEST_BUDGET)
+        res = lab.run(GUEST_BUDGET)
         return _guest_result(lab, res, "two guest pages aliased onto one frame by a direct write",
                              GUEST_BUDGET)
 
@@ -213,70 +271,86 @@ def gsc_swap_root(cfg):
             vmm.mem.write_u64(s, (vmm.mem.read_u64(s) & ~ADDR_MASK) | lab.other_page)
             vmm.mem.write_u64(lab.victim.vmsa, fake)
         lab.at_npf(GUEST_NPF, tamper)
-        res = lab.boot.run(GUEST_BUDGET)
+        res = lab.run(GUEST_BUDGET)
         return _guest_result(lab, res, "nCR3 swapped for a forged table mid-run", GUEST_BUDGET)
 
 
 @_guest_scenario("guest_severed_periodic", "periodic", DETECTED)
 def gsc_periodic(cfg):
-    """Guest-driven, no NPF after the tamper: caught by the instruction-count periodic check."""
+    """Guest-driven, no NPF after the tamper: caught by the periodic check (instruction count; on KVM, time)."""
     every = cfg.guest_check_insns
     slice_n = max(1, every // 10)
     start_at = 2_000_000            # compute is in the sieve by then: no more NPFs
-    state = {"last_check": 0, "tampered_at": None, "target": None}
+    state = {"last_check": 0, "tampered_at": None, "target": None, "npf": -1, "quiet": 0}
     holder = {}
 
     def on_slice(boot, insns):
         lab = holder["lab"]
-        # the PSP's instruction-count timer: CHECK_ALL every `every` guest instructions
+        if insns is None:           # KVM: every slice is cfg.wall_ms of wall time
+            insns = state["last_check"] + every
+            # no NPF for KVM_QUIET_SLICES slices: compute is past its bss, in the sieve
+            state["quiet"] = state["quiet"] + 1 if lab.victim.npf == state["npf"] else 0
+            state["npf"] = lab.victim.npf
+            quiet = state["quiet"] >= KVM_QUIET_SLICES
+        else:
+            quiet = insns >= start_at
+        # the PSP's timer: CHECK_ALL every `every` guest instructions (KVM: every slice)
         if insns - state["last_check"] >= every:
             state["last_check"] = insns
             r = lab.vmm.psp.check_all()
             if r.status == Status.INTEGRITY_FAILURE:
                 raise _GuestStopped(insns, "periodic", _where(r))
         # the attacker: tamper right after a check, once the guest has faulted in its bss
-        if state["tampered_at"] is None and insns >= start_at and state["last_check"] == insns:
+        if state["tampered_at"] is None and quiet and state["last_check"] == insns:
             gpa = lab.npf_gpas[-1]
             s = lab.leaf(gpa)
             v = lab.vmm.mem.read_u64(s)
             lab.vmm.mem.write_u64(s, (v & ~ADDR_MASK) | lab.other_page)
             state["tampered_at"] = insns
             state["target"] = gpa
+            lab.mark()
     with GuestLab(cfg, on_slice=on_slice, slice_insns=slice_n) as lab:
         holder["lab"] = lab
         try:
-            res = lab.boot.run(GUEST_BUDGET)
+            res = lab.run(GUEST_BUDGET)
         except _GuestStopped as d:
-            exp = d.insns - state["tampered_at"]
+            exp = lab.exposure()
+            if not lab.kvm:
+                exp["exposure_insns"] = d.insns - state["tampered_at"]
             note = confirm_stopped(lab, lab.victim)
+            when = (f"{every} instructions later" if not lab.kvm else
+                    f"{cfg.wall_ms:g} ms later, after {_exposure_text(exp)}")
             return AttackResult(
-                "", DETECTED, exposure_insns=exp, driver="guest", exposure_unit="insns",
-                detected_by="periodic", where=d.where,
+                "", DETECTED, driver="guest", detected_by="periodic", where=d.where, **exp,
                 detail=f"compute's bss page {state['target']:#x} remapped onto the other guest's "
-                       f"page right after a check, at instruction {state['tampered_at']}; the next "
-                       f"periodic check ({every} instructions later) caught it: "
+                       f"page right after a check; the next periodic check ({when}) caught it: "
                        f"{_fmt_where(d.where)}{note}")
         if state["tampered_at"] is None:
             raise RuntimeError(f"the guest ended ({res.exit_reason}) before the tamper")
+        if res.exit_reason == "psp_stopped":     # caught all the same (by an NPF after all)
+            return _guest_result(lab, res, f"compute's bss page {state['target']:#x} remapped "
+                                           f"onto the other guest's page after a check",
+                                 GUEST_BUDGET)
         raise Undetected(f"the guest ran to {res.exit_reason} after the tamper")
 
 
 @_guest_scenario("guest_tamper_on_slice", "periodic", DETECTED)
 def gsc_on_slice(cfg):
-    """Tamper from hv.boot's on_slice hook; Boot's --check-insns check ends the run with exit 3."""
+    """Tamper from hv.boot's on_slice hook; Boot's --check-insns (KVM: --check-ms) check ends the run with exit 3."""
     state = {}
 
     def on_slice(boot, insns):
-        if "t" not in state and insns >= 1_000_000:
-            lab = state["lab"]
+        lab = state["lab"]
+        if "t" not in state and (insns >= 1_000_000 if insns is not None
+                                 else lab.victim.npf >= GUEST_NPF):
             gpa = lab.npf_gpas[-1]
             s = lab.leaf(gpa)
             lab.vmm.mem.write_u64(s, lab.vmm.mem.read_u64(s) ^ NX)     # NX toggled
             state["t"] = insns
-            lab.tamper_insns = insns
+            lab.mark()
     with GuestLab(cfg, check_insns=cfg.guest_check_insns, on_slice=on_slice) as lab:
         state["lab"] = lab
-        res = lab.boot.run(GUEST_BUDGET)
+        res = lab.run(GUEST_BUDGET)
         r = _guest_result(lab, res, "NX toggled on a data page from on_slice (after that "
                                     "boundary's check: live until the next check at the latest)", GUEST_BUDGET)
         if res.exit_code != 3:
@@ -312,7 +386,7 @@ def gsc_race(cfg):
         old = sys.getswitchinterval()
         sys.setswitchinterval(1e-4)
         try:
-            res = lab.boot.run(GUEST_BUDGET)
+            res = lab.run(GUEST_BUDGET)
         finally:
             stop.set()
             armed.set()
@@ -322,8 +396,8 @@ def gsc_race(cfg):
             r = lab.vmm.psp.check_all()      # the thread left its value: must not be in the digest
             if r.status != Status.INTEGRITY_FAILURE:
                 raise Undetected(f"racing writes folded into the digest (run: {res.exit_reason})")
-            return AttackResult("", DETECTED, exposure_insns=res.instructions - lab.tamper_insns,
-                                driver="guest", exposure_unit="insns", detected_by="periodic",
+            return AttackResult("", DETECTED, **lab.exposure(res),
+                                driver="guest", detected_by="periodic",
                                 where=_where(r), detail="racing writes caught by CHECK_ALL after "
                                                         "the run" + confirm_stopped(lab, lab.victim))
         return _guest_result(lab, res, "a thread toggled an entry while memtouch faulted pages in",
@@ -349,17 +423,17 @@ def gsc_benign(cfg):
     budget = 3_000_000
     with GuestLab(cfg, check_insns=cfg.guest_check_insns, on_slice=on_slice) as lab:
         holder["lab"] = lab
-        res = lab.boot.run(budget)
+        res = lab.boot.run(max_ms=KVM_BENIGN_MS) if lab.kvm else lab.boot.run(budget)
         if res.exit_reason == "psp_stopped":
             t = res.tamper or {}
             return AttackResult("", FALSE_POSITIVE, driver="guest", exposure_unit="insns",
                                 detail=f"A/D updates flagged: {res.reason}",
                                 where={k: t.get(k) for k in ("page_hpa", "entry_index")})
-        if res.exit_reason not in ("insn_limit", "exit_port", "hlt"):
+        if res.exit_reason not in ("insn_limit", "time_limit", "exit_port", "hlt"):
             raise RuntimeError(f"guest failed: {res.exit_reason}: {res.reason}")
         if not lab.vmm.psp.verify(lab.victim.handle).ok:
             return AttackResult("", FALSE_POSITIVE, driver="guest", detail="VERIFY failed")
         return AttackResult("", NOT_FLAGGED, driver="guest", exposure_unit="insns",
-                            detail=f"compute ran {res.instructions} instructions, {res.npf} NPFs, "
+                            detail=f"compute ran {_ran(res)}, {res.npf} NPFs, "
                                    f"{res.checks} periodic checks, {flips[0]} A/D flips by hand "
                                    f"between slices: nothing flagged")

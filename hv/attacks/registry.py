@@ -39,6 +39,8 @@ class AttackResult:
     statuses: list = field(default_factory=list)   # PSP status names of the malicious commands
     where: dict = None               # what the PSP reported: page, entry index, expected, found
     elapsed_s: float = 0.0
+    exposure_ms: float = None        # guest driver on KVM (no instruction count): wall time
+    exposure_exits: int = None       # and KVM exits from the tamper to the detection
 
     @property
     def ok(self):
@@ -63,10 +65,12 @@ class AttackConfig:
     wall_ms: float = 10.0            # interval of the wall-time checker scenarios
     max_slices: int = 64             # give up (undetected) after this many slices
     driver: str = "auto"             # scenarios with two drivers: "trace", "guest", "auto"
+    accel: str = "unicorn"           # where the guest driver runs its guests: "unicorn" or "kvm"
 
     def new_vmm(self):
         return Vmm(host_mem=self.host_mem, host_mem_path=self.host_mem_path, backend=self.backend,
-                   integrity=self.integrity, psp=self.psp, psp_timeout=self.psp_timeout)
+                   integrity=self.integrity, psp=self.psp, psp_timeout=self.psp_timeout,
+                   shared_mem=self.accel == "kvm")
 
 
 @dataclass

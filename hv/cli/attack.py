@@ -5,7 +5,7 @@ for the benign scenario, no `error`), 1 otherwise, 2 on bad usage.
 """
 import math
 
-from hv.cli.common import emit_json
+from hv.cli.common import add_accel_option, emit_json
 from hv.errors import BadInput
 
 
@@ -18,7 +18,8 @@ def add_parser(sub, common):
         epilog="outcomes: refused (the PSP rejected every malicious command, nothing changed); "
                "detected (caught by the next UPDATE_NPT or the periodic check; exposure_insns = "
                "guest instructions (guest driver) or accesses (trace driver) run on the tampered "
-               "table); not_flagged (benign scenario correctly not reported); skipped (not "
+               "table; with --accel kvm exposure_ms and exposure_exits instead: wall time and "
+               "KVM exits); not_flagged (benign scenario correctly not reported); skipped (not "
                "applicable here, e.g. no guest images or an out-of-process PSP); failures: "
                "undetected, false_positive, error (exit code 1).")
     p.add_argument("names", nargs="*", metavar="NAME",
@@ -30,12 +31,13 @@ def add_parser(sub, common):
                    help="periodic check every N guest instructions (guest driver) / "
                         "accesses (trace driver); default 256 accesses, 20000 instructions")
     p.add_argument("--check-ms", type=float, default=None, metavar="MS",
-                   help="interval of the PSP's wall-time checker in the wall-clock scenarios "
-                        "(default 10)")
+                   help="interval of the PSP's wall-time checker in the wall-clock scenarios, "
+                        "and of the periodic check of the guest scenarios on KVM (default 10)")
     p.add_argument("--driver", choices=["auto", "trace", "guest"], default="auto",
                    help="guest: scenarios that can run a real toy guest do so (needs hv.boot "
                         "and the guest images); trace: a synthetic access loop; auto: guest "
                         "variants are added when available")
+    add_accel_option(p)
     common(p)
     p.set_defaults(func=cmd_attack)
     return p
@@ -77,10 +79,13 @@ def cmd_attack(args):
             print(f"{n:32s} {s.category:22s} expect {s.expected:12s} {s.doc}")
         return 0
     names = _select(args.names, args.all)
+    from hv.machine.boot import resolve_accel
+    accel = resolve_accel(args.accel)
     cfg = attacks.AttackConfig(backend=args.backend, host_mem=args.host_mem,
                                host_mem_path=args.host_mem_file, integrity=args.integrity,
                                psp=getattr(args, "psp", "inprocess"),
-                               psp_timeout=getattr(args, "psp_timeout", 5.0), driver=args.driver)
+                               psp_timeout=getattr(args, "psp_timeout", 5.0), driver=args.driver,
+                               accel=accel)
     # bad --host-mem / --host-mem-file / --psp-timeout is the user's input,
     # not an `error` outcome of every scenario: try the configuration once
     cfg.new_vmm().close()
@@ -97,6 +102,7 @@ def cmd_attack(args):
             "summary": attacks.summarize(results),
             "integrity": args.integrity or "default",
             "backend": args.backend or "default",
+            "accel": accel,
         })
     else:
         _table(results, args.verbose)
@@ -121,6 +127,8 @@ def _table(results, verbose=0):
     t.add_column("detail (-v)" if not verbose else "detail", overflow="fold")
     for r in results:
         exp = "-" if r.exposure_insns is None else f"{r.exposure_insns} {r.exposure_unit}"
+        if r.exposure_ms is not None:
+            exp = f"{r.exposure_ms:g} ms, {r.exposure_exits} exits"
         style = _STYLE.get(r.outcome, "")
         if verbose or r.outcome not in ("refused", "detected", "not_flagged"):
             detail = r.detail

@@ -1,11 +1,13 @@
-"""`hv boot IMAGE`: run a guest image on the emulated vCPU through the PSP-managed NPT.
+"""`hv boot IMAGE`: run a guest image on the emulated vCPU (or on KVM,
+--accel kvm) through the PSP-managed NPT.
 
 Without --json the guest's serial output streams to stdout as it is
 written, and the report (exit reason, NPFs, launch measurement, ...) goes
 to stderr.  With --json one object is printed on stdout.  Exit code: the
 guest's own (port 0xF4; 0 for hlt), 1 when the guest failed (triple fault,
 access outside its RAM, emulator error) or did not finish within
---max-insns (exit_reason insn_limit; 0 instead with --insn-limit-ok), 2 for
+--max-insns / --max-ms (exit_reason insn_limit / time_limit; 0 instead
+with --insn-limit-ok), 2 for
 bad input, 3 when the PSP stopped the VM (tamper detected).  The report's
 exit_code is always the process's.
 """
@@ -13,7 +15,7 @@ import argparse
 import os
 import sys
 
-from hv.cli.common import emit_json, make_vmm, size_arg
+from hv.cli.common import add_accel_option, emit_json, make_vmm, size_arg
 from hv.errors import BadInput
 
 EXIT_OK, EXIT_GUEST = 0, 1
@@ -55,17 +57,21 @@ def add_parser(sub, common):
                    help="write the fault trace (one row per NPF, with rip and instruction bytes)")
     p.add_argument("--max-insns", type=_pos_int, default=None, metavar="N",
                    help="stop after N instructions (exit_reason insn_limit, exit code 1)")
+    p.add_argument("--max-ms", type=_pos_int, default=None, metavar="MS",
+                   help="stop after MS milliseconds of wall time (exit_reason time_limit, "
+                        "exit code 1); on KVM, which counts no instructions, the only budget")
     p.add_argument("--insn-limit-ok", action="store_true",
-                   help="a run stopped by --max-insns exits 0 (a guest that runs forever "
-                        "by design)")
+                   help="a run stopped by --max-insns or --max-ms exits 0 (a guest that runs "
+                        "forever by design)")
     p.add_argument("--serial", metavar="FILE", help="also write the serial output to FILE")
     p.add_argument("--check-insns", type=_pos_int, default=None, metavar="N",
-                   help="PSP integrity check (CHECK_ALL) every N instructions")
+                   help="PSP integrity check (CHECK_ALL) every N instructions (emulator only)")
     p.add_argument("--check-ms", type=_pos_int, default=None, metavar="MS",
                    help="PSP integrity check (CHECK_ALL) every MS milliseconds of wall time")
     hooks = available_hooks()
     p.add_argument("--hook", choices=["c", "python"], default=hooks[0],
                    help="vCPU TLB-fill hook (default %s; available: %s)" % (hooks[0], ",".join(hooks)))
+    add_accel_option(p)
     common(p)
     p.set_defaults(func=cmd_boot)
     return p
@@ -98,11 +104,17 @@ def run_boot(args, serial_sink=None):
     object `--json` prints).  `serial_sink(bytes)`: called as the guest
     writes to COM1 (cmd_boot streams it to stdout).  Used by cmd_boot and by
     each point of `hv sweep`."""
-    from hv.machine.boot import Boot
+    from hv.machine.boot import Boot, resolve_accel
     from hv.machine.loader import load_image
 
-    if args.insn_limit_ok and args.max_insns is None:
-        raise BadInput("boot: --insn-limit-ok needs --max-insns N")
+    if args.insn_limit_ok and args.max_insns is None and args.max_ms is None:
+        raise BadInput("boot: --insn-limit-ok needs --max-insns N or --max-ms MS")
+    args.accel = resolve_accel(args.accel)
+    if args.accel == "kvm":
+        for opt, v in (("--max-insns", args.max_insns), ("--check-insns", args.check_insns)):
+            if v is not None:
+                raise BadInput(f"boot: {opt} counts guest instructions, which KVM does not "
+                               f"(--accel kvm: use {opt.replace('insns', 'ms')})")
     args.image = resolve_image(args.image)
     # a bad image (or --mem that cannot hold it) is refused before any
     # output file is created and before host memory is set up
@@ -126,9 +138,10 @@ def run_boot(args, serial_sink=None):
     boot = None
     try:
         boot = Boot(vmm, args.image, mem=args.mem, hook=args.hook, check_insns=args.check_insns,
-                    check_ms=args.check_ms, record=args.record, serial_sink=sink, vga=args.vga)
-        res = boot.run(args.max_insns)
-        if res.exit_reason == "insn_limit":
+                    check_ms=args.check_ms, record=args.record, serial_sink=sink, vga=args.vga,
+                    accel=args.accel)
+        res = boot.run(args.max_insns, args.max_ms)
+        if res.exit_reason in ("insn_limit", "time_limit"):
             # cut short is not a clean guest exit, unless the user said so
             res.exit_code = EXIT_OK if args.insn_limit_ok else EXIT_GUEST
         d = res.to_dict()

@@ -137,11 +137,19 @@ def stderr_console():
     return Console(stderr=True)
 
 
+def add_accel_option(p):
+    p.add_argument("--accel", choices=["unicorn", "kvm", "auto"], default="unicorn",
+                   help="where guests run: unicorn (the emulator, default), kvm (/dev/kvm: one "
+                        "memslot filled page by page from the PSP's table; exit 2 where KVM "
+                        "is not available), auto (kvm where it works)")
+
+
 def make_vmm(args):
     from hv.vmm.vmm import Vmm
     return Vmm(host_mem=args.host_mem, host_mem_path=args.host_mem_file, backend=args.backend,
                integrity=args.integrity, psp=getattr(args, "psp", "inprocess"),
-               psp_timeout=getattr(args, "psp_timeout", 5.0))
+               psp_timeout=getattr(args, "psp_timeout", 5.0),
+               shared_mem=getattr(args, "accel", None) == "kvm")
 
 
 def check_output_path(path, option):

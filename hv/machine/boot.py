@@ -36,15 +36,18 @@ from dataclasses import asdict, dataclass, field
 from hv.machine.devices import VGA_BASE, VGA_BYTES, Devices, vga_rows
 from hv.errors import BadInput
 from hv.machine.loader import load_image
-from hv.machine.unicorn_vcpu import ACCESS_WORDS, UnicornVcpu, available_hooks
+from hv.machine.stop import ACCESS_WORDS, StopInfo
+from hv.machine.unicorn_vcpu import UnicornVcpu, available_hooks
 
-__all__ = ["Boot", "BootResult", "EXIT_REASONS", "exit_code_for"]
+__all__ = ["Boot", "BootResult", "EXIT_REASONS", "ACCELS", "exit_code_for", "resolve_accel"]
 
-EXIT_REASONS = ("exit_port", "hlt", "triple_fault", "insn_limit", "psp_stopped", "psp_dead",
-                "error")
+EXIT_REASONS = ("exit_port", "hlt", "triple_fault", "insn_limit", "time_limit", "psp_stopped",
+                "psp_dead", "error")
+ACCELS = ("unicorn", "kvm")
 DEFAULT_MEM = 256 << 20
 CHECK_MS_SLICE = 100_000        # instructions per slice with --check-ms
 ON_SLICE_DEFAULT = 100_000      # slice length when only on_slice is given
+KVM_SLICE_MS = 10               # KVM: wall-time slice when on_slice or the PSP's timer wants one
 _TAMPER_STATUSES = ("INTEGRITY_FAILURE", "GUEST_STOPPED")
 
 
@@ -58,7 +61,7 @@ class BootResult:
     reason: str                  # one line: why the run ended
     serial: str
     npf: int                     # demand NPFs during the run
-    instructions: int
+    instructions: int | None     # None on KVM (it counts no instructions)
     pages_mapped: int            # 4 KiB pages mapped in the NPT (launch + NPF)
     launch_pages: int            # pages loaded and measured at launch (mapped before the run)
     measurement: str             # SHA-256 launch measurement, hex
@@ -74,8 +77,10 @@ class BootResult:
     fault: dict | None = None    # the NPF / exception that ended a failed run
     registers: dict | None = None
     last_insns: list | None = None
-    guest_pf: int = 0            # guest #PFs injected
+    guest_pf: int = 0            # guest #PFs injected (emulator only)
     exceptions: list = field(default_factory=list)
+    accel: str = "unicorn"       # "unicorn" | "kvm"
+    exits: int | None = None     # KVM: KVM_RUN returns (exits to the VMM)
 
     def to_dict(self):
         return asdict(self)
@@ -101,11 +106,22 @@ class Boot:
     CHECK_ALL (see module doc).  on_slice(boot, insns): called between
     slices.  record: path of a CSV fault trace to write (or a
     CsvTraceWriter).  serial_sink(bytes): called as the guest writes to
-    COM1.  vga: dump the text screen into the result."""
+    COM1.  vga: dump the text screen into the result.
+
+    accel: "unicorn" (the emulator, default) or "kvm" (hv.kvm_vcpu: needs
+    host memory in a memfd or file, Vmm(shared_mem=True)).  On KVM nothing
+    counts instructions: check_insns and run(max_insns) are refused, slices
+    are wall time (check_ms, or slice_ms for on_slice, which then gets
+    None for the instruction count), and run(max_ms=) bounds a run."""
 
     def __init__(self, vmm, image_path, mem=DEFAULT_MEM, backend=None, hook=None,
                  check_insns=None, check_ms=None, on_slice=None, record=None,
-                 serial_sink=None, vga=False, slice_insns=None):
+                 serial_sink=None, vga=False, slice_insns=None, accel="unicorn", slice_ms=None):
+        if accel not in ACCELS:
+            raise BadInput(f"unknown accelerator {accel!r} (unicorn or kvm)")
+        self.accel = accel
+        if accel == "kvm":
+            _check_kvm(vmm, check_insns)
         hook = hook or backend or available_hooks()[0]
         if hook not in ("c", "python"):
             raise BadInput(f"unknown vCPU hook {hook!r} (c or python)")
@@ -120,6 +136,7 @@ class Boot:
         self.check_insns, self.check_ms = check_insns, check_ms
         self.on_slice = on_slice
         self.slice_insns = slice_insns
+        self.slice_ms = slice_ms
         self.want_vga = vga
         self.image = load_image(image_path, mem)
         usable = vmm.fw_base - (1 << 20)
@@ -143,8 +160,13 @@ class Boot:
         self.launch_pages = {gpa >> 12 for gpa, _ in pages}
         self.measurement = vmm.launch_finish(self.vm).hex()
         self.devices = Devices(serial_sink)
-        self.vcpu = UnicornVcpu(vmm, self.vm, self.image, hook=hook, devices=self.devices,
-                                record=record)
+        if accel == "kvm":
+            from hv.machine.kvm_vcpu import KvmVcpu
+            self.hook = None
+            self.vcpu = KvmVcpu(vmm, self.vm, self.image, devices=self.devices, record=record)
+        else:
+            self.vcpu = UnicornVcpu(vmm, self.vm, self.image, hook=hook, devices=self.devices,
+                                    record=record)
         self.checks = 0
         self.result = None
 
@@ -192,10 +214,69 @@ class Boot:
                            "VMRUN control-page check")
         return None
 
-    def run(self, max_insns=None):
-        """Run to the end (or max_insns instructions).  Returns a BootResult."""
+    def run(self, max_insns=None, max_ms=None):
+        """Run to the end (or max_insns instructions, or max_ms ms of wall
+        time).  Returns a BootResult."""
         if max_insns is not None and max_insns <= 0:
             raise BadInput(f"--max-insns must be positive, not {max_insns}")
+        if max_ms is not None and not max_ms > 0:
+            raise BadInput(f"--max-ms must be positive, not {max_ms}")
+        if self.accel == "kvm":
+            if max_insns is not None:
+                raise BadInput("--max-insns: KVM counts no guest instructions (use --max-ms)")
+            stop, tamper, t0 = self._run_kvm(max_ms)
+        else:
+            stop, tamper, t0 = self._run_unicorn(max_insns, max_ms)
+        psp_timer = bool(getattr(self.vmm, "psp_check_ms", None))
+        if tamper is None and stop is not None and not _stopped_by_psp(stop):
+            # the guest stopped between two checks (it exited, faulted, or
+            # ran out of budget): one last check, so that a tamper made in
+            # the last interval is reported rather than a clean guest exit
+            if self.check_insns is not None or self.check_ms:
+                tamper = self._check()
+            if tamper is None and psp_timer:
+                tamper = self._stopped_by_psp_timer()
+        elapsed = time.perf_counter() - t0
+        self.result = self._result(stop, tamper, elapsed)
+        if self._own_record:
+            self.record.close()
+        return self.result
+
+    def _run_kvm(self, max_ms):
+        """KVM: wall-time slices; returns (stop, tamper, t0)."""
+        vc = self.vcpu
+        slice_s = None
+        if self.check_ms:
+            slice_s = self.check_ms / 1000
+        elif self.on_slice is not None or getattr(self.vmm, "psp_check_ms", None):
+            slice_s = (self.slice_ms or KVM_SLICE_MS) / 1000
+        t0 = time.perf_counter()
+        end = t0 + max_ms / 1000 if max_ms else None
+        tamper = stop = None
+        while True:
+            tamper = self._vmrun_check()
+            if tamper:
+                break
+            until = None if slice_s is None else time.perf_counter() + slice_s
+            if end is not None:
+                until = end if until is None else min(until, end)
+            stop = vc.run(until=until)
+            if stop.kind != "limit":
+                break
+            if end is not None and time.perf_counter() >= end:
+                stop = StopInfo("time_limit")
+                break
+            if self.check_ms:
+                tamper = self._check()
+                if tamper:
+                    break
+            if self.on_slice is not None:
+                self.on_slice(self, None)
+                vc.flush_tlb()
+        return stop, tamper, t0
+
+    def _run_unicorn(self, max_insns, max_ms):
+        """The emulator: instruction-count slices; returns (stop, tamper, t0)."""
         vc = self.vcpu
         slice_n = self.check_insns or (CHECK_MS_SLICE if self.check_ms else None)
         if slice_n is None and self.on_slice is not None:
@@ -205,9 +286,10 @@ class Boot:
         # the PSP's own wall-time checker may stop the guest at any moment:
         # poll its state between slices and never resume a stopped guest
         psp_timer = bool(getattr(self.vmm, "psp_check_ms", None))
-        if psp_timer and slice_n is None:
+        if (psp_timer or max_ms) and slice_n is None:
             slice_n = CHECK_MS_SLICE
         t0 = time.perf_counter()
+        end = t0 + max_ms / 1000 if max_ms else None
         last_check = t0
         tamper = None
         stop = None
@@ -225,6 +307,9 @@ class Boot:
                 break
             if max_insns is not None and vc.instructions - start >= max_insns:
                 break
+            if end is not None and time.perf_counter() >= end:
+                stop = StopInfo("time_limit")
+                break
             due = self.check_insns is not None
             if self.check_ms:
                 now = time.perf_counter()
@@ -239,19 +324,7 @@ class Boot:
                 # interval, as a real tamper between two periodic checks is
                 self.on_slice(self, vc.instructions)
                 vc.flush_tlb()
-        if tamper is None and stop is not None and not _stopped_by_psp(stop):
-            # the guest stopped between two checks (it exited, faulted, or
-            # ran out of budget): one last check, so that a tamper made in
-            # the last interval is reported rather than a clean guest exit
-            if self.check_insns is not None or self.check_ms:
-                tamper = self._check()
-            if tamper is None and psp_timer:
-                tamper = self._stopped_by_psp_timer()
-        elapsed = time.perf_counter() - t0
-        self.result = self._result(stop, tamper, elapsed)
-        if self._own_record:
-            self.record.close()
-        return self.result
+        return stop, tamper, t0
 
     # ------------------------------------------------------------------
     def _result(self, stop, tamper, elapsed):
@@ -275,6 +348,9 @@ class Boot:
         elif stop.kind == "limit":
             reason_kind = "insn_limit"
             reason = f"instruction budget used up at rip {vc.pc:#x}"
+        elif stop.kind == "time_limit":
+            reason_kind = "time_limit"
+            reason = f"time budget used up at rip {vc.pc:#x}"
         elif stop.kind == "triple_fault":
             reason_kind = "triple_fault"
             reason = f"triple fault: {stop.detail}"
@@ -311,9 +387,11 @@ class Boot:
             instructions=vc.instructions, pages_mapped=vm.pages_mapped,
             launch_pages=len(self.launch_pages), measurement=self.measurement, mem=self.mem,
             hook=self.hook, engine=self.vmm.backend, elapsed_s=round(elapsed, 6),
-            insns_per_s=int(vc.instructions / elapsed) if elapsed > 0 else None,
+            insns_per_s=(int(vc.instructions / elapsed) if elapsed > 0 and vc.instructions
+                         is not None else None),
             checks=self.checks, guest_exit_code=guest_code, tamper=tamper, fault=fault,
-            guest_pf=vc.gpf_count, exceptions=[[v, r] for v, r in vc.injected])
+            guest_pf=vc.gpf_count, exceptions=[[v, r] for v, r in vc.injected],
+            accel=self.accel, exits=getattr(vc, "exits", None))
         if self.want_vga:
             res.vga = vga_rows(vc.read_gpa(VGA_BASE, VGA_BYTES))
         if reason_kind in ("triple_fault", "error", "psp_stopped"):
@@ -326,6 +404,35 @@ class Boot:
 
     def close(self):
         self.vcpu.close()
+
+
+def resolve_accel(name):
+    """--accel: "unicorn" or "kvm" as given ("kvm" where /dev/kvm refuses:
+    BadInput "KVM is not available: ..."), "auto": kvm where it works."""
+    if name in (None, "unicorn"):
+        return "unicorn"
+    from hv.machine.kvm import probe
+    why = probe()
+    if name == "auto":
+        return "unicorn" if why else "kvm"
+    if name != "kvm":
+        raise BadInput(f"unknown accelerator {name!r} (unicorn, kvm or auto)")
+    if why:
+        raise BadInput(f"KVM is not available: {why}")
+    return "kvm"
+
+
+def _check_kvm(vmm, check_insns):
+    """What --accel kvm needs, or BadInput (exit 2) saying what is missing."""
+    from hv.machine.kvm import probe
+    why = probe()
+    if why is not None:
+        raise BadInput(f"KVM is not available: {why}")
+    if check_insns is not None:
+        raise BadInput("--check-insns: KVM counts no guest instructions (use --check-ms)")
+    if vmm.mem.fd is None:
+        raise BadInput("KVM maps host-memory frames into the guest: host memory must be a "
+                       "memfd or file (Vmm(shared_mem=True), or --host-mem-file)")
 
 
 def _stopped_by_psp(stop):
@@ -356,10 +463,14 @@ def _fault_dict(f, e):
 
 def format_report(res):
     """Human-readable report (hv boot without --json)."""
+    if res.instructions is None:          # KVM
+        ran = f"  {res.elapsed_s:.3f} s on KVM, {res.exits} exits, engine {res.engine}"
+    else:
+        ran = (f"  {res.instructions} instructions in {res.elapsed_s:.3f} s"
+               + (f" ({res.insns_per_s / 1e6:.1f} M/s)" if res.insns_per_s else "")
+               + f", hook {res.hook}, engine {res.engine}")
     lines = [f"hv boot {res.image}: {res.exit_reason}, exit code {res.exit_code} ({res.reason})",
-             f"  {res.instructions} instructions in {res.elapsed_s:.3f} s"
-             + (f" ({res.insns_per_s / 1e6:.1f} M/s)" if res.insns_per_s else "")
-             + f", hook {res.hook}, engine {res.engine}",
+             ran,
              f"  {res.npf} NPFs (demand faults during the run); {res.launch_pages} pages loaded and "
              f"measured at launch (mapped before the run, not counted as NPFs); "
              f"{res.pages_mapped} pages mapped",

@@ -1,6 +1,8 @@
-"""The CPU state a loaded image starts in, written into a Unicorn x86 CPU.
+"""The CPU state a loaded image starts in, written into a Unicorn x86 CPU
+(apply_boot_state), and the segment descriptor caches its boot GDT gives
+(boot_segments: for the KVM vCPU, which sets them directly).
 
-Shared by the vCPU (hv/vcpu.py) and the plain-Unicorn baseline
+Shared by the Unicorn vCPU (hv/machine/unicorn_vcpu.py) and the plain-Unicorn baseline
 (guests/flat_runner.py), so both start a guest identically. `image.cpu` and
 `image.initial_regs` come from hv.loader.
 """
@@ -30,3 +32,31 @@ def apply_boot_state(uc, image):
     for name, value in image.initial_regs.items():
         if name in _REGS:
             uc.reg_write(_REGS[name], value)
+
+
+def descriptor(image, selector):
+    """The descriptor cache a load of `selector` from the image's boot GDT
+    gives: dict(base, limit, selector, type, s, dpl, present, db, l, g, avl).
+
+    For a vCPU whose segment state is written directly (KVM: KVM_SET_SREGS)
+    rather than loaded by the CPU from the GDT as Unicorn does: both then
+    start with the same segments."""
+    cpu = image.cpu
+    gdt = dict(image.extra_pages)[cpu["gdt_base"]]
+    idx = selector >> 3
+    if selector & 4 or 8 * idx + 7 > cpu["gdt_limit"]:
+        raise ValueError(f"selector {selector:#x} is not in the boot GDT")
+    d = int.from_bytes(gdt[8 * idx:8 * idx + 8], "little")
+    limit = (d & 0xFFFF) | (((d >> 48) & 0xF) << 16)
+    access, flags = (d >> 40) & 0xFF, (d >> 52) & 0xF
+    if flags & 8:                       # G: 4 KiB granularity
+        limit = (limit << 12) | 0xFFF
+    return {"base": ((d >> 16) & 0xFFFFFF) | (((d >> 56) & 0xFF) << 24), "limit": limit,
+            "selector": selector, "type": access & 0xF, "s": (access >> 4) & 1,
+            "dpl": (access >> 5) & 3, "present": access >> 7, "avl": flags & 1,
+            "l": (flags >> 1) & 1, "db": (flags >> 2) & 1, "g": flags >> 3}
+
+
+def boot_segments(image):
+    """{cs, ds, es, fs, gs, ss: descriptor(...)} of the image's entry state."""
+    return {name: descriptor(image, image.cpu[name]) for name in _SEGS}

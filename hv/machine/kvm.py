@@ -1,22 +1,32 @@
-"""A minimal /dev/kvm client: the yardstick `hv bench` puts beside our NPF cost.
+"""A /dev/kvm client: VMs, memslots, vCPU file descriptors, exits.
 
-Only `fcntl.ioctl` and `mmap`: create a VM, one small memslot for the code
-and one large memslot for the pages to touch, one vCPU in 32-bit protected
-mode (flat segments loaded straight into the descriptor caches through
-KVM_SET_SREGS, no GDT in memory, no paging), and two hand-assembled guests:
+Only `fcntl.ioctl`, `mmap` and `struct`.  Two users:
 
-- touch: write one byte to each of N consecutive pages of the large memslot,
-  then `out` to a port. The host backs the memslot with fresh anonymous
-  memory (transparent huge pages disabled by default), so every page is an
-  in-kernel demand fault: NPT/EPT violation, get_user_pages, zeroing, map,
-  resume. Time per page = the wall time of that KVM_RUN / N.
-- exits: a loop of M `out` instructions, each one a KVM_EXIT_IO to user space
-  and back (KVM_RUN from Python): time per exit.
+- the KVM vCPU (hv/machine/kvm_vcpu.py): :class:`KvmVm` (one VM, memslots
+  over host ranges the caller owns) and :class:`VcpuFd` (one vCPU: its
+  registers, CPUID, the shared ``kvm_run`` page and the decoded exits);
+- the yardstick `hv bench` puts beside our NPF cost (:class:`Kvm`,
+  :func:`bench_faults`, :func:`bench_exits`): one small memslot for the
+  code and one large memslot for the pages to touch, one vCPU in 32-bit
+  protected mode (flat segments loaded straight into the descriptor caches
+  through KVM_SET_SREGS, no GDT in memory, no paging), and two
+  hand-assembled guests:
 
-`available()` says whether /dev/kvm can be used; the benchmark functions
-return None when it cannot.
+  - touch: write one byte to each of N consecutive pages of the large
+    memslot, then `out` to a port. The host backs the memslot with fresh
+    anonymous memory (transparent huge pages disabled by default), so every
+    page is an in-kernel demand fault: NPT/EPT violation, get_user_pages,
+    zeroing, map, resume. Time per page = the wall time of that KVM_RUN / N.
+  - exits: a loop of M `out` instructions, each one a KVM_EXIT_IO to user
+    space and back (KVM_RUN from Python): time per exit.
+
+:func:`probe` says why /dev/kvm cannot be used (None when it can);
+:func:`available` is its yes/no; the benchmark functions return None when
+it cannot.
 """
+
 import ctypes
+import errno
 import fcntl
 import mmap
 import os
@@ -25,7 +35,9 @@ import time
 
 KVM_GET_API_VERSION = 0xAE00
 KVM_CREATE_VM = 0xAE01
+KVM_CHECK_EXTENSION = 0xAE03
 KVM_GET_VCPU_MMAP_SIZE = 0xAE04
+KVM_GET_SUPPORTED_CPUID = 0xC008AE05
 KVM_CREATE_VCPU = 0xAE41
 KVM_SET_USER_MEMORY_REGION = 0x4020AE46
 KVM_SET_TSS_ADDR = 0xAE47
@@ -34,14 +46,30 @@ KVM_GET_REGS = 0x8090AE81
 KVM_SET_REGS = 0x4090AE82
 KVM_GET_SREGS = 0x8138AE83
 KVM_SET_SREGS = 0x4138AE84
+KVM_SET_CPUID2 = 0x4008AE90
 
+KVM_CAP_NR_MEMSLOTS = 10
+KVM_CAP_IMMEDIATE_EXIT = 136
+KVM_CAP_MEMORY_FAULT_INFO = 232
+
+KVM_EXIT_UNKNOWN = 0
+KVM_EXIT_EXCEPTION = 1
 KVM_EXIT_IO = 2
+KVM_EXIT_DEBUG = 4
 KVM_EXIT_HLT = 5
+KVM_EXIT_MMIO = 6
 KVM_EXIT_SHUTDOWN = 8
 KVM_EXIT_FAIL_ENTRY = 9
+KVM_EXIT_INTR = 10
 KVM_EXIT_INTERNAL_ERROR = 17
-EXIT_NAMES = {KVM_EXIT_IO: "io", KVM_EXIT_HLT: "hlt", KVM_EXIT_SHUTDOWN: "shutdown",
-              KVM_EXIT_FAIL_ENTRY: "fail_entry", KVM_EXIT_INTERNAL_ERROR: "internal_error"}
+KVM_EXIT_MEMORY_FAULT = 39
+EXIT_NAMES = {KVM_EXIT_UNKNOWN: "unknown", KVM_EXIT_EXCEPTION: "exception", KVM_EXIT_IO: "io",
+              KVM_EXIT_DEBUG: "debug", KVM_EXIT_HLT: "hlt", KVM_EXIT_MMIO: "mmio",
+              KVM_EXIT_SHUTDOWN: "shutdown", KVM_EXIT_FAIL_ENTRY: "fail_entry",
+              KVM_EXIT_INTR: "intr", KVM_EXIT_INTERNAL_ERROR: "internal_error",
+              KVM_EXIT_MEMORY_FAULT: "memory_fault"}
+KVM_INTERNAL_ERROR_EMULATION = 1
+KVM_EXIT_IO_IN, KVM_EXIT_IO_OUT = 0, 1
 
 PAGE = 4096
 CODE_GPA = 0x1000
@@ -55,15 +83,49 @@ _REGION = struct.Struct("<IIQQQ")
 _SEG = struct.Struct("<QIHBBBBBBBBBx")       # struct kvm_segment, 24 bytes
 _SREGS_SIZE = 312
 _REGS = struct.Struct("<18Q")                # rax..r15, rip, rflags
+_CPUID_ENTRY = struct.Struct("<IIIIIIIIII")  # struct kvm_cpuid_entry2, 40 bytes
+_U32 = struct.Struct("<I")
+_IO = struct.Struct("<BBHIQ")                # kvm_run.io at 32
+_MMIO = struct.Struct("<Q8sIB")              # kvm_run.mmio at 32
+_MEMFAULT = struct.Struct("<QQQ")            # kvm_run.memory_fault at 32
+REG_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
+             "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
+SEG_NAMES = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
+# struct kvm_sregs: 8 segments, gdt, idt (base u64, limit u16, 3 u16 padding), cr0 cr2 cr3 cr4 cr8 efer apic_base
+_SREG_OFF = {"gdt": 192, "idt": 208, "cr0": 224, "cr2": 232, "cr3": 240, "cr4": 248, "cr8": 256,
+             "efer": 264, "apic_base": 272}
 
 
 class KvmError(Exception):
     pass
 
 
+class KvmUnavailable(KvmError):
+    """/dev/kvm is missing or refuses: str() says why, in one line."""
+
+
 def _signed(x):
     """fcntl.ioctl's integer argument is a C int."""
     return x - (1 << 32) if x >= 1 << 31 else x
+
+
+_probe_result = []
+
+
+def probe(refresh=False):
+    """None when a VM with a vCPU can be made here, else why not (one line)."""
+    if _probe_result and not refresh:
+        return _probe_result[0]
+    why = None
+    try:
+        with KvmVm() as vm:
+            vm.create_vcpu().setup_cpuid()
+    except KvmError as e:
+        why = str(e)
+    except OSError as e:
+        why = f"{e.strerror or e}"
+    _probe_result[:] = [why]
+    return why
 
 
 def available():
@@ -79,78 +141,82 @@ def _addr(mm):
     return ctypes.addressof(ctypes.c_char.from_buffer(mm))
 
 
-class Kvm:
-    """One VM with one vCPU. Use as a context manager."""
+def _ioctl(fd, req, arg, what):
+    try:
+        return fcntl.ioctl(fd, req, arg)
+    except OSError as e:
+        raise KvmError(f"{what} failed: {e.strerror or e}") from None
+
+
+class KvmVm:
+    """One KVM VM: its fds, memslots and vCPUs. Use as a context manager."""
 
     def __init__(self):
         self._fds = []
         self._maps = []
-        self.kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+        self.vcpus = []
+        try:
+            self.kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise KvmUnavailable(f"/dev/kvm: {e.strerror or e}") from None
         self._fds.append(self.kvm)
-        if fcntl.ioctl(self.kvm, KVM_GET_API_VERSION, 0) != 12:
-            raise KvmError("unexpected KVM API version")
-        self.vm = fcntl.ioctl(self.kvm, KVM_CREATE_VM, 0)
-        self._fds.append(self.vm)
         try:
-            fcntl.ioctl(self.vm, KVM_SET_TSS_ADDR, _signed(0xFFFBD000))
-        except OSError:
-            pass
+            if fcntl.ioctl(self.kvm, KVM_GET_API_VERSION, 0) != 12:
+                raise KvmUnavailable("/dev/kvm: unexpected KVM API version")
+            try:
+                self.vm = fcntl.ioctl(self.kvm, KVM_CREATE_VM, 0)
+            except OSError as e:
+                raise KvmUnavailable(f"KVM_CREATE_VM: {e.strerror or e}") from None
+            self._fds.append(self.vm)
+            try:
+                fcntl.ioctl(self.vm, KVM_SET_TSS_ADDR, _signed(0xFFFBD000))
+            except OSError:
+                pass
+        except BaseException:
+            self.close()
+            raise
         self._slot = 0
-        self.vcpu = None
-        self.run_map = None
+        self.run_size = fcntl.ioctl(self.kvm, KVM_GET_VCPU_MMAP_SIZE, 0)
 
-    # -- memory ------------------------------------------------------------
-    def add_memory(self, gpa, size, huge=False):
-        mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-                       | getattr(mmap, "MAP_NORESERVE", 0))
+    def check_extension(self, cap):
+        """KVM_CHECK_EXTENSION on the VM (0: not supported)."""
         try:
-            mm.madvise(MADV_HUGEPAGE if huge else MADV_NOHUGEPAGE)
-        except (OSError, AttributeError, ValueError):
-            pass
-        self._maps.append(mm)
-        region = _REGION.pack(self._slot, 0, gpa, size, _addr(mm))
-        fcntl.ioctl(self.vm, KVM_SET_USER_MEMORY_REGION, region)
+            return fcntl.ioctl(self.vm, KVM_CHECK_EXTENSION, cap)
+        except OSError:
+            return 0
+
+    def add_slot(self, gpa, size, host_addr, flags=0):
+        """A memslot: guest-physical [gpa, gpa+size) -> host virtual host_addr. Returns its id."""
+        slot = self._slot
+        _ioctl(self.vm, KVM_SET_USER_MEMORY_REGION,
+               _REGION.pack(slot, flags, gpa, size, host_addr), "KVM_SET_USER_MEMORY_REGION")
         self._slot += 1
-        return mm
+        return slot
 
-    # -- vCPU --------------------------------------------------------------
-    def create_vcpu(self):
-        self.vcpu = fcntl.ioctl(self.vm, KVM_CREATE_VCPU, 0)
-        self._fds.append(self.vcpu)
-        size = fcntl.ioctl(self.kvm, KVM_GET_VCPU_MMAP_SIZE, 0)
-        self.run_map = mmap.mmap(self.vcpu, size, flags=mmap.MAP_SHARED,
-                                 prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        self._maps.append(self.run_map)
-        # 32-bit protected mode, flat 4 GiB segments, no paging
-        sregs = bytearray(fcntl.ioctl(self.vcpu, KVM_GET_SREGS, bytes(_SREGS_SIZE)))
-        code = _SEG.pack(0, 0xFFFFFFFF, 8, 11, 1, 0, 1, 1, 0, 1, 0, 0)
-        data = _SEG.pack(0, 0xFFFFFFFF, 16, 3, 1, 0, 1, 1, 0, 1, 0, 0)
-        sregs[0:24] = code                         # cs
-        for i in (1, 2, 3, 4, 5):                  # ds es fs gs ss
-            sregs[24 * i:24 * (i + 1)] = data
-        cr0_off = 8 * 24 + 2 * 16
-        cr0 = struct.unpack_from("<Q", sregs, cr0_off)[0]
-        struct.pack_into("<Q", sregs, cr0_off, (cr0 | 1) & ~(1 << 31))   # PE, no PG
-        fcntl.ioctl(self.vcpu, KVM_SET_SREGS, bytes(sregs))
+    def create_vcpu(self, vcpu_id=None):
+        """A new vCPU (id: the next free one). Returns its VcpuFd."""
+        v = VcpuFd(self, len(self.vcpus) if vcpu_id is None else vcpu_id)
+        self.vcpus.append(v)
+        return v
 
-    def set_regs(self, rip, **kw):
-        regs = [0] * 18
-        names = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp"]
-        for k, v in kw.items():
-            regs[names.index(k)] = v
-        regs[16] = rip
-        regs[17] = 2
-        fcntl.ioctl(self.vcpu, KVM_SET_REGS, _REGS.pack(*regs))
-
-    def run(self):
-        """One KVM_RUN; returns (exit_reason, io_port or None)."""
-        fcntl.ioctl(self.vcpu, KVM_RUN, 0)
-        reason = struct.unpack_from("<I", self.run_map, 8)[0]
-        if reason == KVM_EXIT_IO:
-            return reason, struct.unpack_from("<H", self.run_map, 34)[0]
-        return reason, None
+    def supported_cpuid(self):
+        """KVM_GET_SUPPORTED_CPUID as bytes of struct kvm_cpuid2."""
+        n = 64
+        while True:
+            buf = bytearray(8 + n * _CPUID_ENTRY.size)
+            _U32.pack_into(buf, 0, n)
+            try:
+                fcntl.ioctl(self.kvm, KVM_GET_SUPPORTED_CPUID, buf, True)
+                return bytes(buf[:8 + _U32.unpack_from(buf, 0)[0] * _CPUID_ENTRY.size])
+            except OSError as e:
+                if e.errno != errno.E2BIG or n >= 4096:
+                    raise KvmError(f"KVM_GET_SUPPORTED_CPUID failed: {e.strerror or e}") from None
+                n *= 2
 
     def close(self):
+        for v in self.vcpus:
+            v.close()
+        self.vcpus = []
         for m in self._maps:
             try:
                 m.close()
@@ -169,6 +235,177 @@ class Kvm:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class Sregs:
+    """struct kvm_sregs as a bytearray, with named fields."""
+
+    def __init__(self, raw):
+        self.raw = bytearray(raw)
+
+    def __getitem__(self, name):
+        return struct.unpack_from("<Q", self.raw, _SREG_OFF[name])[0]
+
+    def __setitem__(self, name, value):
+        struct.pack_into("<Q", self.raw, _SREG_OFF[name], value)
+
+    def segment(self, name):
+        """(base, limit, selector, type, present, dpl, db, s, l, g, avl, unusable)"""
+        return _SEG.unpack_from(self.raw, 24 * SEG_NAMES.index(name))
+
+    def set_segment(self, name, base, limit, selector, type_, present=1, dpl=0, db=0, s=1, l=0,
+                    g=0, avl=0, unusable=0):
+        _SEG.pack_into(self.raw, 24 * SEG_NAMES.index(name), base, limit, selector, type_, present,
+                       dpl, db, s, l, g, avl, unusable)
+
+    def set_table(self, name, base, limit):
+        """gdt / idt: base and limit."""
+        struct.pack_into("<QH", self.raw, _SREG_OFF[name], base, limit)
+
+    def table(self, name):
+        return struct.unpack_from("<QH", self.raw, _SREG_OFF[name])
+
+
+class VcpuFd:
+    """One vCPU: its fd, the kvm_run page, registers, and the decoded exits."""
+
+    def __init__(self, vm, vcpu_id):
+        self.vm = vm
+        self.id = vcpu_id
+        self.run_map = None
+        self.fd = _ioctl(vm.vm, KVM_CREATE_VCPU, vcpu_id, "KVM_CREATE_VCPU")
+        try:
+            self.run_map = mmap.mmap(self.fd, vm.run_size, flags=mmap.MAP_SHARED,
+                                     prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError:
+            os.close(self.fd)
+            raise
+
+    def setup_cpuid(self):
+        """Give the vCPU what KVM supports (long mode needs CPUID.LM)."""
+        # (a mutable buffer: fcntl.ioctl copies immutable ones into 1 KiB)
+        _ioctl(self.fd, KVM_SET_CPUID2, bytearray(self.vm.supported_cpuid()), "KVM_SET_CPUID2")
+
+    # -- registers ------------------------------------------------------------
+    def get_regs(self):
+        return list(_REGS.unpack(fcntl.ioctl(self.fd, KVM_GET_REGS, bytes(_REGS.size))))
+
+    def set_regs(self, regs):
+        fcntl.ioctl(self.fd, KVM_SET_REGS, _REGS.pack(*regs))
+
+    def regs(self):
+        return dict(zip(REG_NAMES, self.get_regs()))
+
+    def get_sregs(self):
+        return Sregs(fcntl.ioctl(self.fd, KVM_GET_SREGS, bytes(_SREGS_SIZE)))
+
+    def set_sregs(self, sregs):
+        _ioctl(self.fd, KVM_SET_SREGS, bytes(sregs.raw), "KVM_SET_SREGS")
+
+    # -- running ---------------------------------------------------------------
+    def run(self):
+        """One KVM_RUN; returns the exit reason.  An interrupting signal
+        raises InterruptedError (as KVM returns -EINTR); -EFAULT with
+        KVM_EXIT_MEMORY_FAULT returns KVM_EXIT_MEMORY_FAULT."""
+        try:
+            fcntl.ioctl(self.fd, KVM_RUN, 0)
+        except OSError as e:
+            if e.errno == errno.EFAULT and self.exit_reason() == KVM_EXIT_MEMORY_FAULT:
+                return KVM_EXIT_MEMORY_FAULT
+            raise
+        return _U32.unpack_from(self.run_map, 8)[0]
+
+    def exit_reason(self):
+        return _U32.unpack_from(self.run_map, 8)[0]
+
+    def set_immediate_exit(self, on):
+        self.run_map[1] = 1 if on else 0
+
+    def io(self):
+        """(direction, size, port, count, data_offset) of a KVM_EXIT_IO."""
+        return _IO.unpack_from(self.run_map, 32)
+
+    def mmio(self):
+        """(phys_addr, data bytes, len, is_write) of a KVM_EXIT_MMIO."""
+        pa, data, n, w = _MMIO.unpack_from(self.run_map, 32)
+        return pa, data[:n], n, bool(w)
+
+    def set_mmio_data(self, data):
+        """A read's answer, before the next KVM_RUN."""
+        self.run_map[40:40 + len(data)] = data
+
+    def internal(self):
+        """(suberror, [data...]) of a KVM_EXIT_INTERNAL_ERROR."""
+        sub, nd = struct.unpack_from("<II", self.run_map, 32)
+        nd = min(nd, 16)
+        return sub, list(struct.unpack_from(f"<{nd}Q", self.run_map, 40))
+
+    def memory_fault(self):
+        """(flags, gpa, size) of a KVM_EXIT_MEMORY_FAULT."""
+        return _MEMFAULT.unpack_from(self.run_map, 32)
+
+    def close(self):
+        if self.run_map is not None:
+            try:
+                self.run_map.close()
+            except (BufferError, ValueError):
+                pass
+            self.run_map = None
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+
+
+class Kvm(KvmVm):
+    """One VM with one 32-bit vCPU, for the yardsticks. Use as a context manager."""
+
+    def __init__(self):
+        super().__init__()
+        self.vcpu = None
+        self.run_map = None
+
+    # -- memory ------------------------------------------------------------
+    def add_memory(self, gpa, size, huge=False):
+        mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                       | getattr(mmap, "MAP_NORESERVE", 0))
+        try:
+            mm.madvise(MADV_HUGEPAGE if huge else MADV_NOHUGEPAGE)
+        except (OSError, AttributeError, ValueError):
+            pass
+        self._maps.append(mm)
+        self.add_slot(gpa, size, _addr(mm))
+        return mm
+
+    # -- vCPU --------------------------------------------------------------
+    def create_vcpu(self, vcpu_id=None):
+        v = super().create_vcpu(vcpu_id)
+        self._v = v
+        self.vcpu, self.run_map = v.fd, v.run_map
+        # 32-bit protected mode, flat 4 GiB segments, no paging
+        s = v.get_sregs()
+        s.set_segment("cs", 0, 0xFFFFFFFF, 8, 11, db=1, g=1)
+        for name in ("ds", "es", "fs", "gs", "ss"):
+            s.set_segment(name, 0, 0xFFFFFFFF, 16, 3, db=1, g=1)
+        s["cr0"] = (s["cr0"] | 1) & ~(1 << 31)                 # PE, no PG
+        v.set_sregs(s)
+        return v
+
+    def set_regs(self, rip, **kw):
+        regs = [0] * 18
+        for k, val in kw.items():
+            regs[REG_NAMES.index(k)] = val
+        regs[16] = rip
+        regs[17] = 2
+        self._v.set_regs(regs)
+
+    def run(self):
+        """One KVM_RUN; returns (exit_reason, io_port or None)."""
+        fcntl.ioctl(self.vcpu, KVM_RUN, 0)
+        reason = _U32.unpack_from(self.run_map, 8)[0]
+        if reason == KVM_EXIT_IO:
+            return reason, struct.unpack_from("<H", self.run_map, 34)[0]
+        return reason, None
 
 
 # ---------------------------------------------------------------------------

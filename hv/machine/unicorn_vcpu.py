@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from dataclasses import dataclass, field
 
 from unicorn import (UC_ARCH_X86, UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_ERR_INSN_INVALID,
                      UC_HOOK_BLOCK, UC_HOOK_INSN, UC_HOOK_INTR, UC_HOOK_TLB_FILL, UC_MODE_32,
@@ -57,6 +56,7 @@ from hv.machine.unicorn_hooks import _add_c_hook, _ffi, _lib, _registry, _uclib,
 from hv.machine.guest_memory import MODE_NONE, GuestMemoryView
 from hv.machine.exceptions import ExceptionDelivery, _Halt, vec_name
 from hv.machine.boot_state import MSR_EFER, apply_boot_state
+from hv.machine.stop import StopInfo
 from hv.errors import VmStopped
 
 log = logging.getLogger("hv.vcpu")
@@ -73,7 +73,6 @@ EFER_LMA = 0x400
 UC_PROT_R, UC_PROT_W, UC_PROT_X = 1, 2, 4
 _PERMS = {ACC_R: UC_PROT_R, ACC_W: UC_PROT_R | UC_PROT_W, ACC_X: UC_PROT_R | UC_PROT_X}
 _UC_ACC = {16: ACC_R, 17: ACC_W, 18: ACC_X}
-ACCESS_WORDS = {ACC_R: "read", ACC_W: "write", ACC_X: "instruction fetch"}
 MODE_NAMES = {MODE_NONE: "no paging", MODE_32: "32-bit paging", MODE_PAE: "PAE paging",
               MODE_LONG4: "4-level paging"}
 
@@ -92,20 +91,6 @@ def _warm_decoder(bits):
         _cs(bits)
     except Exception:       # noqa: BLE001 - reported by the first decode instead
         pass
-
-
-@dataclass
-class StopInfo:
-    """Why vcpu.run() returned.
-
-    kind: "exit_port" (exit_code), "hlt", "limit" (instruction budget used),
-    "vm_stopped" (the VMM could not resolve an NPF: ``stopped`` is the
-    VmStopped, ``fault`` the NPF), "triple_fault", "error"."""
-    kind: str
-    exit_code: int | None = None
-    detail: str = ""
-    stopped: VmStopped | None = None
-    fault: dict = field(default_factory=dict)
 
 
 class UnicornVcpu(GuestMemoryView, ExceptionDelivery, FastNpf):

@@ -56,12 +56,15 @@ class Vmm:
     """Owns host memory and the PSP transport. Several VMs at once."""
 
     def __init__(self, host_mem=1 << 30, host_mem_path=None, backend=None, integrity=None,
-                 psp="inprocess", fw_size=DEFAULT_FW_SIZE, psp_timeout=5.0, psp_check_ms=None):
+                 psp="inprocess", fw_size=DEFAULT_FW_SIZE, psp_timeout=5.0, psp_check_ms=None,
+                 shared_mem=False):
         """psp_check_ms: start the PSP's own wall-time periodic checker (it
-        re-verifies every guest's table every N ms and stops tampered ones)."""
+        re-verifies every guest's table every N ms and stops tampered ones).
+        shared_mem: host memory in a memfd even with an in-process PSP (the
+        KVM vCPU maps its frames into the guest's memslot)."""
         if host_mem < 64 << 20:
             raise BadInput(f"--host-mem must be at least 64M, not {host_mem}")
-        self.mem = HostMemory(host_mem, host_mem_path, shared=(psp == "process"))
+        self.mem = HostMemory(host_mem, host_mem_path, shared=(psp == "process" or shared_mem))
         self.engine = get_engine(self.mem.buf, backend)
         self.backend = self.engine.name
         fw_base = host_mem - fw_size
