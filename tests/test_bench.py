@@ -14,13 +14,13 @@ REQUIRED = ["walk_c_vs_python", "walk_c_vs_floor", "merkle_update_growth",
             "npf_first_touch_vs_kvm", "replay_accesses_per_s", "guest_speed_vs_unicorn",
             "guest_speed_vs_unicorn_flat", "psp_roundtrip_us_process_p50",
             "psp_roundtrip_us_process_p99", "psp_roundtrip_us_inprocess_p50",
-            "psp_ring_us_per_cmd", "cpus_idle"]
-NEEDS_KVM = ("kvm_fault_us", "npf_first_touch_vs_kvm")
+            "psp_ring_us_per_cmd", "cpus_idle", "kvm_psp_npf_us", "kvm_psp_npf_vs_kvm"]
+NEEDS_KVM = ("kvm_fault_us", "npf_first_touch_vs_kvm", "kvm_psp_npf_us", "kvm_psp_npf_vs_kvm")
 
 
 def _kvm_usable():
     from hv.machine import kvm
-    return kvm.available()
+    return kvm.available() and kvm.probe() is None
 
 
 @pytest.fixture(scope="module")

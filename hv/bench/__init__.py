@@ -37,6 +37,7 @@ import time
 from hv.bench.common import PROFILES
 from hv.bench.guest import bench_guest, bench_kvm
 from hv.bench.integrity import bench_integrity
+from hv.bench.kvm import bench_kvm_accel
 from hv.bench.memory import bench_memory
 from hv.bench.npf import bench_npf, bench_replay
 from hv.bench.psp import bench_psp
@@ -94,6 +95,7 @@ def run(profile="quick", plot_dir=None, log=None, sections=None):
         section("npf", bench_npf, p, log)
         rp = section("replay", bench_replay, p, log, tmp)
         section("kvm", bench_kvm, p, log)
+        section("kvm_accel", bench_kvm_accel, p, log)
         section("guest", bench_guest, p, log)
         section("psp", bench_psp, p, log)
         if p["rss"]:

@@ -47,7 +47,8 @@ def add_parser(sub, common):
     p.add_argument("--plot", metavar="DIR", default=None,
                    help="write PNG plots (matplotlib) into DIR")
     p.add_argument("--only", metavar="SECTIONS", default=None,
-                   help="comma-separated sections: sha256,walks,integrity,npf,replay,kvm,guest,psp,memory")
+                   help="comma-separated sections: sha256,walks,integrity,npf,replay,kvm,kvm_accel,"
+                        "guest,psp,memory")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="show progress on stderr also with --json (never the NPF log: "
@@ -68,7 +69,8 @@ def cmd_bench(args):
     sections = None
     if args.only:
         sections = {s.strip() for s in args.only.split(",") if s.strip()}
-        known = {"sha256", "walks", "integrity", "npf", "replay", "kvm", "guest", "psp", "memory"}
+        known = {"sha256", "walks", "integrity", "npf", "replay", "kvm", "kvm_accel", "guest", "psp",
+                 "memory"}
         if sections - known:
             raise BadInput(f"bench: unknown section(s) {','.join(sorted(sections - known))}")
         if not sections:
