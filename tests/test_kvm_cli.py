@@ -154,14 +154,16 @@ def test_kvm_benchmarks_give_numbers():
     from hv.bench.kvm import bench_kvm_guest, bench_kvm_npf
     p = PROFILES["tiny"]
     r = bench_kvm_npf(p, lambda m: None)
-    for k in ("kvm_psp_npf_us", "kvm_fault_us", "kvm_psp_npf_vs_kvm",
+    for k in ("kvm_psp_npf_us", "kvm_fault_us_same_guest", "kvm_psp_npf_vs_kvm",
               "kvm_psp_npf_fa16_us_per_page", "kvm_psp_npf_2m_us_per_page"):
         assert isinstance(r[k], float) and r[k] > 0, k
     # 4 KiB: one NPF per page mapped in the run; fault-around: far fewer
     assert r["kvm_4k"]["npf"] == r["kvm_4k"]["pages"]
     assert r["kvm_fa16"]["npf"] * 4 < r["kvm_4k"]["npf"]
-    g = bench_kvm_guest(p, lambda m: None)
-    assert g["kvm_guest_speedup"] > 0 and g["kvm_exits"] > 0
+    assert r["kvm_psp_npf_vs_kvm"] == r["kvm_psp_npf_us"] / r["kvm_fault_us_same_guest"]
+    assert bench_kvm_guest(p, lambda m: None)["skipped"] == "not in this profile"
+    g = bench_kvm_guest(dict(p, kvm_guest=True), lambda m: None)
+    assert g["kvm_guest_speedup"] == g["emulator_s"] / g["kvm_s"] and g["kvm_exits"] > 0
 
 
 def test_kvm_benchmarks_skip_without_kvm(no_kvm):
