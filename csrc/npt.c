@@ -47,6 +47,14 @@
 #define PF_ID    16ULL
 #define PF_FINAL (1ULL << 32)
 #define PF_WALK  (1ULL << 33)
+#define PF_RMP   (1ULL << 31)
+#define PF_SIZEM (1ULL << 35)
+
+/* RMP entries (npt.h, nptcore/rmp.py) */
+#define RMP_ASSIGNED  1ULL
+#define RMP_SIZE_MASK 6ULL
+#define RMP_GPA_MASK  0x0000FFFFFFFFF000ULL
+#define RMP_ASID_MAX  0xFFFFULL
 
 #define INST_OK          0
 #define INST_MAPPED      1
@@ -117,6 +125,40 @@ walk_fail(npt_walk_result *r, int level, uint64_t entry, uint64_t bits, int acce
 }
 
 INLINE int is_pow2(uint64_t x) { return (x & (x - 1)) == 0; }
+
+/* The RMP check (npt.h): 0, or the fault bits.  The entries are the PSP's
+ * (another process may be writing them): one relaxed atomic load. */
+INLINE uint64_t rmp_bits(const npt_rmp *rmp, uint64_t hpa, uint64_t gpa, int level)
+{
+    uint64_t pfn = hpa >> 12, have = 0, want;
+    if (unlikely(rmp->asid > RMP_ASID_MAX))
+        return PF_RMP;
+    want = RMP_ASSIGNED | ((uint64_t)level << 1) | (gpa & RMP_GPA_MASK)
+           | (rmp->asid << 48);
+    if (likely(pfn < rmp->nframes))
+        have = __atomic_load_n(&rmp->entries[pfn], __ATOMIC_RELAXED);
+    if (likely(have == want))
+        return 0;
+    return ((have ^ want) & ~RMP_SIZE_MASK) ? PF_RMP : (PF_RMP | PF_SIZEM);
+}
+
+uint64_t npt_rmp_check(const npt_rmp *rmp, uint64_t hpa, uint64_t gpa, int level)
+{
+    return rmp_bits(rmp, hpa, gpa, level);
+}
+
+/* After a successful walk of gpa into *r: with an RMP, check the final
+ * frame; a mismatch turns *r into the nested fault (nothing written yet). */
+INLINE int rmp_after(const npt_rmp *rmp, uint64_t gpa, int access, npt_walk_result *r)
+{
+    uint64_t bits;
+    if (rmp == NULL)
+        return 1;
+    bits = rmp_bits(rmp, r->hpa, gpa, r->level);
+    if (likely(!bits))
+        return 1;
+    return walk_fail(r, r->level, r->entry, PF_P | bits, access);
+}
 
 /* The walk without A/D updates, for a valid root and gpa < GPA_LIMIT:
  * fills *r, and on a hit path->andb, plus path->off/n when `record`.
@@ -225,17 +267,30 @@ INLINE void apply_ad(uint8_t *mem, const npt_path *path, uint64_t leaf, int dirt
     apply_ad_slow(mem, path, dirty);
 }
 
-int npt_walk(uint8_t *mem, uint64_t mem_size, uint64_t root, uint64_t gpa,
-             int access, int set_ad, npt_walk_result *out)
+INLINE int walk_impl(uint8_t *mem, uint64_t mem_size, uint64_t root, uint64_t gpa,
+                     int access, int set_ad, const npt_rmp *rmp, npt_walk_result *out)
 {
     npt_path path;
-    if (!walk_core(mem, mem_size, root, gpa, access, out, &path))
+    if (!walk_core(mem, mem_size, root, gpa, access, out, &path)
+        || !rmp_after(rmp, gpa, access, out))
         return -out->level;
     if (set_ad && unlikely(!ad_done(&path, out->entry, access == ACC_W))) {
         apply_ad_slow(mem, &path, access == ACC_W);
         out->entry = ld64(mem + path.off[path.n - 1]);   /* with A/D now */
     }
     return out->level;
+}
+
+int npt_walk(uint8_t *mem, uint64_t mem_size, uint64_t root, uint64_t gpa,
+             int access, int set_ad, npt_walk_result *out)
+{
+    return walk_impl(mem, mem_size, root, gpa, access, set_ad, NULL, out);
+}
+
+int npt_walk_rmp(uint8_t *mem, uint64_t mem_size, uint64_t root, uint64_t gpa,
+                 int access, int set_ad, const npt_rmp *rmp, npt_walk_result *out)
+{
+    return walk_impl(mem, mem_size, root, gpa, access, set_ad, rmp, out);
 }
 
 npt_walk_result npt_walk_v(uint8_t *mem, uint64_t mem_size, uint64_t root,
@@ -246,11 +301,20 @@ npt_walk_result npt_walk_v(uint8_t *mem, uint64_t mem_size, uint64_t root,
     return r;
 }
 
+npt_walk_result npt_walk_rmp_v(uint8_t *mem, uint64_t mem_size, uint64_t root,
+                               uint64_t gpa, int access, int set_ad, const npt_rmp *rmp)
+{
+    npt_walk_result r;
+    r.level = npt_walk_rmp(mem, mem_size, root, gpa, access, set_ad, rmp, &r);
+    return r;
+}
+
 /* One walk of the batch, exactly as if alone: walk, A/D, store.  0 on a miss
  * (then *miss describes it). */
 INLINE int batch_one(uint8_t *mem, uint64_t mem_size, uint64_t root,
                      uint64_t gpa, int acc, uint64_t *out_hpa,
-                     npt_walk_result *miss, int set_ad, int pow2)
+                     npt_walk_result *miss, int set_ad, int pow2,
+                     const npt_rmp *rmp)
 {
     npt_path path;
     npt_walk_result r;
@@ -259,7 +323,8 @@ INLINE int batch_one(uint8_t *mem, uint64_t mem_size, uint64_t root,
         walk_fail(miss, 4, 0, PF_RSV, acc);
         return 0;
     }
-    if (unlikely(!walk_body(mem, mem_size, root, gpa, acc, &r, &path, 0, pow2))) {
+    if (unlikely(!walk_body(mem, mem_size, root, gpa, acc, &r, &path, 0, pow2)
+                 || !rmp_after(rmp, gpa, acc, &r))) {
         *miss = r;
         return 0;
     }
@@ -278,11 +343,12 @@ INLINE int batch_one(uint8_t *mem, uint64_t mem_size, uint64_t root,
 INLINE uint64_t batch_serial(uint8_t *mem, uint64_t mem_size, uint64_t root,
                              const uint64_t *gpas, const uint8_t *accesses,
                              uint64_t *out_hpas, uint64_t i, uint64_t n,
-                             npt_walk_result *miss, int set_ad, int pow2)
+                             npt_walk_result *miss, int set_ad, int pow2,
+                             const npt_rmp *rmp)
 {
     for (; i < n; i++)
         if (!batch_one(mem, mem_size, root, gpas[i], accesses[i], &out_hpas[i],
-                       miss, set_ad, pow2))
+                       miss, set_ad, pow2, rmp))
             return i;
     return n;
 }
@@ -360,7 +426,8 @@ INLINE uint64_t lane_step(uint64_t e, lane_bits lb, uint64_t *bad,
 INLINE uint64_t batch_loop(uint8_t *mem, uint64_t mem_size, uint64_t root,
                            const uint64_t *gpas, const uint8_t *accesses,
                            uint64_t *out_hpas, uint64_t n,
-                           npt_walk_result *miss, int set_ad, int pow2)
+                           npt_walk_result *miss, int set_ad, int pow2,
+                           const npt_rmp *rmp)
 {
     /* per walk: the level-1 entry's offset, | 1 when the walk went bad;
      * and want | NX for a fetch (mask = that | forbid) */
@@ -397,10 +464,11 @@ INLINE uint64_t batch_loop(uint8_t *mem, uint64_t mem_size, uint64_t root,
         b_ = (o_ & 1) | ((e_ & (l_ | forbid | w_)) ^ w_);   /* PS: PAT here */\
         if (!pow2)                                                            \
             b_ |= (e_ & ADDR_MASK) > lim;                                     \
-        if (likely(!b_))                                                      \
+        if (likely(!b_) && (rmp == NULL                                       \
+                            || likely(!rmp_bits(rmp, e_ & ADDR_MASK, g_, 1))))\
             out_hpas[i] = (e_ & ADDR_MASK) | (g_ & 0xFFF);                   \
         else if (!batch_one(mem, mem_size, root, g_, accesses[i],            \
-                            &out_hpas[i], miss, set_ad, pow2))               \
+                            &out_hpas[i], miss, set_ad, pow2, rmp))          \
             return (i);                                                       \
     } while (0)
 
@@ -428,22 +496,24 @@ static __attribute__((noinline)) uint64_t
 batch_serial_any(uint8_t *mem, uint64_t mem_size, uint64_t root,
                  const uint64_t *gpas, const uint8_t *accesses,
                  uint64_t *out_hpas, uint64_t n, int set_ad,
-                 npt_walk_result *miss)
+                 const npt_rmp *rmp, npt_walk_result *miss)
 {
     int pow2 = is_pow2(mem_size);
     if (pow2 && set_ad)
-        return batch_serial(mem, mem_size, root, gpas, accesses, out_hpas, 0, n, miss, 1, 1);
+        return batch_serial(mem, mem_size, root, gpas, accesses, out_hpas, 0, n, miss, 1, 1, rmp);
     if (pow2)
-        return batch_serial(mem, mem_size, root, gpas, accesses, out_hpas, 0, n, miss, 0, 1);
+        return batch_serial(mem, mem_size, root, gpas, accesses, out_hpas, 0, n, miss, 0, 1, rmp);
     if (set_ad)
-        return batch_serial(mem, mem_size, root, gpas, accesses, out_hpas, 0, n, miss, 1, 0);
-    return batch_serial(mem, mem_size, root, gpas, accesses, out_hpas, 0, n, miss, 0, 0);
+        return batch_serial(mem, mem_size, root, gpas, accesses, out_hpas, 0, n, miss, 1, 0, rmp);
+    return batch_serial(mem, mem_size, root, gpas, accesses, out_hpas, 0, n, miss, 0, 0, rmp);
 }
 
-uint64_t npt_walk_batch(uint8_t *mem, uint64_t mem_size, uint64_t root,
-                        const uint64_t *gpas, const uint8_t *accesses,
-                        uint64_t *out_hpas, uint64_t n, int set_ad,
-                        npt_walk_result *miss)
+/* rmp: NULL (a constant at the call sites of npt_walk_batch: no check
+ * compiled in) or the RMP every translation is checked against. */
+INLINE uint64_t walk_batch_impl(uint8_t *mem, uint64_t mem_size, uint64_t root,
+                                const uint64_t *gpas, const uint8_t *accesses,
+                                uint64_t *out_hpas, uint64_t n, int set_ad,
+                                const npt_rmp *rmp, npt_walk_result *miss)
 {
     if (n == 0)
         return 0;
@@ -462,15 +532,33 @@ uint64_t npt_walk_batch(uint8_t *mem, uint64_t mem_size, uint64_t root,
                  || overlap(out_hpas, 8 * n, accesses, n)
                  || (out_hpas != gpas && overlap(out_hpas, 8 * n, gpas, 8 * n))))
         return batch_serial_any(mem, mem_size, root, gpas, accesses, out_hpas,
-                                n, set_ad, miss);
+                                n, set_ad, rmp, miss);
     if (is_pow2(mem_size)) {
         if (set_ad)
-            return batch_loop(mem, mem_size, root, gpas, accesses, out_hpas, n, miss, 1, 1);
-        return batch_loop(mem, mem_size, root, gpas, accesses, out_hpas, n, miss, 0, 1);
+            return batch_loop(mem, mem_size, root, gpas, accesses, out_hpas, n, miss, 1, 1, rmp);
+        return batch_loop(mem, mem_size, root, gpas, accesses, out_hpas, n, miss, 0, 1, rmp);
     }
     if (set_ad)
-        return batch_loop(mem, mem_size, root, gpas, accesses, out_hpas, n, miss, 1, 0);
-    return batch_loop(mem, mem_size, root, gpas, accesses, out_hpas, n, miss, 0, 0);
+        return batch_loop(mem, mem_size, root, gpas, accesses, out_hpas, n, miss, 1, 0, rmp);
+    return batch_loop(mem, mem_size, root, gpas, accesses, out_hpas, n, miss, 0, 0, rmp);
+}
+
+uint64_t npt_walk_batch(uint8_t *mem, uint64_t mem_size, uint64_t root,
+                        const uint64_t *gpas, const uint8_t *accesses,
+                        uint64_t *out_hpas, uint64_t n, int set_ad,
+                        npt_walk_result *miss)
+{
+    return walk_batch_impl(mem, mem_size, root, gpas, accesses, out_hpas, n, set_ad,
+                           NULL, miss);
+}
+
+uint64_t npt_walk_batch_rmp(uint8_t *mem, uint64_t mem_size, uint64_t root,
+                            const uint64_t *gpas, const uint8_t *accesses,
+                            uint64_t *out_hpas, uint64_t n, int set_ad,
+                            const npt_rmp *rmp, npt_walk_result *miss)
+{
+    return walk_batch_impl(mem, mem_size, root, gpas, accesses, out_hpas, n, set_ad,
+                           rmp, miss);
 }
 
 uint64_t npt_floor_walk_batch(const uint8_t *mem, uint64_t root,
@@ -773,9 +861,18 @@ static int w2d_gpf(npt_walk2d_result *out, int level, uint64_t errcode)
     return 0;
 }
 
-int npt_walk2d(uint8_t *mem, uint64_t mem_size, uint64_t root, uint64_t cr3,
-               uint64_t va, int access, int mode, int set_ad,
-               npt_walk2d_result *out)
+/* walk_core, then (with an RMP) the RMP check of the translation */
+INLINE int walk_chk(const uint8_t *mem, uint64_t mem_size, uint64_t root,
+                    uint64_t gpa, int access, npt_walk_result *r,
+                    npt_path *path, const npt_rmp *rmp)
+{
+    return walk_core(mem, mem_size, root, gpa, access, r, path)
+           && rmp_after(rmp, gpa, access, r);
+}
+
+INLINE int walk2d_impl(uint8_t *mem, uint64_t mem_size, uint64_t root, uint64_t cr3,
+                       uint64_t va, int access, int mode, int set_ad,
+                       const npt_rmp *rmp, npt_walk2d_result *out)
 {
     int write = access == ACC_W, fetch = access == ACC_X;
     int nx_on = mode != MODE_32;
@@ -815,7 +912,7 @@ int npt_walk2d(uint8_t *mem, uint64_t mem_size, uint64_t root, uint64_t cr3,
             eg = table + (((va >> 30) & 3) << 3);
         else
             eg = table + ((va >> (9 * L)) & 0xFF8);
-        if (!walk_core(mem, mem_size, root, eg, ACC_R, &r, &tpath[ng]))
+        if (!walk_chk(mem, mem_size, root, eg, ACC_R, &r, &tpath[ng], rmp))
             return w2d_npf(out, eg, &r, 1);
         e = esz == 8 ? ld64(mem + r.hpa) : ld32(mem + r.hpa);
         ehpa[ng] = r.hpa;
@@ -869,7 +966,7 @@ int npt_walk2d(uint8_t *mem, uint64_t mem_size, uint64_t root, uint64_t cr3,
                 /* the CPU will write this guest entry: NPT write permission */
                 npt_path wp;
                 npt_walk_result wr;
-                if (!walk_core(mem, mem_size, root, eg, ACC_W, &wr, &wp))
+                if (!walk_chk(mem, mem_size, root, eg, ACC_W, &wr, &wp, rmp))
                     return w2d_npf(out, eg, &wr, 1);
                 setbits[ng - 1] = nb;
             }
@@ -884,7 +981,7 @@ int npt_walk2d(uint8_t *mem, uint64_t mem_size, uint64_t root, uint64_t cr3,
     else
         gpa = (e & GUEST_ADDR_MASK & ~(size - 1)) | (va & (size - 1));
 
-    if (!walk_core(mem, mem_size, root, gpa, access, &r, &fpath))
+    if (!walk_chk(mem, mem_size, root, gpa, access, &r, &fpath, rmp))
         return w2d_npf(out, gpa, &r, 0);
 
     if (set_ad) {
@@ -906,4 +1003,18 @@ int npt_walk2d(uint8_t *mem, uint64_t mem_size, uint64_t root, uint64_t cr3,
     out->errcode = 0;
     out->level = L;
     return 1;
+}
+
+int npt_walk2d(uint8_t *mem, uint64_t mem_size, uint64_t root, uint64_t cr3,
+               uint64_t va, int access, int mode, int set_ad,
+               npt_walk2d_result *out)
+{
+    return walk2d_impl(mem, mem_size, root, cr3, va, access, mode, set_ad, NULL, out);
+}
+
+int npt_walk2d_rmp(uint8_t *mem, uint64_t mem_size, uint64_t root, uint64_t cr3,
+                   uint64_t va, int access, int mode, int set_ad,
+                   const npt_rmp *rmp, npt_walk2d_result *out)
+{
+    return walk2d_impl(mem, mem_size, root, cr3, va, access, mode, set_ad, rmp, out);
 }

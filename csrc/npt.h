@@ -84,4 +84,37 @@ int npt_walk2d(uint8_t *mem, uint64_t mem_size, uint64_t root, uint64_t cr3,
                uint64_t va, int access, int mode, int set_ad,
                npt_walk2d_result *out);
 
+/* The RMP check of the `rmp` protection design (SEV-SNP's reverse map):
+ * after a nested translation gpa -> hpa through a leaf at `level`, the
+ * entry of the final 4 KiB frame must say "assigned to this guest (asid),
+ * at this GPA, with this page size".  Entry format (nptcore/rmp.py, written
+ * only by the PSP): bit 0 assigned, bits 1..2 the page-size level (1 4 KiB,
+ * 2 2 MiB), bits 12..47 the GPA of the frame, bits 48..63 the ASID.  A
+ * translation that fails it is a nested fault (PF_RMP, bit 31, plus
+ * PF_SIZEM, bit 35, when only the size differs): the walk fails as if the
+ * leaf were not usable, and sets no A/D bit. */
+typedef struct {
+    const uint64_t *entries;   /* one per host frame, indexed by HPA >> 12 */
+    uint64_t nframes;          /* frames beyond: never assigned */
+    uint64_t asid;             /* the guest whose translations are checked */
+} npt_rmp;
+
+/* 0 when the entry matches, else the fault bits (PF_RMP [| PF_SIZEM]). */
+uint64_t npt_rmp_check(const npt_rmp *rmp, uint64_t hpa, uint64_t gpa, int level);
+
+/* npt_walk / npt_walk_v / npt_walk_batch / npt_walk2d with the RMP check
+ * on every nested translation (the final one, and in a 2D walk each read
+ * of a guest table). */
+int npt_walk_rmp(uint8_t *mem, uint64_t mem_size, uint64_t root, uint64_t gpa,
+                 int access, int set_ad, const npt_rmp *rmp, npt_walk_result *out);
+npt_walk_result npt_walk_rmp_v(uint8_t *mem, uint64_t mem_size, uint64_t root,
+                               uint64_t gpa, int access, int set_ad, const npt_rmp *rmp);
+uint64_t npt_walk_batch_rmp(uint8_t *mem, uint64_t mem_size, uint64_t root,
+                            const uint64_t *gpas, const uint8_t *accesses,
+                            uint64_t *out_hpas, uint64_t n, int set_ad,
+                            const npt_rmp *rmp, npt_walk_result *miss);
+int npt_walk2d_rmp(uint8_t *mem, uint64_t mem_size, uint64_t root, uint64_t cr3,
+                   uint64_t va, int access, int mode, int set_ad,
+                   const npt_rmp *rmp, npt_walk2d_result *out);
+
 #endif

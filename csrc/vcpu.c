@@ -186,7 +186,9 @@ static bool tlb_fill(void *uc, uint64_t va, int type, uc_tlb_entry_t *e, void *u
         if (mode == MODE_NONE) {
             npt_walk_result r;
             gpa = (c->efer & EFER_LMA) ? va : (va & 0xFFFFFFFFULL);
-            if (npt_walk(c->mem, c->mem_size, root, gpa, access, 1, &r) > 0) {
+            if ((c->rmp ? npt_walk_rmp(c->mem, c->mem_size, root, gpa, access, 1,
+                                       (const npt_rmp *)c->rmp, &r)
+                        : npt_walk(c->mem, c->mem_size, root, gpa, access, 1, &r)) > 0) {
                 e->paddr = r.hpa & ~0xFFFULL;
                 e->perms = perms_for(access);
                 return true;
@@ -194,7 +196,10 @@ static bool tlb_fill(void *uc, uint64_t va, int type, uc_tlb_entry_t *e, void *u
             err = r.errcode;
         } else {
             npt_walk2d_result r;
-            int rc = npt_walk2d(c->mem, c->mem_size, root, c->cr3, va, access, mode, 1, &r);
+            int rc = c->rmp
+                ? npt_walk2d_rmp(c->mem, c->mem_size, root, c->cr3, va, access, mode, 1,
+                                 (const npt_rmp *)c->rmp, &r)
+                : npt_walk2d(c->mem, c->mem_size, root, c->cr3, va, access, mode, 1, &r);
             if (rc > 0) {
                 e->paddr = r.hpa & ~0xFFFULL;
                 e->perms = perms_for(access);

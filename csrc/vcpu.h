@@ -67,6 +67,10 @@ typedef struct vcpu_ctx {
     uint32_t nframes, next_frame;
     uint64_t *log;           /* per NPF taken: gpa, access, errcode, rip, hpa */
     uint32_t log_cap, log_n;
+    /* the rmp protection design: the npt_rmp (csrc/npt.h) every translation
+     * of the fill is checked against (a mismatch is an NPF with PF_RMP), or
+     * NULL: no check */
+    const void *rmp;
 } vcpu_ctx;
 
 /* the Python callbacks: cffi extern "Python+C" functions defined by the

@@ -52,6 +52,15 @@ PF_RSV = 8
 PF_ID = 16
 PF_FINAL = 1 << 32
 PF_WALK = 1 << 33
+PF_RMP = 1 << 31      # the translation failed the RMP check (the rmp design)
+PF_SIZEM = 1 << 35    # ... and only the page size differed
+
+# --- RMP entries (the rmp protection design; nptcore/rmp.py) ------------------
+RMP_ASSIGNED = 1
+RMP_SIZE_MASK = 0x6                          # bits 1..2: leaf level (1 4K, 2 2M)
+RMP_GPA_MASK = 0x0000_FFFF_FFFF_F000         # bits 12..47: the frame's GPA
+RMP_ASID_SHIFT = 48                          # bits 48..63: the guest (ASID)
+RMP_ASID_MAX = 0xFFFF
 
 # --- install / clear return codes --------------------------------------------
 INST_OK = 0

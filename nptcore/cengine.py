@@ -15,6 +15,7 @@ _from_buffer = ffi.from_buffer
 _unpack = ffi.unpack
 _walk_v = lib.npt_walk_v
 _walk2d = lib.npt_walk2d
+_walk_rmp_v = lib.npt_walk_rmp_v
 _tnew = tuple.__new__          # namedtuple construction without its __new__
 _WALK_RESULT_P = ffi.typeof("npt_walk_result *")
 _WALK2D_RESULT_P = ffi.typeof("npt_walk2d_result *")
@@ -74,6 +75,62 @@ class CEngine:
         if k == n:
             return n, None
         return k, WalkResult(False, 0, miss.level, miss.entry, miss.errcode)
+
+    # ------------------------------------------------------ walks with the RMP
+    @staticmethod
+    def _rmp_c(rmp):
+        """The npt_rmp struct of an RmpView (made once, kept in the view)."""
+        c = rmp._c
+        if c is None:
+            arr = _from_buffer("uint64_t[]", rmp.buf)
+            c = _new("npt_rmp *")
+            c.entries = arr
+            c.nframes = rmp.nframes
+            c.asid = rmp.asid if rmp.asid <= _U64 else _U64
+            rmp._c = c = (c, arr)
+        return c[0]
+
+    def walk_rmp(self, root, gpa, access, rmp, set_ad=True):
+        """walk() with the RMP check (nptcore/rmp.py) on the translation."""
+        r = _walk_rmp_v(self._cbuf, self.mem_size, root, gpa, access,
+                        1 if set_ad else 0, self._rmp_c(rmp))
+        lv = r.level
+        if lv > 0:
+            return _tnew(WalkResult, (True, r.hpa, lv, r.entry, 0))
+        return _tnew(WalkResult, (False, 0, -lv, r.entry, r.errcode))
+
+    def walk_batch_rmp(self, root, gpas, accesses, out_hpas, rmp, set_ad=True):
+        """walk_batch() with the RMP check on every translation."""
+        n = len(gpas)
+        if len(accesses) != n or len(out_hpas) < n:
+            raise ValueError("walk_batch: accesses must have the length of gpas "
+                             "and out_hpas at least that length")
+        with memoryview(gpas) as g, memoryview(accesses) as a, \
+                memoryview(out_hpas) as o:
+            if g.itemsize != 8 or a.itemsize != 1 or o.itemsize != 8:
+                raise TypeError("walk_batch: gpas and out_hpas must be array('Q'), "
+                                "accesses bytes or array('B')")
+        miss = _new(_WALK_RESULT_P)
+        k = lib.npt_walk_batch_rmp(
+            self._cbuf, self.mem_size, root,
+            _from_buffer("uint64_t[]", gpas),
+            _from_buffer("uint8_t[]", accesses),
+            _from_buffer("uint64_t[]", out_hpas, require_writable=True),
+            n, 1 if set_ad else 0, self._rmp_c(rmp), miss)
+        if k == n:
+            return n, None
+        return k, WalkResult(False, 0, miss.level, miss.entry, miss.errcode)
+
+    def walk2d_rmp(self, root, cr3, va, access, mode, rmp, set_ad=True):
+        """walk2d() with the RMP check on every nested translation."""
+        r = _new(_WALK2D_RESULT_P)
+        rc = lib.npt_walk2d_rmp(self._cbuf, self.mem_size, root, cr3, va, access, mode,
+                                1 if set_ad else 0, self._rmp_c(rmp), r)
+        if rc < 0:
+            raise ValueError("walk2d: bad mode %r" % (mode,))
+        if rc:
+            return Walk2DResult(True, r.hpa, r.gpa, r.kind, 0, r.level)
+        return Walk2DResult(False, 0, r.gpa, r.kind, r.errcode, r.level)
 
     def floor_walk_batch(self, root, gpas, out_hpas):
         """Benchmark floor: four dependent loads per GPA, no checks at all.

@@ -14,6 +14,7 @@ from .bits import (
     GUEST_ADDR_MASK, G_RSVD_LONG, G_RSVD_PAE, G_RSVD_PDPTE, G_RSVD_4M,
     WalkResult, Walk2DResult,
 )
+from .rmp import rmp_check
 
 _U64 = (1 << 64) - 1
 _NP_MASK = P | RSVD_HI
@@ -123,12 +124,38 @@ class PyEngine:
                 res = res._replace(entry=self._q[slots[-1]])
         return res
 
-    def walk_batch(self, root, gpas, accesses, out_hpas, set_ad=True):
+    def _rmp_core(self, rmp):
+        """_walk_core followed by the RMP check of `rmp` (an RmpView): a
+        mismatch fails the walk with PF_P | the check's bits."""
+        core = self._walk_core
+        entries, asid = rmp.entries, rmp.asid
+
+        def chk(root, gpa, access):
+            res, slots, andb = core(root, gpa, access)
+            if slots is None:
+                return res, slots, andb
+            bits = rmp_check(entries, asid, res.hpa, gpa, res.level)
+            if bits:
+                return _fail(res.level, res.entry, PF_P | bits, access), None, 0
+            return res, slots, andb
+        return chk
+
+    def walk_rmp(self, root, gpa, access, rmp, set_ad=True):
+        """walk() with the RMP check (nptcore/rmp.py) on the translation."""
+        res, slots, andb = self._rmp_core(rmp)(root, gpa, access)
+        if set_ad and slots is not None:
+            dirty = access == ACC_W
+            if not (andb & A and (not dirty or res.entry & D)):
+                self._apply_ad(slots, andb, res.entry, dirty)
+                res = res._replace(entry=self._q[slots[-1]])
+        return res
+
+    def walk_batch(self, root, gpas, accesses, out_hpas, set_ad=True, rmp=None):
         n = len(gpas)
         if len(accesses) != n or len(out_hpas) < n:
             raise ValueError("walk_batch: accesses must have the length of gpas "
                              "and out_hpas at least that length")
-        core = self._walk_core
+        core = self._walk_core if rmp is None else self._rmp_core(rmp)
         apply_ad = self._apply_ad
         for i in range(n):
             acc = accesses[i]
@@ -288,7 +315,16 @@ class PyEngine:
         return bytes(page)
 
     # ----------------------------------------------------------------- walk2d
-    def walk2d(self, root, cr3, va, access, mode, set_ad=True):
+    def walk_batch_rmp(self, root, gpas, accesses, out_hpas, rmp, set_ad=True):
+        """walk_batch() with the RMP check on every translation."""
+        return self.walk_batch(root, gpas, accesses, out_hpas, set_ad, rmp)
+
+    def walk2d_rmp(self, root, cr3, va, access, mode, rmp, set_ad=True):
+        """walk2d() with the RMP check on every nested translation (each
+        guest table read and the final address)."""
+        return self.walk2d(root, cr3, va, access, mode, set_ad, rmp)
+
+    def walk2d(self, root, cr3, va, access, mode, set_ad=True, rmp=None):
         if not (0 <= root <= _U64 and 0 <= cr3 <= _U64 and 0 <= va <= _U64):
             raise OverflowError("address out of range for uint64")
         write = access == ACC_W
@@ -306,7 +342,7 @@ class PyEngine:
             va &= 0xFFFFFFFF
         else:
             raise ValueError("walk2d: bad mode %r" % (mode,))
-        core = self._walk_core
+        core = self._walk_core if rmp is None else self._rmp_core(rmp)
         q = self._q
         d = self._d
         andb = _U64
