@@ -2,7 +2,8 @@
 from .commands import ATTR_RWX, ATTR_W, ATTR_X, LEVEL_2M, LEVEL_4K, Cmd, decode, encode
 from .guest import INTEGRITY_MODES, register_integrity_mode
 from .psp import Psp
+from .designs import DESIGNS, make_psp
 from .status import Status, status_name
 
 __all__ = ["Psp", "Cmd", "Status", "status_name", "encode", "decode", "ATTR_RWX", "ATTR_W",
-           "ATTR_X", "LEVEL_4K", "LEVEL_2M", "INTEGRITY_MODES", "register_integrity_mode"]
+           "ATTR_X", "LEVEL_4K", "LEVEL_2M", "INTEGRITY_MODES", "register_integrity_mode", "DESIGNS", "make_psp"]

@@ -24,6 +24,8 @@ class Cmd(IntEnum):
     UPDATE_NPT = 0x20
     UNMAP = 0x21
     RECLAIM = 0x22
+    RMP_ASSIGN = 0x24       # the rmp design: RMPUPDATE assigning frames to (guest, GPA, size)
+    RMP_UNASSIGN = 0x25     # the rmp design: RMPUPDATE back to hypervisor-owned (scrubbed)
     VERIFY = 0x30
     GUEST_STATUS = 0x31
     DECOMMISSION = 0x32
@@ -49,6 +51,8 @@ _IN = {
     Cmd.UPDATE_NPT: ("<IIQQII", ("handle", "level", "gpa", "hpa", "attrs", "npages")),
     Cmd.UNMAP: ("<IIQI", ("handle", "level", "gpa", "npages")),
     Cmd.RECLAIM: ("<IQI", ("handle", "hpa", "npages")),
+    Cmd.RMP_ASSIGN: ("<IIQQI", ("handle", "level", "gpa", "hpa", "npages")),
+    Cmd.RMP_UNASSIGN: ("<IIQI", ("handle", "level", "hpa", "npages")),
     Cmd.VERIFY: ("<I", ("handle",)),
     Cmd.GUEST_STATUS: ("<I", ("handle",)),
     Cmd.DECOMMISSION: ("<I", ("handle",)),

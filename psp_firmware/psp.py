@@ -41,6 +41,9 @@ log = logging.getLogger("psp")
 
 
 class Psp(PlatformCommands, LaunchCommands, NptCommands, CheckCommands):
+    protect = "digest"              # the protection design (psp_firmware/designs.py)
+    TABLE_ENTRY = 1 | 2 | 4         # P | W | U: an entry pointing at a table page
+
     def __init__(self, membuf, backend=None, integrity=DEFAULT_INTEGRITY, core=None,
                  scrub="auto", fast=None, mem_fd=None, holes=None):
         """fast: use the C core's UPDATE_NPT fast path (csrc/psp_core.c) for
@@ -116,8 +119,18 @@ class Psp(PlatformCommands, LaunchCommands, NptCommands, CheckCommands):
         }
         # every handler takes the command's fields positionally, in layout order
         for cmd, handler in self._handlers.items():
-            code = handler.__code__
-            assert code.co_varnames[1:code.co_argcount] == in_fields(cmd), cmd
+            self._assert_layout(cmd, handler)
+
+    @staticmethod
+    def _assert_layout(cmd, handler):
+        """Every handler takes the command's fields positionally, in layout order."""
+        code = handler.__code__
+        assert code.co_varnames[1:code.co_argcount] == in_fields(cmd), cmd
+
+    def shared_regions(self):
+        """{name: (fd, size, hpa)}: PSP memory the VMM may map read-only
+        (the isolated and rmp designs); none under digest."""
+        return {}
 
     # ------------------------------------------------------------------
     # the mailbox

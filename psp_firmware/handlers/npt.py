@@ -41,7 +41,7 @@ class NptCommands:
             writes = leaves.upper
         for table, idx, value in writes:
             t = real(table)
-            v = (real(value) | P | W | U) if isinstance(value, tuple) else value
+            v = (real(value) | self.TABLE_ENTRY) if isinstance(value, tuple) else value
             self._write_u64(t + idx * 8, v)
             g.npt.set_entry(t, idx, v)
             modified.setdefault(t, set()).add(idx >> 3)
