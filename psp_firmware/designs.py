@@ -96,3 +96,39 @@ def make_psp(membuf, protect=DEFAULT_DESIGN, iso=None, seal=False, **kw):
         return RmpPsp(membuf, seal=seal, **kw)
     from .none import NonePsp
     return NonePsp(membuf, **kw)
+
+
+def private_bytes(psp):
+    """The payload bytes of a firmware's private state, by kind (hv compare's
+    psp_bytes_per_gib): what its data structures hold, not Python's object
+    overhead. Introspection for benchmarks, like Psp._check_invariants: the
+    VMM never calls it (it holds a transport, not the Psp)."""
+    out = {"frame_table": 0, "shadow": 0, "hashes": 0, "tables": 0, "rmp": 0, "gpa_maps": 0}
+    ft = psp._frames
+    if ft is None:
+        return out
+    counts = ft.counts()
+    listed = sum(counts.get(k, 0) for k in ("TABLE", "VMSA", "PRIVATE", "MAPPED"))
+    if psp.protect != "none":
+        out["frame_table"] = 13 * listed        # state u8, owner u32, gpa u64 per listed frame
+    for g in psp._guests.values():
+        npages = len(g.npt.pages)
+        if psp.protect in ("digest", "isolated"):
+            out["shadow"] += 4096 * npages      # the PSP's canonical copy of each table page
+        integ = g.integrity
+        if integ.mode == "full":
+            out["hashes"] += 32
+        elif integ.mode == "merkle":
+            out["hashes"] += (sum(len(v) for v in integ.chunk_h.values()) + 32 * len(integ.node_h)
+                              + sum(len(v) for v in integ.line_h.values())
+                              + sum(len(v) for v in integ.slots.values())
+                              + 8 * 512 * len(integ.kids))
+        if psp.protect == "isolated":
+            out["tables"] += 4096 * (npages + 1)  # the table (and control page) live in PSP memory
+        if psp.protect == "rmp":
+            out["gpa_maps"] += 16 * (len(g.rmp_4k) + len(g.rmp_2m))
+    if psp.protect == "rmp":
+        out["rmp"] = 8 * counts.get("MAPPED", 0)  # entries of mapped frames (the RMP covers all
+        #                                          host memory: 8 bytes per host frame)
+    out["total"] = sum(out.values())
+    return out
