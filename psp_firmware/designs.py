@@ -18,52 +18,14 @@
 design's commands are the ones its handler table lists; any other command
 id is INVALID_COMMAND ("not a command of this design").
 """
-from .commands import Cmd
+from .isolated import IsolatedPsp
+from .none import NonePsp
+from .protect import COMMANDS, DEFAULT_DESIGN, DESIGNS, NoIntegrity, check_design
+from .psp import Psp
+from .rmp import RmpPsp
 
-DESIGNS = ("digest", "isolated", "rmp", "none")
-DEFAULT_DESIGN = "digest"
-
-_COMMON = frozenset({Cmd.PLATFORM_INIT, Cmd.PLATFORM_STATUS, Cmd.LAUNCH_START,
-                     Cmd.LAUNCH_UPDATE_DATA, Cmd.LAUNCH_FINISH, Cmd.VERIFY, Cmd.GUEST_STATUS,
-                     Cmd.DECOMMISSION, Cmd.CHECK_ALL, Cmd.NOP})
-
-# the commands each design's firmware answers (the others: INVALID_COMMAND)
-COMMANDS = {
-    "digest": _COMMON | {Cmd.POOL_ADD, Cmd.SET_PRIVATE_MEMORY, Cmd.UPDATE_NPT, Cmd.UNMAP,
-                         Cmd.RECLAIM},
-    # the table frames are the PSP's own (no POOL_ADD)
-    "isolated": _COMMON | {Cmd.SET_PRIVATE_MEMORY, Cmd.UPDATE_NPT, Cmd.UNMAP, Cmd.RECLAIM},
-    # the VMM writes the table: no UPDATE_NPT / UNMAP / POOL_ADD; RMPUPDATE
-    "rmp": _COMMON | {Cmd.SET_PRIVATE_MEMORY, Cmd.RECLAIM, Cmd.RMP_ASSIGN, Cmd.RMP_UNASSIGN},
-    "none": _COMMON,
-}
-
-
-class NoIntegrity:
-    """The integrity object of a design without a digest: nothing to check,
-    nothing to keep. (isolated: only the PSP can write the table; rmp and
-    none: the PSP does not hold the table at all.)"""
-    mode = "none"
-    mode_id = 2
-    digest = bytes(32)
-
-    def __init__(self, shadow, canon_page, read_u64, vmsa, **_kw):
-        self.shadow = shadow
-
-    def verify_all(self):
-        return None
-
-    def check_before_update(self, gpa=None, level=None, npages=1):
-        return None
-
-    def after_update(self, modified):
-        pass
-
-
-def check_design(protect):
-    if protect not in DESIGNS:
-        raise ValueError(f"unknown protection design {protect!r} (have {', '.join(DESIGNS)})")
-    return protect
+__all__ = ["DESIGNS", "DEFAULT_DESIGN", "COMMANDS", "NoIntegrity", "check_design", "make_psp",
+           "private_bytes"]
 
 
 def make_psp(membuf, protect=DEFAULT_DESIGN, iso=None, seal=False, **kw):
@@ -79,7 +41,6 @@ def make_psp(membuf, protect=DEFAULT_DESIGN, iso=None, seal=False, **kw):
     if protect == "digest":
         if iso is not None:
             raise ValueError("iso= is the isolated design's")
-        from .psp import Psp
         return Psp(membuf, **kw)
     if kw.get("integrity") not in (None, "none"):
         raise ValueError(f"--integrity is the digest design's sub-option, not {protect}'s")
@@ -87,14 +48,11 @@ def make_psp(membuf, protect=DEFAULT_DESIGN, iso=None, seal=False, **kw):
     if protect == "isolated":
         if iso is None:
             raise ValueError("the isolated design needs iso=(base, size)")
-        from .isolated import IsolatedPsp
         return IsolatedPsp(membuf, iso_base=iso[0], iso_size=iso[1], seal=seal, **kw)
     if iso is not None:
         raise ValueError("iso= is the isolated design's")
     if protect == "rmp":
-        from .rmp import RmpPsp
         return RmpPsp(membuf, seal=seal, **kw)
-    from .none import NonePsp
     return NonePsp(membuf, **kw)
 
 

@@ -28,7 +28,7 @@ hv refuses to run the design that way.
 """
 import mmap
 
-from .designs import COMMANDS, NoIntegrity
+from .protect import COMMANDS, NoIntegrity
 from .frames import F
 from .guest import G_LAUNCHING, G_RUNNING, G_STOPPED, Guest, _Refuse
 from .psp import Psp

@@ -7,7 +7,7 @@ SUCCESS; GUEST_STATUS reports no table and a zero digest. No frame table
 entry is ever set: any HPA may be anything.
 """
 from .commands import Cmd, encode_out
-from .designs import COMMANDS, NoIntegrity
+from .protect import COMMANDS, NoIntegrity
 from .integrity import PAGE
 from .guest import G_LAUNCHING, Guest, _Refuse
 from .psp import Psp

@@ -50,7 +50,7 @@ from nptcore.rmp import rmp_entry
 
 from . import sealed
 from .commands import Cmd, encode_out
-from .designs import COMMANDS, NoIntegrity
+from .protect import COMMANDS, NoIntegrity
 from .frames import F
 from .integrity import PAGE, level_size
 from .guest import G_LAUNCHING, G_RUNNING, G_STOPPED, Guest, _Refuse
