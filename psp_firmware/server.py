@@ -277,6 +277,23 @@ class _VmmBeside:
         self.fd = None
 
 
+def _send_regions(fd, regions):
+    """Hand the VMM the PSP memory it may map read-only: one message on the
+    unix socket `fd`, a JSON list of [name, size, hpa] and the memfds."""
+    import json
+    import socket
+    sock = socket.socket(fileno=fd)
+    try:
+        items = [[name, size, hpa] for name, (_fd, size, hpa) in regions.items()]
+        msg = json.dumps(items).encode()
+        if regions:
+            socket.send_fds(sock, [msg], [f for f, _s, _h in regions.values()])
+        else:
+            sock.sendall(msg)
+    finally:
+        sock.close()
+
+
 def _env_int(name):
     v = os.environ.get(name)
     if v is None or v == "":
@@ -302,6 +319,10 @@ def main(argv=None):
     ap.add_argument("--slice-ms", type=float, default=50.0)
     ap.add_argument("--periodic-ms", type=float, default=None)
     ap.add_argument("--log-level", type=int, default=None)
+    ap.add_argument("--protect", default="digest")
+    ap.add_argument("--iso-base", type=int, default=None)
+    ap.add_argument("--iso-size", type=int, default=None)
+    ap.add_argument("--fd-sock", type=int, default=None)
     args = ap.parse_args(argv)
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -324,13 +345,20 @@ def main(argv=None):
                 L.U32.unpack_from(mbox, L.OFF_VERSION)[0] != L.VERSION:
             raise ValueError("mailbox region has a bad magic or version")
         from .guest import INTEGRITY_MODES
-        from .psp import Psp
+        from .designs import make_psp
         if args.integrity is not None and args.integrity not in INTEGRITY_MODES:
             _load_integrity_modes()
         kw = {} if args.integrity is None else {"integrity": args.integrity}
-        # mem_fd: the PSP keeps its own dup for the scrub's hole probe
-        psp = Psp(mem, backend=args.backend, mem_fd=args.mem_fd, **kw)
+        if args.iso_base is not None:
+            kw["iso"] = (args.iso_base, args.iso_size)
+        # mem_fd: the PSP keeps its own dup for the scrub's hole probe; seal:
+        # the memory the VMM gets to read (isolated: its tables; rmp: the RMP)
+        # is sealed against every writer but this process's own mapping
+        psp = make_psp(mem, protect=args.protect, seal=True, backend=args.backend,
+                       mem_fd=args.mem_fd, **kw)
         os.close(args.mem_fd)
+        if args.fd_sock is not None:
+            _send_regions(args.fd_sock, psp.shared_regions())
         if args.periodic_ms and hasattr(psp, "start_periodic_check"):
             psp.start_periodic_check(args.periodic_ms)     # the PSP's own timer
     except Exception as e:

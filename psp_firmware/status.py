@@ -30,6 +30,8 @@ class Status(IntEnum):
     GUEST_STOPPED = 0x14            # guest was stopped after a tamper; it is fatal
     INTERNAL_ERROR = 0x15           # firmware bug (never expected); state unchanged
     PSP_DEAD = 0x16                 # transport only: the PSP process is gone / timed out
+    RMP_FAULT = 0x17                # CPU only (the rmp design): a translation failed the RMP
+                                    # check, a nested fault the guest cannot get past
 
 
 def status_name(code: int) -> str:

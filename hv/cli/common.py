@@ -77,13 +77,20 @@ def add_common_options(p, psp=True):
                         "(a new or empty file; it starts zero-filled and is kept)")
     p.add_argument("--host-mem-file-overwrite", action="store_true",
                    help="let --host-mem-file overwrite an existing non-empty file")
-    from psp_firmware import INTEGRITY_MODES
+    from psp_firmware import DESIGNS, INTEGRITY_MODES
+    p.add_argument("--protect", default="digest", choices=DESIGNS,
+                   help="protection design (docs/designs.md): digest (the patent: the PSP "
+                        "writes the NPT and keeps its digest; the default), isolated (the NPT "
+                        "in PSP memory the VMM cannot write; needs --psp process), rmp (the VMM "
+                        "writes the NPT, every translation is checked against the PSP's reverse "
+                        "map), none (the VMM writes it, nothing checks)")
     p.add_argument("--integrity", default=None, choices=sorted(INTEGRITY_MODES),
-                   help="PSP integrity mode: full (patent-literal: re-hash the whole table on "
-                        "every update) or merkle (hash tree; the default)")
+                   help="--protect digest's integrity mode: full (patent-literal: re-hash the "
+                        "whole table on every update) or merkle (hash tree; the default)")
     if psp:
-        p.add_argument("--psp", choices=["inprocess", "process"], default="inprocess",
-                       help="where the PSP firmware runs")
+        p.add_argument("--psp", choices=["inprocess", "process"], default=None,
+                       help="where the PSP firmware runs (default: process for --protect "
+                            "isolated, which needs it; else inprocess)")
         p.add_argument("--psp-timeout", type=timeout_arg, default=5.0, metavar="S",
                        help="seconds before a silent PSP process is declared dead")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -147,9 +154,10 @@ def add_accel_option(p):
 def make_vmm(args):
     from hv.vmm.vmm import Vmm
     return Vmm(host_mem=args.host_mem, host_mem_path=args.host_mem_file, backend=args.backend,
-               integrity=args.integrity, psp=getattr(args, "psp", "inprocess"),
+               integrity=args.integrity, psp=getattr(args, "psp", None),
                psp_timeout=getattr(args, "psp_timeout", 5.0),
-               shared_mem=getattr(args, "accel", None) == "kvm")
+               shared_mem=getattr(args, "accel", None) == "kvm",
+               protect=getattr(args, "protect", "digest"))
 
 
 def check_output_path(path, option):

@@ -47,7 +47,8 @@ def run_replay(args, progress=None):
         stopped = res["stopped"]
         st = vmm.psp.guest_status(vm.handle)
         digest = st.fields.get("digest", b"").hex()
-        tamper = stopped is not None and stopped.status.name in ("INTEGRITY_FAILURE", "GUEST_STOPPED")
+        tamper = stopped is not None and stopped.status.name in ("INTEGRITY_FAILURE", "GUEST_STOPPED",
+                                                                "RMP_FAULT")
         out = {
             "trace": args.trace,
             "format": trace.format,
@@ -61,6 +62,7 @@ def run_replay(args, progress=None):
             "backend": vmm.backend,
             "integrity": args.integrity or "default",
             "psp": vmm.psp_kind,
+            "protect": vmm.protect,
             "elapsed_s": round(res["elapsed_s"], 6),
             "accesses_per_s": round(res["accesses"] / res["elapsed_s"]) if res["elapsed_s"] else None,
             "stopped": str(stopped) if stopped else None,

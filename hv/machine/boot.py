@@ -48,7 +48,7 @@ DEFAULT_MEM = 256 << 20
 CHECK_MS_SLICE = 100_000        # instructions per slice with --check-ms
 ON_SLICE_DEFAULT = 100_000      # slice length when only on_slice is given
 KVM_SLICE_MS = 10               # KVM: wall-time slice when on_slice or the PSP's timer wants one
-_TAMPER_STATUSES = ("INTEGRITY_FAILURE", "GUEST_STOPPED")
+_TAMPER_STATUSES = ("INTEGRITY_FAILURE", "GUEST_STOPPED", "RMP_FAULT")   # RMP_FAULT: the rmp design
 
 
 @dataclass
@@ -68,6 +68,7 @@ class BootResult:
     mem: int
     hook: str
     engine: str
+    protect: str                 # the protection design (docs/designs.md)
     elapsed_s: float
     insns_per_s: int | None
     checks: int = 0              # CHECK_ALL commands sent
@@ -361,7 +362,8 @@ class Boot:
             st = getattr(e.status, "name", str(e.status))
             if st in _TAMPER_STATUSES:
                 reason_kind = "psp_stopped"
-                tamper = _tamper(st, e.fields, "UPDATE_NPT")
+                tamper = _tamper(st, e.fields, "RMP check (nested fault)" if st == "RMP_FAULT"
+                                 else "UPDATE_NPT")
                 reason = f"PSP stopped the VM: {e}"
                 if tamper.get("page_hpa") is not None:
                     reason += (f" (NPT page {tamper['page_hpa']:#x} entry {tamper['entry_index']} "
@@ -386,7 +388,8 @@ class Boot:
             reason=reason, serial=self.devices.serial.text(), npf=vm.npf,
             instructions=vc.instructions, pages_mapped=vm.pages_mapped,
             launch_pages=len(self.launch_pages), measurement=self.measurement, mem=self.mem,
-            hook=self.hook, engine=self.vmm.backend, elapsed_s=round(elapsed, 6),
+            hook=self.hook, engine=self.vmm.backend,
+            protect=getattr(self.vmm, "protect", "digest"), elapsed_s=round(elapsed, 6),
             insns_per_s=(int(vc.instructions / elapsed) if elapsed > 0 and vc.instructions
                          is not None else None),
             checks=self.checks, guest_exit_code=guest_code, tamper=tamper, fault=fault,
@@ -450,6 +453,9 @@ def _tamper(status, fields, detected_by):
         out[k] = fields.get(k)
     if "stopped_handle" in fields:
         out["handle"] = fields["stopped_handle"]
+    for k in ("gpa", "hpa", "rmp_entry"):          # an RMP fault (the rmp design)
+        if k in fields:
+            out[k] = fields[k]
     return out
 
 

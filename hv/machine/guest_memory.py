@@ -4,8 +4,10 @@ the PSP's NPT (the 2D walk of nptcore), reads and writes of guest virtual
 memory, and the guest table pages a 2D walk reads.
 
 A mixin: the vCPU provides `eng` (NPT engine), `mem` (host memory), `pc`,
-`cpu_mode()` -> (mode, cr3, lma), `_npt_root()` and `_npf(va, gpa, access,
-err, rip, mode)` (the NPF path; true when the guest must stop).
+`cpu_mode()` -> (mode, cr3, lma), `_npt_root()`, `_npf(va, gpa, access,
+err, rip, mode)` (the NPF path; true when the guest must stop) and `vm` (its
+`rmp`, under the rmp design, is what every translation is checked against:
+`_walk` / `_walk2d`).
 """
 from nptcore.bits import ACC_R, ACC_W, GUEST_ADDR_MASK, K_GUEST_PF, MODE_LONG4, MODE_PAE, MODE_32
 
@@ -16,6 +18,19 @@ MODE_NONE = 0
 
 class GuestMemoryView:
     """translate / read_virt / write_virt / read_gpa over the vCPU's state."""
+
+    def _walk(self, root, gpa, access, set_ad=True):
+        """The CPU's nested walk (with the RMP check under the rmp design)."""
+        rmp = getattr(self.vm, "rmp", None)
+        if rmp is not None:
+            return self.eng.walk_rmp(root, gpa, access, rmp, set_ad)
+        return self.eng.walk(root, gpa, access, set_ad)
+
+    def _walk2d(self, root, cr3, va, access, mode, set_ad=True):
+        rmp = getattr(self.vm, "rmp", None)
+        if rmp is not None:
+            return self.eng.walk2d_rmp(root, cr3, va, access, mode, rmp, set_ad)
+        return self.eng.walk2d(root, cr3, va, access, mode, set_ad)
 
     def translate(self, va, access=ACC_R, fault=False):
         """HPA of linear address va (None if unmapped and not `fault`).
@@ -28,12 +43,12 @@ class GuestMemoryView:
             root = self._npt_root()
             if mode == MODE_NONE:
                 gpa = va if lma else va & 0xFFFFFFFF
-                r = self.eng.walk(root, gpa, access, set_ad=fault)
+                r = self._walk(root, gpa, access, set_ad=fault)
                 if r.ok:
                     return r.hpa
                 err = r.errcode
             else:
-                r = self.eng.walk2d(root, cr3, va, access, mode, set_ad=fault)
+                r = self._walk2d(root, cr3, va, access, mode, set_ad=fault)
                 if r.ok:
                     return r.hpa
                 if r.kind == K_GUEST_PF:
@@ -76,7 +91,7 @@ class GuestMemoryView:
         while len(out) < n:
             a = gpa + len(out)
             k = min(n - len(out), 4096 - (a & 0xFFF))
-            r = self.eng.walk(self._npt_root(), a, ACC_R, set_ad=False)
+            r = self._walk(self._npt_root(), a, ACC_R, set_ad=False)
             out += self.mem.read(r.hpa, k) if r.ok else bytes(k)
         return bytes(out)
 

@@ -184,6 +184,11 @@ class UnicornVcpu(GuestMemoryView, ExceptionDelivery, FastNpf):
         ctx.handle = id(self)
         ctx.pc_reg = self._pc_reg
         ctx.blocks = self._blk_table
+        rmp = getattr(self.vm, "rmp", None)
+        if rmp is not None:
+            # the rmp design: the fill checks every translation (csrc/vcpu.c)
+            from nptcore.cengine import CEngine, ffi as npt_ffi
+            ctx.rmp = _ffi.cast("void *", int(npt_ffi.cast("uintptr_t", CEngine._rmp_c(rmp))))
         self._ctx = ctx
         _registry[id(self)] = self
         ud = ctypes.c_void_p(int(_ffi.cast("uintptr_t", ctx)))
@@ -320,12 +325,11 @@ class UnicornVcpu(GuestMemoryView, ExceptionDelivery, FastNpf):
             if self._stop_flag:
                 return False
             mode, cr3, lma = self.cpu_mode()
-            eng = self.eng
             for _ in range(8):
                 root = self._npt_root()
                 if mode == MODE_NONE:
                     gpa = va if lma else va & 0xFFFFFFFF
-                    r = eng.walk(root, gpa, access)
+                    r = self._walk(root, gpa, access)
                     if r.ok:
                         self.touched.add(gpa >> 12)
                         entry.paddr = r.hpa & ~0xFFF
@@ -333,7 +337,7 @@ class UnicornVcpu(GuestMemoryView, ExceptionDelivery, FastNpf):
                         return True
                     err = r.errcode
                 else:
-                    r = eng.walk2d(root, cr3, va, access, mode)
+                    r = self._walk2d(root, cr3, va, access, mode)
                     if r.ok:
                         self.touched.add(r.gpa >> 12)
                         self.touched.update(self._table_pages(root, cr3, va, mode))

@@ -120,6 +120,13 @@ class PspClient:
     def decommission(self, handle):
         return self.call(Cmd.DECOMMISSION, handle=handle)
 
+    def rmp_assign(self, handle, gpa, hpa, level=1, npages=1):
+        return self.call(Cmd.RMP_ASSIGN, handle=handle, level=level, gpa=gpa, hpa=hpa,
+                         npages=npages)
+
+    def rmp_unassign(self, handle, hpa, level=1, npages=1):
+        return self.call(Cmd.RMP_UNASSIGN, handle=handle, level=level, hpa=hpa, npages=npages)
+
     def check_all(self):
         return self.call(Cmd.CHECK_ALL)
 

@@ -15,6 +15,7 @@ shared-memory mailbox) has the same shape, so callers do not change when
 the PSP moves out of process.
 """
 import mmap
+import os
 import threading
 
 from hv.psp_link.ring import RING_BYTES, Ring
@@ -30,6 +31,10 @@ class InProcessTransport:
         # for a C caller on the vCPU's thread: psp_shared_update's address and
         # context (Psp.share_update_entry; None without the C core)
         self.share_update_entry = getattr(psp, "share_update_entry", lambda: None)
+        # and what the VMM may map read-only of its memory (isolated: the
+        # table frames; rmp: the RMP), as the PSP process hands it over
+        self._regions = {name: (os.dup(fd), size, hpa)
+                         for name, (fd, size, hpa) in getattr(psp, "shared_regions", dict)().items()}
         # the batch ring: a private buffer, allocated once (an anonymous
         # mapping: its slices are bytes, as the shared mailbox's are)
         self._ring_view = memoryview(mmap.mmap(-1, RING_BYTES))
@@ -64,5 +69,13 @@ class InProcessTransport:
             self.last_fw_ns = fw
         return res
 
+    def shared_regions(self):
+        """{name: (fd, size, hpa)}: the PSP memory the VMM may map read-only;
+        the caller owns the fds (given once)."""
+        out, self._regions = self._regions, {}
+        return out
+
     def close(self):
-        pass
+        for fd, _size, _hpa in self._regions.values():
+            os.close(fd)
+        self._regions = {}

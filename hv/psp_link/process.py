@@ -145,8 +145,13 @@ class ProcessTransport:
 
     def __init__(self, mem, backend=None, integrity=None, timeout=5.0, spin_us=None,
                  psp_spin_us=200.0, slice_ms=10.0, periodic_ms=None, startup_timeout=None,
-                 python=None):
+                 python=None, protect="digest", iso=None):
+        """protect: the protection design the firmware runs; iso: (base, size)
+        of the isolated design's PSP-owned range. The PSP process hands the
+        VMM, over a unix socket, the memory it may map read-only
+        (shared_regions())."""
         import mmap
+        import socket
         if mem.fd is None:
             raise ValueError("the PSP process needs shareable host memory (HostMemory(shared=True))")
         timeout = float(timeout)
@@ -163,7 +168,11 @@ class ProcessTransport:
 
         mbox_fd = os.memfd_create("hv-psp-mailbox", os.MFD_CLOEXEC)
         life_r = None
+        self._regions = {}
+        fd_sock = fd_peer = None
         try:
+            if protect != "digest":
+                fd_sock, fd_peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             os.ftruncate(mbox_fd, L.REGION_SIZE)
             mm = st["mm"] = mmap.mmap(mbox_fd, L.REGION_SIZE, flags=mmap.MAP_SHARED)
             L.U32.pack_into(mm, L.OFF_MAGIC, L.MAGIC)
@@ -193,23 +202,33 @@ class ProcessTransport:
                 argv += ["--integrity", str(integrity)]
             if periodic_ms:
                 argv += ["--periodic-ms", str(periodic_ms)]
+            if protect != "digest":
+                argv += ["--protect", str(protect), "--fd-sock", str(fd_peer.fileno())]
+                if iso is not None:
+                    argv += ["--iso-base", str(iso[0]), "--iso-size", str(iso[1])]
             # the firmware logs as it would in process: same logger level as ours
             argv += ["--log-level", str(logging.getLogger("psp").getEffectiveLevel())]
             env = dict(os.environ)
             root = os.path.dirname(os.path.dirname(os.path.abspath(L.__file__)))
             env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
             proc = st["proc"] = subprocess.Popen(
-                argv, pass_fds=(mem.fd, mbox_fd, req, resp, life_r), close_fds=True,
+                argv, pass_fds=(mem.fd, mbox_fd, req, resp, life_r)
+                + ((fd_peer.fileno(),) if fd_peer is not None else ()), close_fds=True,
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env,
                 start_new_session=True)
         except BaseException:
             if life_r is not None:
                 os.close(life_r)
             os.close(mbox_fd)
+            for s in (fd_sock, fd_peer):
+                if s is not None:
+                    s.close()
             self._finalizer()
             raise
         os.close(life_r)
         os.close(mbox_fd)
+        if fd_peer is not None:
+            fd_peer.close()
         self.proc = proc
         self.pid = proc.pid
         self._poller = select.poll()
@@ -220,7 +239,14 @@ class ProcessTransport:
             self._poller.register(self._pidfd, select.POLLIN)
         except (AttributeError, OSError):
             pass
-        self._wait_ready(max(self.timeout, 30.0) if startup_timeout is None else startup_timeout)
+        try:
+            self._wait_ready(max(self.timeout, 30.0) if startup_timeout is None
+                             else startup_timeout)
+            if fd_sock is not None:
+                self._regions = _receive_regions(fd_sock)
+        finally:
+            if fd_sock is not None:
+                fd_sock.close()
 
     # -- lifecycle ------------------------------------------------------------
     def _wait_ready(self, limit):
@@ -409,9 +435,34 @@ class ProcessTransport:
             self.last_fw_ns = fw
         return res
 
+    def shared_regions(self):
+        """{name: (fd, size, hpa)}: the PSP memory the VMM may map read-only
+        (sealed memfds of the PSP process); the caller owns the fds (given once)."""
+        out, self._regions = self._regions, {}
+        return out
+
     def psp_commands(self):
         """Commands the PSP process has executed (from its status line)."""
         return self._w64[L.Q_COMMANDS]
 
 
 # -- measurement (for `hv bench`) ---------------------------------------------
+
+
+def _receive_regions(sock):
+    """The PSP process's one message on the fd socket (sent before it said
+    READY): a JSON list of [name, size, hpa] and one fd each (SCM_RIGHTS)."""
+    import json
+    import socket
+    sock.settimeout(5.0)
+    msg, fds, _flags, _addr = socket.recv_fds(sock, 4096, 8)
+    try:
+        items = json.loads(msg.decode()) if msg else []
+        if len(items) != len(fds):
+            raise ValueError(f"{len(items)} regions, {len(fds)} fds")
+    except (ValueError, UnicodeDecodeError):
+        for fd in fds:
+            os.close(fd)
+        raise
+    return {name: (fd, size, hpa) for (name, size, hpa), fd in zip(items, fds)}
+

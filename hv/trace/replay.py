@@ -97,19 +97,25 @@ class _Miss:
     __slots__ = ("errcode",)
 
 
-def _batch_walker(eng, gpas, accs, out):
+def _batch_walker(eng, gpas, accs, out, rmp=None):
     """(walk, miss): walk(root, i, end) walks gpas[i:end] (translations into
     out[i:end]) up to the first NPT miss and returns how many hit; after a
-    miss at i + that count, miss.errcode is its NPF error code.
+    miss at i + that count, miss.errcode is its NPF error code. rmp (the rmp
+    design's RmpView): every translation is checked against it, a mismatch
+    is a miss with PF_RMP.
 
-    With the C engine this is npt_walk_batch itself on pointers taken once
-    (_c_batch_walk); else eng.walk_batch on slices."""
-    walk, miss = _c_batch_walk(eng, gpas, accs, out)
+    With the C engine this is npt_walk_batch(_rmp) itself on pointers taken
+    once (_c_batch_walk); else eng.walk_batch(_rmp) on slices."""
+    walk, miss = _c_batch_walk(eng, gpas, accs, out, rmp)
     if walk is not None:
         return walk, miss
     gv, av, ov = memoryview(gpas), memoryview(accs), memoryview(out)
     miss = _Miss()
-    batch = eng.walk_batch
+    if rmp is None:
+        batch = eng.walk_batch
+    else:
+        def batch(root, g, a, o):
+            return eng.walk_batch_rmp(root, g, a, o, rmp)
 
     def walk(root, i, end):
         k, m = batch(root, gv[i:end], av[i:end], ov[i:end])
@@ -119,7 +125,7 @@ def _batch_walker(eng, gpas, accs, out):
     return walk, miss
 
 
-def _c_batch_walk(eng, gpas, accs, out):
+def _c_batch_walk(eng, gpas, accs, out, rmp=None):
     """_batch_walker's C version, or (None, None) when the engine is not the
     C one or the arrays are not of the types its walk_batch takes."""
     try:
@@ -135,7 +141,14 @@ def _c_batch_walk(eng, gpas, accs, out):
     ap = ffi.from_buffer("uint8_t[]", accs)
     op = ffi.from_buffer("uint64_t[]", out, require_writable=True)
     miss = ffi.new("npt_walk_result *")
-    batch, cbuf, mem_size = lib.npt_walk_batch, eng._cbuf, eng.mem_size
+    cbuf, mem_size = eng._cbuf, eng.mem_size
+    if rmp is not None:
+        batch_rmp, rc = lib.npt_walk_batch_rmp, CEngine._rmp_c(rmp)
+
+        def walk(root, i, end):
+            return batch_rmp(cbuf, mem_size, root, gp + i, ap + i, op + i, end - i, 1, rc, miss)
+        return walk, miss
+    batch = lib.npt_walk_batch
 
     def walk(root, i, end):
         return batch(cbuf, mem_size, root, gp + i, ap + i, op + i, end - i, 1, miss)
@@ -149,7 +162,7 @@ def replay(vmm, vm, trace, progress=None, chunk=1 << 16):
     gpas, accs, index_map = expand_straddles(trace)
     n = len(gpas)
     out = array("Q", bytes(8 * n)) if n else array("Q")
-    walk, miss = _batch_walker(vmm.engine, gpas, accs, out)
+    walk, miss = _batch_walker(vmm.engine, gpas, accs, out, getattr(vm, "rmp", None))
     rips = getattr(trace, "rip", None)
     insns = getattr(trace, "insn", None)
     npt_root, handle_npf = vmm.npt_root, vmm.handle_npf

@@ -105,6 +105,7 @@ class HostMemory:
             path = os.fspath(path)
         self.size = size
         self.path = path
+        self.readonly = None        # [lo, hi) mapped read-only over this memory (isolated)
         self.fd = None
         created = False
         try:
@@ -181,6 +182,16 @@ class HostMemory:
     def zero(self, hpa, n):
         self._check(hpa, n)
         self.buf[hpa:hpa + n] = bytes(n)
+
+    def map_readonly_over(self, fd, hpa, size):
+        """Map `fd` (a memfd of the PSP: its sealed table frames, the
+        isolated design) read-only over host memory [hpa, hpa + size): the
+        walker reads it there, and a store to it faults (SIGSEGV), whatever
+        code of this process makes it. OSError if the kernel refuses."""
+        from psp_firmware.sealed import buffer_address, map_over
+        self._check(hpa, size)
+        map_over(buffer_address(self.buf) + hpa, size, fd, writable=False)
+        self.readonly = (hpa, hpa + size)
 
     def close(self):
         try:

@@ -1,7 +1,10 @@
 """The (untrusted) VMM: host memory, frame allocator, PSP driver, NPF path.
 
-The VMM never writes an NPT entry itself: on a nested page fault it picks a
-GPA range and an HPA range and asks the PSP (UPDATE_NPT) to install them.
+Under the digest and isolated protection designs the VMM never writes an
+NPT entry itself: on a nested page fault it picks a GPA range and an HPA
+range and asks the PSP (UPDATE_NPT) to install them. Under rmp it has the
+PSP assign the frames (RMP_ASSIGN) and writes the entries itself; under none
+it just writes them (hv/vmm/tables.py). `protect` picks the design.
 """
 import logging
 import os
@@ -9,8 +12,8 @@ import struct
 from dataclasses import dataclass, field
 
 from nptcore import get_engine
-from nptcore.bits import ACC_R, ACC_W, ACC_X, GPA_LIMIT, PF_P
-from psp_firmware import Psp, Status
+from nptcore.bits import ACC_R, ACC_W, ACC_X, GPA_LIMIT, PF_P, PF_RMP
+from psp_firmware import DESIGNS, Status, make_psp
 from psp_firmware.commands import ATTR_RWX
 
 from hv.vmm.alloc import FrameAllocator, OutOfMemory
@@ -18,6 +21,7 @@ from hv.errors import BadInput, VmStopped
 from hv.vmm.hostmem import PAGE, HostMemory
 from hv.psp_link.inprocess import InProcessTransport
 from hv.psp_link.client import PspClient
+from hv.vmm.tables import make_tables, rmp_fault
 
 log = logging.getLogger("hv.npf")
 
@@ -25,6 +29,9 @@ HUGE = 2 << 20
 ACCESS_NAMES = {ACC_R: "r", ACC_W: "w", ACC_X: "x"}
 DEFAULT_FW_SIZE = 16 << 20
 POOL_CHUNK = 64
+ISOLATED_NEEDS_PROCESS = ("--protect isolated needs the PSP in its own process (--psp process): "
+                          "with the PSP in the VMM's process its writable mapping of the table "
+                          "frames would be the VMM's too, and nothing would be enforced")
 NCR3_MASK = 0x000F_FFFF_FFFF_F000
 _U64 = struct.Struct("<Q")
 _INFO = logging.INFO
@@ -50,54 +57,107 @@ class Vm:
     # cached, so making it present needs no flush (as on x86 hardware)
     on_npt_change: list = field(default_factory=list)
     fatal: Status = None
+    rmp: object = None              # rmp design: the RMP view its translations are checked against
 
 
 class Vmm:
     """Owns host memory and the PSP transport. Several VMs at once."""
 
     def __init__(self, host_mem=1 << 30, host_mem_path=None, backend=None, integrity=None,
-                 psp="inprocess", fw_size=DEFAULT_FW_SIZE, psp_timeout=5.0, psp_check_ms=None,
-                 shared_mem=False):
+                 psp=None, fw_size=DEFAULT_FW_SIZE, psp_timeout=5.0, psp_check_ms=None,
+                 shared_mem=False, protect="digest", iso_size=None):
         """psp_check_ms: start the PSP's own wall-time periodic checker (it
         re-verifies every guest's table every N ms and stops tampered ones).
-        shared_mem: host memory in a memfd even with an in-process PSP (the
-        KVM vCPU maps its frames into the guest's memslot)."""
+        protect: the protection design (digest, isolated, rmp, none;
+        docs/designs.md); integrity is digest's sub-option. psp: "inprocess"
+        or "process" (None: process for isolated, which needs it, else
+        inprocess). iso_size: bytes of the isolated design's PSP-owned range
+        (default isolated_region_size(host_mem)). shared_mem: host memory in
+        a memfd even with an in-process PSP (the KVM vCPU maps its frames into
+        the guest's memslot)."""
+        protect = protect or "digest"
+        if protect not in DESIGNS:
+            raise BadInput(f"unknown --protect {protect!r} (have {', '.join(DESIGNS)})")
+        if integrity is not None and protect != "digest":
+            raise BadInput(f"--integrity is a sub-option of --protect digest, not of "
+                           f"--protect {protect} (which keeps no digest)")
+        if psp is None:
+            psp = "process" if protect == "isolated" else "inprocess"
+        if protect == "isolated" and psp == "inprocess":
+            raise BadInput(ISOLATED_NEEDS_PROCESS)
         if host_mem < 64 << 20:
             raise BadInput(f"--host-mem must be at least 64M, not {host_mem}")
+        self.protect = protect
         self.mem = HostMemory(host_mem, host_mem_path, shared=(psp == "process" or shared_mem))
         self.engine = get_engine(self.mem.buf, backend)
         self.backend = self.engine.name
         fw_base = host_mem - fw_size
+        self.iso_base = self.iso_size = None
+        limit = fw_base
+        if protect == "isolated":
+            # the PSP's own frames (its NPT and control pages), just below its firmware
+            self.iso_size = iso_size or isolated_region_size(host_mem)
+            self.iso_base = limit = fw_base - self.iso_size
         # HPA 0..1 MiB stays the VMM's own (never handed out), the top is PSP memory
-        self.alloc = FrameAllocator(1 << 20, fw_base)
+        self.alloc = FrameAllocator(1 << 20, limit)
         self.fw_base, self.fw_size = fw_base, fw_size
         self.psp_kind = psp
         self.psp_check_ms = psp_check_ms     # the PSP's own timer (None: off)
+        self._rmp_buf = None
         self.transport = self._make_transport(psp, backend, integrity, psp_timeout, psp_check_ms)
+        try:
+            self._map_shared(self.transport.shared_regions())
+        except BaseException:
+            self.transport.close()
+            raise
         self.psp = PspClient(self.transport)
         r = self.psp.platform_init(host_mem, fw_base, fw_size)
         if not r.ok:
             raise RuntimeError(f"PSP platform init failed: {r.name}")
         self.vms = []
         self._fast_entry = None       # the PSP's entry for the vCPU's NPF fast path (lazy)
-        # HV_NPF_FAST=0: every NPF through handle_npf (A/B runs; the same results)
-        self.npf_fast = os.environ.get("HV_NPF_FAST", "1") != "0"
-        self._donate_pool(POOL_CHUNK)
+        # HV_NPF_FAST=0: every NPF through handle_npf (A/B runs; the same results);
+        # the C path asks UPDATE_NPT: the digest design's (isolated needs the
+        # PSP process, where the C path does not reach)
+        self.npf_fast = protect == "digest" and os.environ.get("HV_NPF_FAST", "1") != "0"
+        self.tables = make_tables(self)
+        if protect == "digest":
+            self._donate_pool(POOL_CHUNK)
 
     def _make_transport(self, psp, backend, integrity, timeout, check_ms):
         if check_ms is not None and not check_ms > 0:
             raise BadInput(f"the PSP's check interval must be > 0 ms, not {check_ms}")
+        iso = (self.iso_base, self.iso_size) if self.protect == "isolated" else None
         if psp == "inprocess":
             kw = {} if integrity is None else {"integrity": integrity}
-            self._psp_obj = Psp(self.mem.buf, backend=backend, mem_fd=self.mem.fd, **kw)
+            self._psp_obj = make_psp(self.mem.buf, protect=self.protect, seal=True, iso=iso,
+                                     backend=backend, mem_fd=self.mem.fd, **kw)
             if check_ms:
                 self._psp_obj.start_periodic_check(check_ms)
             return InProcessTransport(self._psp_obj)
         if psp == "process":
             from hv.psp_link.process import ProcessTransport
             return ProcessTransport(self.mem, backend=backend, integrity=integrity, timeout=timeout,
-                                    periodic_ms=check_ms)
+                                    periodic_ms=check_ms, protect=self.protect, iso=iso)
         raise BadInput(f"unknown --psp {psp!r} (inprocess or process)")
+
+    def _map_shared(self, regions):
+        """Map what the PSP lets the VMM read: the isolated design's table
+        frames (read-only, over host memory) and the rmp design's RMP."""
+        import mmap
+        try:
+            if self.protect == "isolated":
+                fd, size, hpa = regions["iso"]
+                if (hpa, size) != (self.iso_base, self.iso_size):
+                    raise RuntimeError(f"the PSP's region {hpa:#x}+{size:#x} is not the one "
+                                       f"asked for")
+                self.mem.map_readonly_over(fd, hpa, size)
+            elif self.protect == "rmp":
+                fd, size, _hpa = regions["rmp"]
+                self._rmp_buf = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        finally:
+            for fd, _size, _hpa in regions.values():
+                os.close(fd)
 
     def close(self):
         psp = getattr(self, "_psp_obj", None)
@@ -128,12 +188,11 @@ class Vmm:
     def create_vm(self, ram_size=None, fault_around=1, huge=False):
         if fault_around < 1 or fault_around > 512:
             raise BadInput(f"--fault-around must be 1..512, not {fault_around}")
-        vmsa = self.alloc.alloc(1)
-        r = self._psp_retry_pool(self.psp.launch_start, vmsa)
-        if not r.ok:
-            self.alloc.free(vmsa)
-            raise RuntimeError(f"PSP refused LAUNCH_START: {r.name}")
-        vm = Vm(r.handle, vmsa, ram_size, fault_around, huge)
+        handle, vmsa = self.tables.launch()
+        vm = Vm(handle, vmsa, ram_size, fault_around, huge)
+        if self._rmp_buf is not None:
+            from nptcore.rmp import RmpView
+            vm.rmp = RmpView(self._rmp_buf, handle)
         self.vms.append(vm)
         return vm
 
@@ -148,7 +207,7 @@ class Vmm:
         """Launch: copy image bytes into a fresh frame, have the PSP measure and map it."""
         hpa = self.alloc.alloc(1)
         self.mem.write(hpa, data.ljust(PAGE, b"\0"))
-        r = self._psp_retry_pool(self.psp.launch_update_data, vm.handle, gpa, hpa, 1)
+        r = self.tables.load(vm, gpa, hpa)
         if not r.ok:
             self.alloc.free(hpa)
             raise BadInput(f"PSP refused to load image page at GPA {gpa:#x}: {r.name}")
@@ -224,10 +283,13 @@ class Vmm:
         vm.npf += 1
         if vm.fatal is not None:
             raise VmStopped(vm.fatal, f"guest {vm.handle} is stopped ({vm.fatal.name})")
+        if errcode & PF_RMP:
+            vm.fatal = Status.RMP_FAULT
+            raise rmp_fault(self, vm, gpa, access, errcode)
         if errcode & PF_P:
             raise VmStopped(Status.BAD_PAGE_STATE,
                             f"protection NPF at GPA {gpa:#x} (error code {errcode:#x}): "
-                            f"the PSP maps every page RWX, so the table was changed")
+                            f"every page is mapped RWX, so the table was changed")
         if vm.ram_size is not None and gpa >= vm.ram_size:
             raise VmStopped(Status.OUT_OF_RANGE,
                             f"guest accessed GPA {gpa:#x} beyond its RAM ({vm.ram_size:#x})")
@@ -246,8 +308,12 @@ class Vmm:
             except OutOfMemory as e:
                 raise VmStopped(Status.RESOURCE_EXHAUSTED, str(e)) from None
         # (None for SUCCESS: no Reply is made for it)
-        r = self.psp.update_npt_fast(vm.handle, g, hpa, level, ATTR_RWX, npages)
-        if r is not None and r.status == _RESOURCE_EXHAUSTED:
+        if self.tables.writer == "psp":
+            r = self.psp.update_npt_fast(vm.handle, g, hpa, level, ATTR_RWX, npages)
+        else:
+            r = self.tables.map(vm, g, hpa, level, ATTR_RWX, npages)
+            r = None if r.status == _SUCCESS else r
+        if r is not None and r.status == _RESOURCE_EXHAUSTED and self.protect == "digest":
             r = self._psp_retry_pool(self.psp.update_npt, vm.handle, g, hpa, level, ATTR_RWX, npages,
                                      reply=r)
         if log.isEnabledFor(_INFO):
@@ -258,7 +324,8 @@ class Vmm:
             self.alloc.free(hpa, npages if level == 1 else 512)
             if r.status in (Status.INTEGRITY_FAILURE, Status.GUEST_STOPPED):
                 vm.fatal = r.status
-            raise VmStopped(r.status, f"PSP refused UPDATE_NPT for GPA {gpa:#x}: {r.name}",
+            what = "UPDATE_NPT" if self.tables.writer == "psp" else "the mapping"
+            raise VmStopped(r.status, f"PSP refused {what} for GPA {gpa:#x}: {r.name}",
                             fields=r.fields)
         # (GPAs that were not mapped: no TLB holds them, nothing to flush)
         self._record(vm, g >> 12, npages, hpa, level, False)
@@ -304,15 +371,45 @@ class Vmm:
 
         Returns the HPA it translates to. Raises VmStopped if the PSP refuses."""
         for _ in range(3):
-            r = self.engine.walk(self.npt_root(vm), gpa, access)
+            r = self.walk(vm, gpa, access)
             if r.ok:
                 return r.hpa
             self.handle_npf(vm, gpa, access, r.errcode)
         raise VmStopped(Status.INTERNAL_ERROR, f"GPA {gpa:#x} still unmapped after its NPF")
 
+    def walk(self, vm, gpa, access=ACC_R, set_ad=True):
+        """The CPU's walk of gpa for vm: through nCR3 as the control page
+        holds it, with the RMP check under the rmp design."""
+        if vm.rmp is not None:
+            return self.engine.walk_rmp(self.npt_root(vm), gpa, access, vm.rmp, set_ad)
+        return self.engine.walk(self.npt_root(vm), gpa, access, set_ad)
+
+    # -- mappings the design's way (the attack suite's VMM uses these too) ---
+    def map(self, vm, gpa, hpa, level=1, attrs=ATTR_RWX, npages=1, force=False):
+        """Map gpa.. -> hpa.. as the design does it (digest, isolated:
+        UPDATE_NPT; rmp: RMP_ASSIGN, then the VMM's own write; none: the
+        write). Returns the Reply; the VMM's own bookkeeping is not updated
+        (the NPF path's is). force: write the entry whatever is there (the
+        malicious VMM, where the VMM writes the table)."""
+        return self.tables.map(vm, gpa, hpa, level, attrs, npages, force)
+
+    def unmap(self, vm, gpa, level=1, npages=1):
+        return self.tables.unmap(vm, gpa, level, npages)
+
+    def reclaim(self, vm, hpa, npages=1, level=1):
+        """Frames back from a guest (digest, isolated: RECLAIM of unmapped
+        frames; rmp: RMP_UNASSIGN, scrubbed; none: nothing to ask)."""
+        return self.tables.reclaim(vm, hpa, npages, level)
+
     def guest_digest(self, vm):
         r = self.psp.guest_status(vm.handle)
         return r.fields.get("digest", b"")
+
+
+def isolated_region_size(host_mem):
+    """The isolated design's PSP-owned range: 1/32 of host memory, at least
+    8 MiB, in whole 2 MiB blocks (table and control pages come from it)."""
+    return max(8 << 20, (host_mem // 32) >> 21 << 21)
 
 
 def _insn_text(insn, rip, mode):
