@@ -50,11 +50,11 @@ from hv.attacks import by_command, by_write, timing  # noqa: F401
 from hv.attacks.guest import load_guest_scenarios
 from hv.attacks.lab import Lab, entry_addr, frame_of
 from hv.attacks.registry import (CATEGORIES, DETECTED, ERROR, FAILURES, FALSE_POSITIVE,
-                                 NOT_FLAGGED, OUTCOMES, REFUSED, SCENARIOS, SKIPPED, UNDETECTED,
+                                 NOT_FLAGGED, OUTCOMES, PREVENTED, REFUSED, SCENARIOS, SKIPPED, UNDETECTED,
                                  AttackConfig, AttackResult, Scenario, run_scenario,
                                  run_scenarios, scenario_names, summarize)
 
 __all__ = ["CATEGORIES", "DETECTED", "ERROR", "FAILURES", "FALSE_POSITIVE", "NOT_FLAGGED",
-           "OUTCOMES", "REFUSED", "SCENARIOS", "SKIPPED", "UNDETECTED", "AttackConfig",
+           "OUTCOMES", "PREVENTED", "REFUSED", "SCENARIOS", "SKIPPED", "UNDETECTED", "AttackConfig",
            "AttackResult", "Lab", "Scenario", "entry_addr", "frame_of", "load_guest_scenarios",
            "run_scenario", "run_scenarios", "scenario_names", "summarize"]

@@ -1,16 +1,18 @@
-"""Tampers by writing the NPT in host memory: each must be detected."""
+"""Tampers by writing the NPT in host memory: what each design makes of them
+(hv/attacks/expect.py: REMAP_BY_WRITE, PERMISSION_BY_WRITE)."""
 import struct
 
 from nptcore.bits import ACC_R, ACC_W, ACC_X, ADDR_MASK, NX, P, PS, U, W, index as npt_index
 from psp_firmware.commands import ATTR_W, ATTR_X
-from hv.attacks.registry import DETECTED, MB2, PAGE, scenario
+from hv.attacks.expect import PERMISSION_BY_WRITE, REMAP_BY_WRITE
+from hv.attacks.registry import MB2, PAGE, scenario
 from hv.attacks.lab import AccessLoop, Lab, entry_addr, frame_of, run_tamper
 
 
 # ---------------------------------------------------------------------------
 # detected: direct writes to the NPT in host memory
 
-@scenario("severed_remap", "severed_remap", DETECTED)
+@scenario("severed_remap", "severed_remap", REMAP_BY_WRITE)
 def sc_severed_remap(cfg):
     """SEVered: rewrite a victim leaf so its GPA points at another guest's page."""
     with Lab(cfg) as lab:
@@ -25,7 +27,7 @@ def sc_severed_remap(cfg):
                                f"{lab.other_page:#x}")
 
 
-@scenario("severed_remap_npf", "severed_remap", DETECTED)
+@scenario("severed_remap_npf", "severed_remap", REMAP_BY_WRITE)
 def sc_severed_remap_npf(cfg):
     """SEVered remap next to the slot of the next NPF: caught by that UPDATE_NPT."""
     with Lab(cfg, pages=12) as lab:
@@ -46,7 +48,7 @@ def sc_severed_remap_npf(cfg):
                                f"{fresh_gpa:#x}")
 
 
-@scenario("alias_by_write", "alias", DETECTED)
+@scenario("alias_by_write", "alias", REMAP_BY_WRITE)
 def sc_alias_by_write(cfg):
     """Alias two GPAs onto one HPA by writing an NPT entry directly."""
     with Lab(cfg) as lab:
@@ -61,7 +63,7 @@ def sc_alias_by_write(cfg):
                           what=f"GPA {b:#x} aliased onto {hpa_a:#x} (the frame of GPA {a:#x})")
 
 
-@scenario("alias_new_gpa_by_write", "alias", DETECTED)
+@scenario("alias_new_gpa_by_write", "alias", REMAP_BY_WRITE)
 def sc_alias_new_gpa(cfg):
     """Alias by writing a new leaf (an unmapped GPA) that points at a mapped frame."""
     with Lab(cfg) as lab:
@@ -76,7 +78,7 @@ def sc_alias_new_gpa(cfg):
                           what=f"new leaf GPA {new:#x} -> {hpa_a:#x} written by the VMM")
 
 
-@scenario("replay_old_entry", "replay", DETECTED)
+@scenario("replay_old_entry", "replay", REMAP_BY_WRITE)
 def sc_replay_old_entry(cfg):
     """Replay an old entry: the frame was unmapped, reclaimed and given to another
     guest; the VMM writes the victim's old leaf back."""
@@ -85,8 +87,8 @@ def sc_replay_old_entry(cfg):
         slot = lab.leaf(gpa)
         old = lab.mem.read_u64(slot)
         hpa = old & ADDR_MASK
-        steps = [lab.psp.unmap(lab.victim.handle, gpa), lab.psp.reclaim(lab.victim.handle, hpa),
-                 lab.psp.update_npt(lab.other.handle, 0x900000, hpa)]
+        steps = [lab.unmap(lab.victim, gpa), lab.reclaim(lab.victim, hpa),
+                 lab.map(lab.other, 0x900000, hpa)]
         if not all(r.ok for r in steps):
             raise RuntimeError(f"setup failed: {[r.name for r in steps]}")
         lab.mem.write(hpa, b"now the other guest's data")
@@ -100,7 +102,7 @@ def sc_replay_old_entry(cfg):
                                f"to the other guest")
 
 
-@scenario("replay_old_table_page", "replay", DETECTED)
+@scenario("replay_old_table_page", "replay", REMAP_BY_WRITE)
 def sc_replay_old_table_page(cfg):
     """Replay a whole old table page (a snapshot from before an UNMAP)."""
     with Lab(cfg) as lab:
@@ -109,8 +111,8 @@ def sc_replay_old_table_page(cfg):
         pt = slot & ~0xFFF
         snap = lab.mem.read(pt, PAGE)
         hpa = frame_of(lab.vmm, lab.victim, gpa)
-        assert lab.psp.unmap(lab.victim.handle, gpa).ok
-        assert lab.psp.reclaim(lab.victim.handle, hpa).ok
+        assert lab.unmap(lab.victim, gpa).ok
+        assert lab.reclaim(lab.victim, hpa).ok
         pattern = [(g, ACC_R) for g in lab.work]   # includes gpa: live only if the replay works
         return run_tamper(cfg, lab, lambda: lab.mem.write(pt, snap), pattern=pattern,
                           bad_hpas=[hpa], warm_slices=0, name="replay_old_table_page",
@@ -118,13 +120,13 @@ def sc_replay_old_table_page(cfg):
                                f"GPA {gpa:#x} was unmapped and its frame reclaimed")
 
 
-@scenario("escalate_writable", "permission_escalation", DETECTED)
+@scenario("escalate_writable", "permission_escalation", PERMISSION_BY_WRITE)
 def sc_escalate_writable(cfg):
     """Permission escalation: set W on a read-only page."""
     with Lab(cfg) as lab:
         ro = lab.base + 0x40000
         hpa = lab.fresh()
-        r = lab.psp.update_npt(lab.victim.handle, ro, hpa, 1, ATTR_X, 1)   # read+exec, no write
+        r = lab.map(lab.victim, ro, hpa, 1, ATTR_X, 1)   # read+exec, no write
         assert r.ok, r
         w = lab.vmm.engine.walk(lab.vmm.npt_root(lab.victim), ro, ACC_W, set_ad=False)
         assert not w.ok, "read-only page writable before the tamper"
@@ -136,13 +138,13 @@ def sc_escalate_writable(cfg):
                           what=f"W set on read-only GPA {ro:#x}")
 
 
-@scenario("escalate_clear_nx", "permission_escalation", DETECTED)
+@scenario("escalate_clear_nx", "permission_escalation", PERMISSION_BY_WRITE)
 def sc_escalate_clear_nx(cfg):
     """Permission escalation: clear no-execute on a data page."""
     with Lab(cfg) as lab:
         nxg = lab.base + 0x41000
         hpa = lab.fresh()
-        assert lab.psp.update_npt(lab.victim.handle, nxg, hpa, 1, ATTR_W, 1).ok   # RW, NX
+        assert lab.map(lab.victim, nxg, hpa, 1, ATTR_W, 1).ok   # RW, NX
         x = lab.vmm.engine.walk(lab.vmm.npt_root(lab.victim), nxg, ACC_X, set_ad=False)
         assert not x.ok, "NX page executable before the tamper"
         slot = lab.leaf(nxg)
@@ -152,7 +154,7 @@ def sc_escalate_clear_nx(cfg):
                           name="escalate_clear_nx", what=f"NX cleared on data GPA {nxg:#x}")
 
 
-@scenario("swap_table_page", "table_swap", DETECTED)
+@scenario("swap_table_page", "table_swap", REMAP_BY_WRITE)
 def sc_swap_table_page(cfg):
     """Swap a leaf table page for a VMM-made copy with one entry redirected."""
     with Lab(cfg) as lab:
@@ -173,7 +175,7 @@ def sc_swap_table_page(cfg):
                                f"that maps GPA {gpa:#x} onto the other guest's page")
 
 
-@scenario("swap_table_contents", "table_swap", DETECTED)
+@scenario("swap_table_contents", "table_swap", REMAP_BY_WRITE)
 def sc_swap_table_contents(cfg):
     """Swap the contents of two table pages in place (pointers unchanged)."""
     with Lab(cfg) as lab:
@@ -193,7 +195,7 @@ def sc_swap_table_contents(cfg):
                           what=f"contents of leaf tables {pt1:#x} and {pt2:#x} exchanged")
 
 
-@scenario("swap_root_pointer", "root_swap", DETECTED)
+@scenario("swap_root_pointer", "root_swap", REMAP_BY_WRITE)
 def sc_swap_root_pointer(cfg):
     """Swap nCR3 in the VMSA for a forged copy of the whole table."""
     with Lab(cfg) as lab:
@@ -227,7 +229,7 @@ def sc_swap_root_pointer(cfg):
                           what=f"nCR3 swapped {root:#x} -> forged table at {fake_root:#x}")
 
 
-@scenario("swap_root_to_other_guest", "root_swap", DETECTED)
+@scenario("swap_root_to_other_guest", "root_swap", REMAP_BY_WRITE)
 def sc_swap_root_other(cfg):
     """Point the victim's nCR3 at the other guest's (valid, PSP-made) table."""
     with Lab(cfg) as lab:
@@ -240,7 +242,7 @@ def sc_swap_root_other(cfg):
                           what=f"victim nCR3 -> the other guest's root {other_root:#x}")
 
 
-@scenario("map_table_page_by_write", "bad_hpa", DETECTED)
+@scenario("map_table_page_by_write", "bad_hpa", REMAP_BY_WRITE)
 def sc_map_table_by_write(cfg):
     """Direct write: map the victim's own NPT root page, writable, into the guest."""
     with Lab(cfg) as lab:
@@ -252,7 +254,7 @@ def sc_map_table_by_write(cfg):
                           what=f"GPA {gpa:#x} -> the NPT root page {root:#x} (RW)")
 
 
-@scenario("map_psp_memory_by_write", "bad_hpa", DETECTED)
+@scenario("map_psp_memory_by_write", "bad_hpa", REMAP_BY_WRITE)
 def sc_map_psp_by_write(cfg):
     """Direct write: map PSP/firmware memory into the guest."""
     with Lab(cfg) as lab:
@@ -264,7 +266,7 @@ def sc_map_psp_by_write(cfg):
                           what=f"GPA {gpa:#x} -> PSP memory {fw:#x}")
 
 
-@scenario("map_huge_by_write", "bad_hpa", DETECTED)
+@scenario("map_huge_by_write", "bad_hpa", REMAP_BY_WRITE)
 def sc_map_huge_by_write(cfg):
     """Direct write: turn a PD entry into a 2 MiB leaf over other guests' memory."""
     with Lab(cfg) as lab:

@@ -6,9 +6,11 @@ import time
 
 from nptcore.bits import ACC_W, AD_MASK, ADDR_MASK, NX, P, PS, index as npt_index
 from psp_firmware import Status
-from hv.attacks.lab import _by_text, _fmt_where, _where, confirm_stopped, entry_addr, frame_of
+from hv.attacks.expect import BENIGN, PERMISSION_BY_WRITE, RACE_BY_WRITE, REMAP_BY_WRITE
+from hv.attacks.lab import (_by_text, _fmt_where, _where, confirm_stopped, entry_addr, frame_of,
+                            host_memory_for_attacks)
 from hv.attacks.registry import (AttackResult, DETECTED, FALSE_POSITIVE, NOT_FLAGGED, PAGE,
-                                 SKIPPED, Undetected, scenario)
+                                 Prevented, SKIPPED, Undetected, scenario)
 
 
 # ---------------------------------------------------------------------------
@@ -80,6 +82,8 @@ class GuestLab:
         self.tamper_exits = self.tamper_t = None
         self.vmm = cfg.new_vmm()
         vmm = self.vmm
+        self.design = vmm.protect
+        self.mem = host_memory_for_attacks(vmm)     # the attacker's writes (isolated: may fault)
         self.other = vmm.create_vm()
         self.other_page = vmm.touch(self.other, 0x100000, ACC_W) & ~0xFFF
         vmm.mem.write(self.other_page, OTHER_SECRET)
@@ -173,11 +177,17 @@ def _guest_result(lab, res, what, max_insns):
                      "expected": hex(t["expected"]), "found": hex(t["found"])}
         by = "periodic" if t.get("detected_by", "").startswith(("CHECK_ALL", "VERIFY")) else "update"
         exp = lab.exposure(res)
+        if t.get("detected_by", "").startswith("RMP"):
+            # the access through the tampered entry faulted: nothing ran on
+            # the tampered mapping (docs/designs.md, exposure)
+            by = "rmp"
+            exp = {k: (0 if v is not None and k != "exposure_unit" else v) for k, v in exp.items()}
+            where = {k: hex(t[k]) for k in ("gpa", "hpa", "rmp_entry") if t.get(k) is not None}
         note = confirm_stopped(lab, lab.victim) + lab.other_note()
         return AttackResult(
             "", DETECTED, driver="guest", detected_by=by, where=where, **exp,
-            detail=f"{what}; the guest ran {_exposure_text(exp)} on the tampered table before "
-                   f"the {_by_text(by)} stopped it (hv boot: exit_reason psp_stopped, exit code "
+            detail=f"{what}; the guest ran {_exposure_text(exp)} on the tampered "
+                   f"{'mapping' if by == 'rmp' else 'table'} before the {_by_text(by)} stopped it (hv boot: exit_reason psp_stopped, exit code "
                    f"{res.exit_code}): {_fmt_where(where)}{note}")
     if not lab.tampered:
         raise RuntimeError(f"the tamper never ran (run ended: {res.exit_reason}: {res.reason})")
@@ -218,21 +228,21 @@ def _ran(res):
     return f"{res.instructions} instructions"
 
 
-@_guest_scenario("guest_severed_remap", "severed_remap", DETECTED)
+@_guest_scenario("guest_severed_remap", "severed_remap", REMAP_BY_WRITE)
 def gsc_severed_remap(cfg):
     """Guest-driven SEVered: mid-run, remap the page the guest is writing onto another guest's page."""
     with GuestLab(cfg, check_insns=cfg.guest_check_insns) as lab:
         def tamper(gpa):
             s = lab.leaf(gpa)
-            v = lab.vmm.mem.read_u64(s)
-            lab.vmm.mem.write_u64(s, (v & ~ADDR_MASK) | lab.other_page)
+            v = lab.mem.read_u64(s)
+            lab.mem.write_u64(s, (v & ~ADDR_MASK) | lab.other_page)
         lab.at_npf(GUEST_NPF, tamper)
         res = lab.run(GUEST_BUDGET)
         return _guest_result(lab, res, "compute's bss page remapped onto the other guest's page "
                                        "inside the VMM's NPF handler", GUEST_BUDGET)
 
 
-@_guest_scenario("guest_alias_by_write", "alias", DETECTED)
+@_guest_scenario("guest_alias_by_write", "alias", REMAP_BY_WRITE)
 def gsc_alias(cfg):
     """Guest-driven alias: mid-run, point the page being written at an earlier page's frame."""
     with GuestLab(cfg, check_insns=cfg.guest_check_insns) as lab:
@@ -240,14 +250,14 @@ def gsc_alias(cfg):
             first = lab.npf_gpas[0]
             hpa = frame_of(lab.vmm, lab.victim, first)
             s = lab.leaf(gpa)
-            lab.vmm.mem.write_u64(s, (lab.vmm.mem.read_u64(s) & ~ADDR_MASK) | hpa)
+            lab.mem.write_u64(s, (lab.mem.read_u64(s) & ~ADDR_MASK) | hpa)
         lab.at_npf(GUEST_NPF, tamper)
         res = lab.run(GUEST_BUDGET)
         return _guest_result(lab, res, "two guest pages aliased onto one frame by a direct write",
                              GUEST_BUDGET)
 
 
-@_guest_scenario("guest_swap_root_pointer", "root_swap", DETECTED)
+@_guest_scenario("guest_swap_root_pointer", "root_swap", REMAP_BY_WRITE)
 def gsc_swap_root(cfg):
     """Guest-driven root swap: mid-run, nCR3 -> a forged copy of the table with one page redirected."""
     with GuestLab(cfg, check_insns=cfg.guest_check_insns) as lab:
@@ -269,13 +279,13 @@ def gsc_swap_root(cfg):
                 t = vmm.mem.read_u64(t + 8 * npt_index(gpa, lvl)) & ADDR_MASK
             s = t + 8 * npt_index(gpa, 1)
             vmm.mem.write_u64(s, (vmm.mem.read_u64(s) & ~ADDR_MASK) | lab.other_page)
-            vmm.mem.write_u64(lab.victim.vmsa, fake)
+            lab.mem.write_u64(lab.victim.vmsa, fake)
         lab.at_npf(GUEST_NPF, tamper)
         res = lab.run(GUEST_BUDGET)
         return _guest_result(lab, res, "nCR3 swapped for a forged table mid-run", GUEST_BUDGET)
 
 
-@_guest_scenario("guest_severed_periodic", "periodic", DETECTED)
+@_guest_scenario("guest_severed_periodic", "periodic", REMAP_BY_WRITE)
 def gsc_periodic(cfg):
     """Guest-driven, no NPF after the tamper: caught by the periodic check (instruction count; on KVM, time)."""
     every = cfg.guest_check_insns
@@ -304,8 +314,8 @@ def gsc_periodic(cfg):
         if state["tampered_at"] is None and quiet and state["last_check"] == insns:
             gpa = lab.npf_gpas[-1]
             s = lab.leaf(gpa)
-            v = lab.vmm.mem.read_u64(s)
-            lab.vmm.mem.write_u64(s, (v & ~ADDR_MASK) | lab.other_page)
+            v = lab.mem.read_u64(s)
+            lab.mem.write_u64(s, (v & ~ADDR_MASK) | lab.other_page)
             state["tampered_at"] = insns
             state["target"] = gpa
             lab.mark()
@@ -327,14 +337,14 @@ def gsc_periodic(cfg):
                        f"{_fmt_where(d.where)}{note}")
         if state["tampered_at"] is None:
             raise RuntimeError(f"the guest ended ({res.exit_reason}) before the tamper")
-        if res.exit_reason == "psp_stopped":     # caught all the same (by an NPF after all)
+        if res.exit_reason == "psp_stopped":     # caught all the same (by an NPF; rmp: the access)
             return _guest_result(lab, res, f"compute's bss page {state['target']:#x} remapped "
                                            f"onto the other guest's page after a check",
                                  GUEST_BUDGET)
         raise Undetected(f"the guest ran to {res.exit_reason} after the tamper")
 
 
-@_guest_scenario("guest_tamper_on_slice", "periodic", DETECTED)
+@_guest_scenario("guest_tamper_on_slice", "periodic", PERMISSION_BY_WRITE)
 def gsc_on_slice(cfg):
     """Tamper from hv.boot's on_slice hook; Boot's --check-insns (KVM: --check-ms) check ends the run with exit 3."""
     state = {}
@@ -345,7 +355,7 @@ def gsc_on_slice(cfg):
                                  else lab.victim.npf >= GUEST_NPF):
             gpa = lab.npf_gpas[-1]
             s = lab.leaf(gpa)
-            lab.vmm.mem.write_u64(s, lab.vmm.mem.read_u64(s) ^ NX)     # NX toggled
+            lab.mem.write_u64(s, lab.mem.read_u64(s) ^ NX)     # NX toggled
             state["t"] = insns
             lab.mark()
     with GuestLab(cfg, check_insns=cfg.guest_check_insns, on_slice=on_slice) as lab:
@@ -358,7 +368,7 @@ def gsc_on_slice(cfg):
         return r
 
 
-@_guest_scenario("guest_race_check_write", "race", DETECTED)
+@_guest_scenario("guest_race_check_write", "race", RACE_BY_WRITE)
 def gsc_race(cfg):
     """A VMM thread hammers an entry while the guest faults pages in (UPDATE_NPT)."""
     with GuestLab(cfg, image="memtouch", check_insns=cfg.guest_check_insns) as lab:
@@ -366,20 +376,27 @@ def gsc_race(cfg):
         armed = threading.Event()
         slot = {}
 
+        prevented = []
+
         def arm(gpa):
             s = lab.leaf(gpa)
-            slot["s"], slot["good"] = s, lab.vmm.mem.read_u64(s)
+            slot["gpa"], slot["s"], slot["good"] = gpa, s, lab.vmm.mem.read_u64(s)
             slot["bad"] = (slot["good"] & ~ADDR_MASK) | lab.other_page
             armed.set()
 
         def hammer():
             armed.wait()
-            mem = lab.vmm.mem
+            if "s" not in slot:
+                return
+            mem = lab.mem
             s, good, bad = slot["s"], slot["good"], slot["bad"]
-            while not stop.is_set():
+            try:
+                while not stop.is_set():
+                    mem.write_u64(s, bad)
+                    mem.write_u64(s, good)
                 mem.write_u64(s, bad)
-                mem.write_u64(s, good)
-            mem.write_u64(s, bad)
+            except Prevented as e:          # isolated: the first store faults
+                prevented.append(e)
         lab.at_npf(GUEST_NPF, arm)
         th = threading.Thread(target=hammer, daemon=True)
         th.start()
@@ -392,6 +409,20 @@ def gsc_race(cfg):
             armed.set()
             th.join()
             sys.setswitchinterval(old)
+        if prevented:
+            raise prevented[0]
+        if res.exit_reason != "psp_stopped" and lab.design in ("rmp", "none"):
+            # no PSP check to race: the value the thread left meets the RMP
+            # check at the guest's next access to that page (or nothing)
+            r = lab.vmm.walk(lab.victim, slot["gpa"], 0)
+            if r.ok:
+                raise Undetected(f"the tampered entry translates: GPA {slot['gpa']:#x} -> "
+                                 f"{r.hpa:#x} (run: {res.exit_reason})")
+            return AttackResult("", DETECTED, exposure_insns=0, driver="guest",
+                                exposure_unit="insns", detected_by="rmp",
+                                detail=f"the entry the thread left onto the other guest's page "
+                                       f"fails the RMP check at the access (error code "
+                                       f"{r.errcode:#x}); memtouch ran to {res.exit_reason}")
         if res.exit_reason != "psp_stopped":
             r = lab.vmm.psp.check_all()      # the thread left its value: must not be in the digest
             if r.status != Status.INTEGRITY_FAILURE:
@@ -404,7 +435,7 @@ def gsc_race(cfg):
                              GUEST_BUDGET)
 
 
-@_guest_scenario("guest_benign_accessed_dirty", "benign", NOT_FLAGGED)
+@_guest_scenario("guest_benign_accessed_dirty", "benign", BENIGN)
 def gsc_benign(cfg):
     """A real guest runs with periodic checks while A/D bits are set by the walker and by hand."""
     flips = [0]
@@ -412,12 +443,14 @@ def gsc_benign(cfg):
     def on_slice(boot, insns):
         lab = holder["lab"]
         vmm = lab.vmm
+        if lab.design == "isolated":
+            return      # (the flips stand for the hardware's: isolated entries have A/D set)
         for t, _lvl in vmm.engine.table_pages(vmm.npt_root(lab.victim)):
             for i in range(0, 512):
                 e = vmm.mem.read_u64(t + 8 * i)
                 if e & P:
                     ne = e ^ AD_MASK
-                    vmm.mem.write_u64(t + 8 * i, ne)
+                    lab.mem.write_u64(t + 8 * i, ne)
                     flips[0] += 1
     holder = {}
     budget = 3_000_000

@@ -1,11 +1,15 @@
 """The lab (a VMM with a victim guest and an innocent one, and helpers an
 outsider could write with the public API only) and the trace driver."""
 
+import os
+import signal
+
 from nptcore.bits import ACC_R, ACC_W, ADDR_MASK, P, PS, index as npt_index
 from psp_firmware import Status
+from psp_firmware.commands import ATTR_RWX
 
 from hv.errors import VmStopped
-from hv.attacks.registry import AttackResult, DETECTED, FALSE_POSITIVE, PAGE, Undetected
+from hv.attacks.registry import AttackResult, DETECTED, FALSE_POSITIVE, PAGE, Prevented, Undetected
 
 # ---------------------------------------------------------------------------
 # the lab: a VMM with a victim guest and an innocent one, and helpers an
@@ -31,10 +35,79 @@ def frame_of(vmm, vm, gpa):
     return (r.hpa & ~0xFFF) if r.ok else None
 
 
+def store_in_child(mem, hpa, data):
+    """Store `data` at host address hpa the way the VMM's code would (through
+    its mapping of host memory), in a forked child, because the store may
+    kill the process: True if it went through (the child's mapping is the
+    shared memfd, so the write is visible here), False if it faulted."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            import faulthandler
+            import resource
+            faulthandler.disable()
+            resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+            signal.signal(signal.SIGSEGV, signal.SIG_DFL)
+            signal.signal(signal.SIGBUS, signal.SIG_DFL)
+            mem.write(hpa, data)
+            os._exit(0)
+        except BaseException:
+            os._exit(7)
+    _, st = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(st) and os.WTERMSIG(st) in (signal.SIGSEGV, signal.SIGBUS):
+        return False
+    if os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0:
+        return True
+    raise RuntimeError(f"the store probe's child ended oddly (status {st:#x})")
+
+
+class StoreProbe:
+    """Host memory as the malicious VMM writes it under the isolated design:
+    a write into the PSP's read-only range is tried as the VMM would make it
+    (a store through its mapping, in a child: store_in_child) and a fault is
+    Prevented; other writes go straight through. Reads are host memory's."""
+
+    def __init__(self, mem):
+        self._mem = mem
+        self._lo, self._hi = mem.readonly
+
+    def __getattr__(self, name):
+        return getattr(self._mem, name)
+
+    def _to_psp_range(self, hpa, data):
+        if hpa < self._hi and hpa + len(data) > self._lo:
+            if not store_in_child(self._mem, hpa, data):
+                raise Prevented(f"the VMM's store to {hpa:#x} (a table or control page in "
+                                f"the PSP's sealed memory) faulted: SIGSEGV (tried in a child "
+                                f"of the VMM process)")
+            return True
+        return False
+
+    def write(self, hpa, data):
+        if not self._to_psp_range(hpa, data):
+            self._mem.write(hpa, data)
+
+    def write_u64(self, hpa, value):
+        data = (value & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little")
+        if not self._to_psp_range(hpa, data):
+            self._mem.write_u64(hpa, value)
+
+    def zero(self, hpa, n):
+        self.write(hpa, bytes(n))
+
+
+def host_memory_for_attacks(vmm):
+    """What the attack's writes go through: vmm.mem, or its StoreProbe when
+    part of it is the PSP's read-only range."""
+    return StoreProbe(vmm.mem) if vmm.mem.readonly else vmm.mem
+
+
 class Lab:
     def __init__(self, cfg, pages=16, base=0x100000):
         self.cfg = cfg
         self.vmm = cfg.new_vmm()
+        self.design = self.vmm.protect
+        self._mem = host_memory_for_attacks(self.vmm)
         self.victim = self.vmm.create_vm()
         self.other = self.vmm.create_vm()
         self.base = base
@@ -63,7 +136,18 @@ class Lab:
 
     @property
     def mem(self):
-        return self.vmm.mem
+        return self._mem
+
+    # mappings the design's way (digest, isolated: PSP commands; rmp: the PSP
+    # assigns, the VMM writes; none: the VMM writes, whatever is there)
+    def map(self, vm, gpa, hpa, level=1, attrs=ATTR_RWX, npages=1):
+        return self.vmm.map(vm, gpa, hpa, level, attrs, npages, force=self.design == "none")
+
+    def unmap(self, vm, gpa, level=1, npages=1):
+        return self.vmm.unmap(vm, gpa, level, npages)
+
+    def reclaim(self, vm, hpa, npages=1):
+        return self.vmm.reclaim(vm, hpa, npages)
 
     @property
     def psp(self):
@@ -81,6 +165,8 @@ class Lab:
 
 def _where(reply):
     f = reply.fields
+    if "rmp_entry" in f or ("gpa" in f and "page_hpa" not in f):
+        return {k: hex(f[k]) for k in ("gpa", "hpa", "rmp_entry") if k in f}
     if "page_hpa" not in f:
         return None
     return {"page_hpa": hex(f["page_hpa"]), "entry_index": f.get("entry_index"),
@@ -90,6 +176,9 @@ def _where(reply):
 def _fmt_where(w):
     if not w:
         return ""
+    if "page_hpa" not in w:
+        return (f"GPA {w.get('gpa')} reaches frame {w.get('hpa')}, whose RMP entry is "
+                f"{w.get('rmp_entry')}")
     return (f"table page {w['page_hpa']} entry {w['entry_index']}: "
             f"expected {w['expected']} found {w['found']}")
 
@@ -99,6 +188,8 @@ def confirm_stopped(lab, vm=None):
     Returns a short note; raises Undetected if the guest is not fatal."""
     vmm = lab.vmm
     vm = vm or lab.victim
+    if vmm.protect == "rmp":
+        return _confirm_stopped_rmp(lab, vm)
     r = vmm.psp.update_npt(vm.handle, 0x7FF000000, lab.fresh())
     if r.status != Status.GUEST_STOPPED:
         raise Undetected(f"guest not stopped after the detection: UPDATE_NPT answered {r.name}")
@@ -110,6 +201,23 @@ def confirm_stopped(lab, vm=None):
         if not vmm.psp.verify(o.handle).ok:
             return "; the other guest was stopped too"
     return "; guest now fatal (GUEST_STOPPED), other guest carries on"
+
+
+def _confirm_stopped_rmp(lab, vm):
+    """rmp: the nested fault stopped the guest (the VMM cannot resume it past
+    the access: any later fault of it is refused), the other guest runs on."""
+    vmm = lab.vmm
+    if vm.fatal != Status.RMP_FAULT:
+        raise Undetected(f"guest not stopped after the RMP fault (fatal: {vm.fatal})")
+    try:
+        vmm.touch(vm, 0x7FF000000, ACC_W)
+        raise Undetected("guest not stopped after the RMP fault: it faulted a page in")
+    except VmStopped:
+        pass
+    for o in (lab.victim, lab.other):
+        if o is not vm:
+            vmm.touch(o, 0x7FE000000, ACC_W)
+    return "; guest stopped by the nested fault (the VMM cannot resume it), other guest carries on"
 
 
 # ---------------------------------------------------------------------------
@@ -140,24 +248,26 @@ class AccessLoop:
     def run(self, n, check=True):
         """Run n accesses (checks at each multiple of check_every).
         Raises Detection when the PSP stops the guest."""
-        walk = self.vmm.engine.walk
         vmm, vm = self.vmm, self.vm
+        walk = vmm.walk                  # the CPU's walk (with the RMP check under rmp)
         for _ in range(n):
             if self.stop_event is not None and self.stop_event.is_set():
                 raise Detection("periodic_wall")
             gpa, acc = self.pattern[self.pos]
             self.pos = (self.pos + 1) % len(self.pattern)
-            r = walk(vmm.npt_root(vm), gpa, acc)
+            r = walk(vm, gpa, acc)
             if not r.ok:
                 try:
                     vmm.handle_npf(vm, gpa, acc, r.errcode)
                 except VmStopped as e:
+                    if e.status == Status.RMP_FAULT:
+                        raise Detection("rmp", where=_where(e)) from None
                     if e.status in (Status.INTEGRITY_FAILURE, Status.GUEST_STOPPED):
                         lf = self.lab.last_failure
                         raise Detection("update", where=_where(lf) if lf is not None else None) \
                             from None
                     raise
-                r = walk(vmm.npt_root(vm), gpa, acc)
+                r = walk(vm, gpa, acc)
                 if not r.ok:
                     raise RuntimeError(f"GPA {gpa:#x} unmapped after its NPF")
             self.count += 1
@@ -193,13 +303,20 @@ def run_tamper(cfg, lab, tamper, pattern=None, bad_hpas=(), warm_slices=2, vm=No
     try:
         loop.run(cfg.max_slices * cfg.check_every)
     except Detection as d:
-        exposure = loop.count - t0
+        # exposure: the guest work done on the tampered table before the
+        # detection. The digest trusts the whole table until the check that
+        # catches it; the RMP check is per translation: only accesses that
+        # went through the tampered entry count (none: the first one faults)
+        after = loop.count - t0
+        # (rmp: every access that completed passed the RMP check, so it used a
+        # frame the RMP gives this guest at that GPA: none used the tamper)
+        exposure = 0 if d.by == "rmp" else after
         note = confirm_stopped(lab, vm)
         where = d.where
         return AttackResult(
             name, DETECTED, exposure_insns=exposure, detected_by=d.by, tampered_hits=loop.hits,
             where=where,
-            detail=f"{what}; detected by the {_by_text(d.by)} after {exposure} accesses "
+            detail=f"{what}; detected by the {_by_text(d.by)} after {after} accesses "
                    f"({loop.hits} through the tampered entry): {_fmt_where(where)}{note}")
     raise Undetected(f"{what}; not detected after {loop.count - t0} accesses "
                      f"({loop.hits} through the tampered entry)")
@@ -207,4 +324,5 @@ def run_tamper(cfg, lab, tamper, pattern=None, bad_hpas=(), warm_slices=2, vm=No
 
 def _by_text(by):
     return {"update": "next UPDATE_NPT (NPF)", "periodic": "periodic check (CHECK_ALL)",
-            "periodic_wall": "wall-time periodic checker", "verify": "VERIFY"}.get(by, by)
+            "periodic_wall": "wall-time periodic checker", "verify": "VERIFY",
+            "rmp": "RMP check at the access (nested fault)"}.get(by, by)

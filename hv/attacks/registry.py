@@ -16,9 +16,13 @@ PAGE = 4096
 MB2 = 2 << 20
 
 REFUSED, DETECTED, NOT_FLAGGED = "refused", "detected", "not_flagged"
+PREVENTED = "prevented"     # the design made the tamper impossible (isolated: the store faults)
 UNDETECTED, FALSE_POSITIVE, SKIPPED, ERROR = "undetected", "false_positive", "skipped", "error"
-OUTCOMES = (REFUSED, DETECTED, NOT_FLAGGED, UNDETECTED, FALSE_POSITIVE, SKIPPED, ERROR)
-FAILURES = (UNDETECTED, FALSE_POSITIVE, ERROR)
+OUTCOMES = (REFUSED, PREVENTED, DETECTED, NOT_FLAGGED, UNDETECTED, FALSE_POSITIVE, SKIPPED, ERROR)
+# outcomes that are a failure whatever was expected (undetected is expected
+# of some designs: under none nearly every tamper is)
+FAILURES = (FALSE_POSITIVE, ERROR)
+DESIGNS = ("digest", "isolated", "rmp", "none")
 
 
 # ---------------------------------------------------------------------------
@@ -41,10 +45,15 @@ class AttackResult:
     elapsed_s: float = 0.0
     exposure_ms: float = None        # guest driver on KVM (no instruction count): wall time
     exposure_exits: int = None       # and KVM exits from the tamper to the detection
+    design: str = "digest"           # the protection design it ran under
 
     @property
     def ok(self):
-        return self.outcome not in FAILURES
+        """The outcome is the one the scenario states for this design (a
+        skipped scenario is not a difference)."""
+        if self.outcome in FAILURES:
+            return False
+        return self.outcome == SKIPPED or not self.expected or self.outcome == self.expected
 
     def to_json(self):
         d = asdict(self)
@@ -58,7 +67,8 @@ class AttackConfig:
     host_mem: int = 256 << 20
     host_mem_path: str = None
     integrity: str = None
-    psp: str = "inprocess"
+    protect: str = "digest"          # the protection design (docs/designs.md)
+    psp: str = None                  # None: process for isolated (it needs it), else inprocess
     psp_timeout: float = 5.0
     check_every: int = 256           # periodic check interval (guest accesses/instructions)
     guest_check_insns: int = 20000   # same, for the guest driver
@@ -70,7 +80,14 @@ class AttackConfig:
     def new_vmm(self):
         return Vmm(host_mem=self.host_mem, host_mem_path=self.host_mem_path, backend=self.backend,
                    integrity=self.integrity, psp=self.psp, psp_timeout=self.psp_timeout,
-                   shared_mem=self.accel == "kvm")
+                   shared_mem=self.accel == "kvm", protect=self.protect)
+
+    @property
+    def design(self):
+        """The design's name as hv compare shows it (digest-full, rmp, ...)."""
+        if self.protect == "digest":
+            return f"digest-{self.integrity or 'merkle'}"
+        return self.protect
 
 
 @dataclass
@@ -78,9 +95,17 @@ class Scenario:
     name: str
     func: object
     category: str
-    expected: str
+    expect: dict                     # design -> the outcome it expects (hv/attacks/expect.py)
     doc: str
     driver: str = "trace"
+
+    @property
+    def expected(self):
+        """The expectation under the default design (digest)."""
+        return self.expect["digest"]
+
+    def expected_for(self, protect):
+        return self.expect[protect]
 
 
 SCENARIOS = {}
@@ -92,9 +117,14 @@ CATEGORIES = (
 )
 
 
-def scenario(name, category, expected, driver="trace"):
+def scenario(name, category, expect, driver="trace"):
+    """Register a scenario; `expect` maps every design to the outcome it
+    expects there (hv/attacks/expect.py says how each is derived)."""
+    if set(expect) != set(DESIGNS) or not set(expect.values()) <= set(OUTCOMES):
+        raise ValueError(f"scenario {name}: expect must give an outcome for each of {DESIGNS}")
+
     def deco(fn):
-        SCENARIOS[name] = Scenario(name, fn, category, expected,
+        SCENARIOS[name] = Scenario(name, fn, category, dict(expect),
                                    (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "",
                                    driver)
         return fn
@@ -105,16 +135,25 @@ class Undetected(Exception):
     """Raised inside a scenario when the attack got away with it."""
 
 
+class Prevented(Exception):
+    """Raised inside a scenario when the design made the tamper impossible
+    (isolated: the VMM's store to a table or control page faulted)."""
+
+
 def run_scenario(name, cfg=None):
     cfg = cfg or AttackConfig()
     sc = SCENARIOS[name]
     t0 = time.perf_counter()
+    expected = sc.expected_for(cfg.protect)
     try:
         res = sc.func(cfg)
     except Undetected as e:
         res = AttackResult(name, UNDETECTED, detail=str(e))
+    except Prevented as e:
+        res = AttackResult(name, PREVENTED, exposure_insns=0, detail=str(e))
     except VmStopped as e:
-        if sc.expected == NOT_FLAGGED and e.status in (Status.INTEGRITY_FAILURE, Status.GUEST_STOPPED):
+        if expected == NOT_FLAGGED and e.status in (Status.INTEGRITY_FAILURE, Status.GUEST_STOPPED,
+                                                    Status.RMP_FAULT):
             res = AttackResult(name, FALSE_POSITIVE, detail=f"flagged with no tamper: {e}")
         else:
             res = AttackResult(name, ERROR, detail=f"VmStopped: {e}")
@@ -124,7 +163,8 @@ def run_scenario(name, cfg=None):
             traceback.print_exc(file=sys.stderr)
     res.name = name
     res.category = sc.category
-    res.expected = sc.expected
+    res.expected = expected
+    res.design = cfg.design
     res.elapsed_s = time.perf_counter() - t0
     return res
 

@@ -8,15 +8,16 @@ from nptcore.bits import A, ACC_R, ACC_W, ACC_X, AD_MASK, ADDR_MASK, D, index as
 from psp_firmware import Status
 
 from hv.errors import VmStopped
+from hv.attacks.expect import BENIGN, CONCURRENT_COMMANDS, RACE_BY_WRITE, REMAP_BY_WRITE
 from hv.attacks.registry import (AttackResult, DETECTED, FALSE_POSITIVE, NOT_FLAGGED, PAGE,
-                                 REFUSED, SKIPPED, Undetected, scenario)
+                                 Prevented, REFUSED, SKIPPED, Undetected, scenario)
 from hv.attacks.lab import (AccessLoop, Detection, Lab, _by_text, _fmt_where, _where,
-                            confirm_stopped)
+                            confirm_stopped, run_tamper)
 
 # ---------------------------------------------------------------------------
 # races: a second VMM thread
 
-@scenario("race_check_write", "race", DETECTED)
+@scenario("race_check_write", "race", RACE_BY_WRITE)
 def sc_race_check_write(cfg):
     """A second thread toggles an entry while UPDATE_NPT commands verify and write."""
     with Lab(cfg) as lab:
@@ -27,14 +28,18 @@ def sc_race_check_write(cfg):
         bad = (good & ~ADDR_MASK) | lab.other_page
         stop = threading.Event()
         writes = [0]
+        prevented = []
 
         def hammer():
             mem = lab.mem
-            while not stop.is_set():
-                mem.write_u64(slot, bad)
-                mem.write_u64(slot, good)
-                writes[0] += 2
-            mem.write_u64(slot, bad)       # leave the tamper in place
+            try:
+                while not stop.is_set():
+                    mem.write_u64(slot, bad)
+                    mem.write_u64(slot, good)
+                    writes[0] += 2
+                mem.write_u64(slot, bad)       # leave the tamper in place
+            except Prevented as e:             # isolated: the first store faults
+                prevented.append(e)
 
         old_si = sys.getswitchinterval()
         sys.setswitchinterval(1e-5)
@@ -49,7 +54,7 @@ def sc_race_check_write(cfg):
                 gpa = lab.base + (len(lab.work) + i) * PAGE
                 if npt_index(gpa, 2) != npt_index(lab.base, 2):
                     break
-                r = lab.psp.update_npt(v.handle, gpa, lab.fresh())
+                r = lab.map(v, gpa, lab.fresh())     # (rmp, none: the VMM writes the page itself)
                 statuses[r.name] = statuses.get(r.name, 0) + 1
                 if r.status in (Status.INTEGRITY_FAILURE, Status.GUEST_STOPPED):
                     detected_at = detected_at if detected_at is not None else i
@@ -60,6 +65,15 @@ def sc_race_check_write(cfg):
             stop.set()
             th.join()
             sys.setswitchinterval(old_si)
+        if prevented:
+            raise prevented[0]
+        if detected_at is None and lab.design in ("rmp", "none"):
+            # no PSP check to race: the value the thread left in place meets
+            # the RMP check at the access (rmp) or nothing (none)
+            return run_tamper(cfg, lab, lambda: None, pattern=[(target, ACC_R)],
+                              bad_hpas=[lab.other_page], warm_slices=0, name="race_check_write",
+                              what=f"{writes[0]} racing writes to entry {slot:#x} during "
+                                   f"{sum(statuses.values())} mappings, the tamper left in place")
         if detected_at is None:
             r = lab.psp.check_all()
             if r.status != Status.INTEGRITY_FAILURE:
@@ -76,18 +90,28 @@ def sc_race_check_write(cfg):
                                    f"the {_by_text(by)}: {_fmt_where(where)}{note}")
 
 
-@scenario("race_between_check_and_write", "race", DETECTED)
+@scenario("race_between_check_and_write", "race", RACE_BY_WRITE)
 def sc_race_window(cfg):
     """Deterministic race: the VMM writes an entry after the PSP's check, before its write."""
     with Lab(cfg) as lab:
-        psp_obj = getattr(lab.vmm, "_psp_obj", None)
-        if psp_obj is None:
-            return AttackResult("", SKIPPED, detail="needs the in-process PSP to open the window")
         v = lab.victim
         target = lab.work[3]
         slot = lab.leaf(target)
         good = lab.mem.read_u64(slot)
         bad = (good & ~ADDR_MASK) | lab.other_page
+        if lab.design != "digest":
+            # isolated: the store faults whenever it comes; rmp, none: the VMM
+            # writes the table itself, there is no PSP check-to-write window:
+            # the write is a plain remap (the RMP check meets it at the access)
+            return run_tamper(cfg, lab, lambda: lab.mem.write_u64(slot, bad),
+                              pattern=[(target, ACC_R)] + [(g, ACC_R) for g in lab.work],
+                              bad_hpas=[lab.other_page], warm_slices=0,
+                              name="race_between_check_and_write",
+                              what=f"entry {slot:#x} rewritten onto the other guest's page "
+                                   f"(no PSP write to race under {lab.design})")
+        psp_obj = getattr(lab.vmm, "_psp_obj", None)
+        if psp_obj is None:
+            return AttackResult("", SKIPPED, detail="needs the in-process PSP to open the window")
         real_apply = psp_obj._apply_writes
         fired = []
         # the window is opened in the Python handler: keep the C fast path
@@ -127,7 +151,7 @@ def sc_race_window(cfg):
         raise Undetected("the racing write was folded into the digest")
 
 
-@scenario("race_concurrent_commands", "race", REFUSED)
+@scenario("race_concurrent_commands", "race", CONCURRENT_COMMANDS)
 def sc_race_commands(cfg):
     """Several threads map the same frame (and the same GPA) at once."""
     with Lab(cfg) as lab:
@@ -142,7 +166,7 @@ def sc_race_commands(cfg):
 
             def go(vm, g, h=hpa):
                 barrier.wait()
-                r = lab.psp.update_npt(vm.handle, g, h)
+                r = lab.map(vm, g, h)
                 with lock:
                     results.append((h, vm.handle, g, r.status))
             ths = [threading.Thread(target=go, args=a) for a in
@@ -174,10 +198,23 @@ def sc_race_commands(cfg):
 # ---------------------------------------------------------------------------
 # periodic check in wall time (the PSP's own timer thread)
 
-@scenario("periodic_wall_clock", "periodic", DETECTED)
+@scenario("periodic_wall_clock", "periodic", REMAP_BY_WRITE)
 def sc_periodic_wall(cfg):
     """SEVered remap caught by the PSP's wall-time periodic checker (no VMM help)."""
     with Lab(cfg) as lab:
+        if lab.design != "digest":
+            # no periodic checker to race against: isolated refuses the store,
+            # rmp checks the access itself, none nothing
+            gpa = lab.work[3]
+            slot = lab.leaf(gpa)
+
+            def tamper():
+                v = lab.mem.read_u64(slot)
+                lab.mem.write_u64(slot, (v & ~ADDR_MASK) | lab.other_page)
+            return run_tamper(cfg, lab, tamper, bad_hpas=[lab.other_page],
+                              name="periodic_wall_clock",
+                              what=f"victim GPA {gpa:#x} remapped onto the other guest's page "
+                                   f"(no periodic checker under {lab.design})")
         psp_obj = getattr(lab.vmm, "_psp_obj", None)
         if psp_obj is None or not hasattr(psp_obj, "start_periodic_check"):
             return AttackResult("", SKIPPED, detail="needs the in-process PSP (start_periodic_check)")
@@ -223,7 +260,7 @@ def sc_periodic_wall(cfg):
 # ---------------------------------------------------------------------------
 # benign: the hardware's Accessed/Dirty updates
 
-@scenario("benign_accessed_dirty", "benign", NOT_FLAGGED)
+@scenario("benign_accessed_dirty", "benign", BENIGN)
 def sc_benign_ad(cfg):
     """Accessed/Dirty bit updates (by the walker and by hand) must not be flagged."""
     with Lab(cfg) as lab:
@@ -234,6 +271,10 @@ def sc_benign_ad(cfg):
 
         def flip_ad(set_bits):
             n = 0
+            if lab.design == "isolated":
+                # the by-hand flips stand for the hardware's; isolated tables
+                # are written with A/D set and only the PSP writes them
+                return 0
             for t, _lvl in vmm.engine.table_pages(vmm.npt_root(v)):
                 for i in range(512):
                     e = lab.mem.read_u64(t + 8 * i)

@@ -1,7 +1,9 @@
 """`hv attack [NAME ...|--all] [--json]`: run the malicious-hypervisor suite.
 
-Exit code 0 when no scenario failed (no `undetected`, no `false_positive`
-for the benign scenario, no `error`), 1 otherwise, 2 on bad usage.
+Every scenario states the outcome it expects under each protection design
+(hv/attacks/expect.py); `--protect X` runs the suite under design X. Exit
+code 1 only where an outcome differs from the expectation for X (or a
+scenario erred), else 0; 2 on bad usage.
 """
 import math
 
@@ -13,15 +15,19 @@ def add_parser(sub, common):
     p = sub.add_parser(
         "attack", help="run malicious-hypervisor attack scenarios against the PSP",
         description="Each scenario acts as a malicious VMM (host-memory writes, crafted PSP "
-                    "commands, racing threads) and reports refused / detected (with the "
-                    "exposure before detection) / not_flagged (benign A/D updates) / undetected.",
+                    "commands, racing threads) and reports refused / prevented / detected "
+                    "(with the exposure before detection) / not_flagged (benign A/D updates) / "
+                    "undetected, against the outcome it expects under the --protect design.",
         epilog="outcomes: refused (the PSP rejected every malicious command, nothing changed); "
-               "detected (caught by the next UPDATE_NPT or the periodic check; exposure_insns = "
-               "guest instructions (guest driver) or accesses (trace driver) run on the tampered "
-               "table; with --accel kvm exposure_ms and exposure_exits instead: wall time and "
-               "KVM exits); not_flagged (benign scenario correctly not reported); skipped (not "
-               "applicable here, e.g. no guest images or an out-of-process PSP); failures: "
-               "undetected, false_positive, error (exit code 1).")
+               "prevented (the design made the tamper impossible: under isolated the VMM's "
+               "store to the table faults); detected (caught by the next UPDATE_NPT, the "
+               "periodic check, or under rmp the RMP check at the access; exposure_insns = "
+               "guest instructions (guest driver) or accesses (trace driver) run on the "
+               "tampered table; with --accel kvm exposure_ms and exposure_exits instead: wall "
+               "time and KVM exits); not_flagged (benign scenario correctly not reported); "
+               "undetected (the attack worked: expected under none); skipped (not applicable "
+               "here, e.g. no guest images). Exit code 1 only where an outcome differs from "
+               "the scenario's expectation for the design, or a scenario erred.")
     p.add_argument("names", nargs="*", metavar="NAME",
                    help="scenarios to run (default with --all or none given: all); "
                         "a category name (e.g. race, alias) selects its scenarios")
@@ -75,15 +81,16 @@ def cmd_attack(args):
         logging.getLogger("psp").setLevel(logging.ERROR)
     attacks.load_guest_scenarios(args.driver)
     if args.list:
+        protect = args.protect
         for n, s in attacks.SCENARIOS.items():
-            print(f"{n:32s} {s.category:22s} expect {s.expected:12s} {s.doc}")
+            print(f"{n:32s} {s.category:22s} expect {s.expected_for(protect):12s} {s.doc}")
         return 0
     names = _select(args.names, args.all)
     from hv.machine.boot import resolve_accel
     accel = resolve_accel(args.accel)
     cfg = attacks.AttackConfig(backend=args.backend, host_mem=args.host_mem,
                                host_mem_path=args.host_mem_file, integrity=args.integrity,
-                               psp=getattr(args, "psp", "inprocess"),
+                               psp=getattr(args, "psp", None), protect=args.protect,
                                psp_timeout=getattr(args, "psp_timeout", 5.0), driver=args.driver,
                                accel=accel)
     # bad --host-mem / --host-mem-file / --psp-timeout is the user's input,
@@ -100,6 +107,9 @@ def cmd_attack(args):
         emit_json({
             "scenarios": [r.to_json() for r in results],
             "summary": attacks.summarize(results),
+            "protect": args.protect,
+            "design": cfg.design,
+            "differs": [r.name for r in failed],
             "integrity": args.integrity or "default",
             "backend": args.backend or "default",
             "accel": accel,
@@ -109,8 +119,9 @@ def cmd_attack(args):
     return 1 if failed else 0
 
 
-_STYLE = {"refused": "green", "detected": "green", "not_flagged": "green", "skipped": "yellow",
-          "undetected": "bold red", "false_positive": "bold red", "error": "bold red"}
+_STYLE = {"refused": "green", "prevented": "green", "detected": "green", "not_flagged": "green",
+          "skipped": "yellow", "undetected": "bold red", "false_positive": "bold red",
+          "error": "bold red"}
 
 
 def _table(results, verbose=0):
@@ -118,10 +129,12 @@ def _table(results, verbose=0):
     from rich.table import Table
 
     from hv.attacks import summarize
-    t = Table(title="hv attack", show_lines=bool(verbose))
+    design = results[0].design if results else "digest"
+    t = Table(title=f"hv attack --protect {design}", show_lines=bool(verbose))
     t.add_column("scenario", no_wrap=True)
     t.add_column("class", no_wrap=True)
     t.add_column("outcome", no_wrap=True)
+    t.add_column("expected", no_wrap=True)
     t.add_column("exposure", justify="right", no_wrap=True)
     t.add_column("caught by", no_wrap=True)
     t.add_column("detail (-v)" if not verbose else "detail", overflow="fold")
@@ -129,16 +142,20 @@ def _table(results, verbose=0):
         exp = "-" if r.exposure_insns is None else f"{r.exposure_insns} {r.exposure_unit}"
         if r.exposure_ms is not None:
             exp = f"{r.exposure_ms:g} ms, {r.exposure_exits} exits"
-        style = _STYLE.get(r.outcome, "")
-        if verbose or r.outcome not in ("refused", "detected", "not_flagged"):
+        # red: differs from the expectation; an expected undetected (none) is plain
+        style = "bold red" if not r.ok else ("" if r.outcome == "undetected"
+                                             else _STYLE.get(r.outcome, ""))
+        if verbose or not r.ok or r.outcome not in ("refused", "detected", "not_flagged"):
             detail = r.detail
-        elif r.where:
+        elif r.where and "entry_index" in r.where:
             detail = f"entry {r.where['entry_index']} of {r.where['page_hpa']}"
+        elif r.where:
+            detail = ", ".join(f"{k} {v}" for k, v in r.where.items())
         else:
             detail = ",".join(s.split(":")[-1] for s in r.statuses[:3]) + (
                 ",..." if len(r.statuses) > 3 else "")
-        t.add_row(r.name, r.category, f"[{style}]{r.outcome}[/]", exp, r.detected_by or "",
-                  detail)
+        t.add_row(r.name, r.category, f"[{style}]{r.outcome}[/]" if style else r.outcome,
+                  r.expected + ("" if r.ok else " (differs)"), exp, r.detected_by or "", detail)
     # a pipe or a narrow terminal still gets every column whole
     c = Console(width=max(Console().width, 140))
     c.print(t)

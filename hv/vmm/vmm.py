@@ -324,6 +324,15 @@ class Vmm:
             self.alloc.free(hpa, npages if level == 1 else 512)
             if r.status in (Status.INTEGRITY_FAILURE, Status.GUEST_STOPPED):
                 vm.fatal = r.status
+            elif r.status == Status.GPA_MAPPED and self.protect == "rmp":
+                # the guest already has a frame at this GPA, yet its entry is
+                # gone (the table was changed): a second frame there is what
+                # SNP's PVALIDATE catches (the guest validates a GPA once)
+                vm.fatal = Status.RMP_FAULT
+                raise VmStopped(Status.RMP_FAULT,
+                                f"NPF at GPA {gpa:#x}, which the RMP has a frame of this guest at: "
+                                f"its entry was removed; a second frame there would never be "
+                                f"validated: nested fault, guest stopped", fields={"gpa": gpa})
             what = "UPDATE_NPT" if self.tables.writer == "psp" else "the mapping"
             raise VmStopped(r.status, f"PSP refused {what} for GPA {gpa:#x}: {r.name}",
                             fields=r.fields)
