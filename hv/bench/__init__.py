@@ -62,8 +62,13 @@ def _quiet_logs():
             lg.setLevel(level)
 
 
-def run(profile="quick", plot_dir=None, log=None, sections=None):
+def run(profile="quick", plot_dir=None, log=None, sections=None, protect=None):
     """Run the benchmark; returns one dict (headline keys at the top level).
+
+    protect: None measures the digest design's parts as ever; a design
+    (hv bench --protect) runs the NPF path under it and adds section
+    `design`: its costs as hv compare measures them (hv/bench/designs.py);
+    the integrity section is digest's only.
 
     A section that raises is recorded as {"error": ...} and the others still
     run; `res["errors"]` lists them (the CLI then exits 1). A section that
@@ -91,13 +96,20 @@ def run(profile="quick", plot_dir=None, log=None, sections=None):
             return r
         section("sha256", bench_sha256, p)
         section("walks", bench_walks, p, log)
-        section("integrity", bench_integrity, p, log)
-        section("npf", bench_npf, p, log)
+        if protect in (None, "digest"):
+            section("integrity", bench_integrity, p, log)
+        elif want("integrity"):
+            res["integrity"] = {"skipped": f"the digest design's integrity modes: --protect "
+                                           f"{protect} keeps no digest"}
+        section("npf", bench_npf, p, log, "merkle", protect or "digest")
         rp = section("replay", bench_replay, p, log, tmp)
         section("kvm", bench_kvm, p, log)
         section("kvm_accel", bench_kvm_accel, p, log)
         section("guest", bench_guest, p, log)
         section("psp", bench_psp, p, log)
+        if protect is not None:
+            from hv.bench.designs import design_costs, walk_ns
+            section("design", _design_section, protect, profile, log, design_costs, walk_ns)
         if p["rss"]:
             section("memory", bench_memory, p, log, (rp or {}).get("trace_path"))
         for r in (rp,):
@@ -108,3 +120,14 @@ def run(profile="quick", plot_dir=None, log=None, sections=None):
     if plot_dir:
         res["plots"] = plot(res, plot_dir)
     return res
+
+
+def _design_section(protect, profile, log, design_costs, walk_ns):
+    """hv bench --protect X: X's costs (digest: merkle, the default mode)."""
+    tiny, quick = profile == "tiny", profile != "full"
+    out = design_costs(protect, "merkle" if protect == "digest" else None, quick=quick,
+                       tiny=tiny, log=log)
+    w = walk_ns(size=(64 << 20) if tiny else (1 << 30), n=20_000 if tiny else 300_000)
+    out["walk_ns"] = None if w is None else (w["rmp"] if protect == "rmp" else w["plain"])
+    out["protect"] = protect
+    return out

@@ -13,7 +13,7 @@ def _touch_trace(npages, base=0x4000_0000):
     return Trace(array("B", bytes(npages)), gpas, array("I", [8]) * npages, format="csv")
 
 
-def bench_npf(p, log, integrity="merkle"):
+def bench_npf(p, log, integrity="merkle", protect="digest"):
     from hv.trace.replay import replay
     from hv.vmm.vmm import Vmm
     n = p["npf_pages"]
@@ -22,7 +22,8 @@ def bench_npf(p, log, integrity="merkle"):
     for name, kw in (("4k", {}), ("fa16", {"fault_around": 16}), ("2m", {"huge": True})):
         el = None
         for _ in range(p.get("repeat", 1)):         # best of `repeat` fresh VMs
-            vmm = Vmm(host_mem=max(256 * MiB, 2 * n * PAGE + 128 * MiB), integrity=integrity)
+            vmm = Vmm(host_mem=max(256 * MiB, 2 * n * PAGE + 128 * MiB), protect=protect,
+                      integrity=integrity if protect == "digest" else None)
             try:
                 vm = vmm.create_vm(**kw)
                 res = replay(vmm, vm, trace)
@@ -34,7 +35,8 @@ def bench_npf(p, log, integrity="merkle"):
         out[name] = {"pages": n, "npf": res["npf"], "elapsed_s": el,
                      "us_per_fault": el * 1e6 / max(1, res["npf"]),
                      "us_per_page": el * 1e6 / n}
-        log(f"npf {name:>4} ({integrity}): {out[name]['us_per_fault']:.1f} us/fault, "
+        log(f"npf {name:>4} ({integrity if protect == 'digest' else protect}): "
+            f"{out[name]['us_per_fault']:.1f} us/fault, "
             f"{out[name]['us_per_page']:.2f} us/page")
     return out
 

@@ -48,7 +48,13 @@ def add_parser(sub, common):
                    help="write PNG plots (matplotlib) into DIR")
     p.add_argument("--only", metavar="SECTIONS", default=None,
                    help="comma-separated sections: sha256,walks,integrity,npf,replay,kvm,kvm_accel,"
-                        "guest,psp,memory")
+                        "guest,psp,memory,design")
+    from psp_firmware import DESIGNS
+    p.add_argument("--protect", default=None, choices=DESIGNS,
+                   help="protection design: the NPF path runs under it and section design adds "
+                        "its costs (first-touch NPF, walk with its check, periodic check, PSP "
+                        "memory, guest speed; as hv compare); default: the digest design's "
+                        "parts, without section design")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="show progress on stderr also with --json (never the NPF log: "
@@ -70,7 +76,7 @@ def cmd_bench(args):
     if args.only:
         sections = {s.strip() for s in args.only.split(",") if s.strip()}
         known = {"sha256", "walks", "integrity", "npf", "replay", "kvm", "kvm_accel", "guest", "psp",
-                 "memory"}
+                 "memory", "design"}
         if sections - known:
             raise BadInput(f"bench: unknown section(s) {','.join(sorted(sections - known))}")
         if not sections:
@@ -89,7 +95,8 @@ def cmd_bench(args):
     def log(msg):
         if not quiet or args.verbose:
             print(msg, file=sys.stderr, flush=True)
-    res = bench.run(profile, plot_dir=args.plot, log=log, sections=sections)
+    res = bench.run(profile, plot_dir=args.plot, log=log, sections=sections,
+                    protect=args.protect)
     if args.json:
         emit_json(res, default=str)
     else:

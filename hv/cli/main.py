@@ -13,6 +13,7 @@ import sys
 
 from hv.cli import (attack as attack_cli, bench as bench_cli, boot as boot_cli, replay as replay_cli,
                     sweep as sweep_cli)
+from hv.cli import compare as compare_cli
 from hv.cli.common import (EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK, Parser, add_common_options,
                            check_host_mem_file, emit_json, error_outcome, json_state,
                            setup_logging)
@@ -26,6 +27,7 @@ def build_parser():
     for mod in (boot_cli, attack_cli, bench_cli):
         mod.add_parser(sub, add_common_options)
     sweep_cli.add_parser(sub)
+    compare_cli.add_parser(sub)
     return ap
 
 
@@ -36,7 +38,7 @@ def main(argv=None):
         ap = build_parser()
         args = ap.parse_args(argv)
         if not args.cmd:
-            raise BadInput("usage: hv {boot,replay,attack,bench,inspect,sweep} ... (hv --help)")
+            raise BadInput("usage: hv {boot,replay,attack,bench,compare,inspect,sweep} ... (hv --help)")
         setup_logging(getattr(args, "verbose", 0))
         check_host_mem_file(args)
         return args.func(args)
