@@ -1,4 +1,9 @@
-"""Trusted side: the secure processor's firmware. Never imports `hv`."""
+"""Trusted side: the secure processor's firmware. Never imports `hv`.
+
+The protection designs (docs/designs.md): digest is psp.py's Psp (handlers/);
+isolated.py, rmp.py and none.py are the others' firmware, built by
+designs.make_psp; protect.py holds what they share; sealed.py makes the
+sealed memfds the VMM may only read."""
 from .commands import ATTR_RWX, ATTR_W, ATTR_X, LEVEL_2M, LEVEL_4K, Cmd, decode, encode
 from .guest import INTEGRITY_MODES, register_integrity_mode
 from .psp import Psp

@@ -19,6 +19,9 @@ Sections (each returns a dict; `run()` gathers them and the headline figures):
              vs plain Unicorn (all memory mapped flat, no hooks); µs per NPF of
              the memtouch guest (needs hv.boot)
 - memory:    peak RSS of a replay (and a boot) at two --host-mem sizes
+- design:    with --protect X only: X's costs as hv compare measures them
+             (designs.py: first-touch NPF, walk with the design's check,
+             periodic check, PSP memory per GiB, guest speed)
 
 Timings are best-of-a-few wall clock (time.perf_counter); ratios come from one
 run. Tests never assert times.

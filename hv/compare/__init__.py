@@ -8,6 +8,9 @@ designs and keeps a recorded run.
 
     from hv.compare import run
     res = run(quick=True)            # res["designs"], res["matrix"], res["costs"]
+
+Imports hv.attacks (the matrix), hv.bench (the costs and machine facts) and
+matplotlib for the plots; never hv.cli.
 """
 import datetime
 import time

@@ -1,7 +1,10 @@
 """The VMM: `Vmm` and `Vm` (vmm.py: platform set-up, guests, the NPF path that
 turns a walk miss into an UPDATE_NPT), host memory (hostmem.py: one mmap,
-anonymous or a memfd/file, that the PSP shares) and the HPA allocator
-(alloc.py).
+anonymous or a memfd/file, that the PSP shares; under the isolated design
+the PSP's table frames are mapped read-only over part of it), the HPA
+allocator (alloc.py) and who writes a guest's NPT under each protection
+design (tables.py: the PSP under digest and isolated, the VMM under rmp and
+none).
 
 Imports nptcore, psp_firmware's public constants and hv.psp_link (its end of
 the mailbox); never hv.machine, hv.trace, hv.cli or the tools.
