@@ -564,6 +564,7 @@ static int update_fast(struct psp_ctx *c, struct psp_guest *g, uint32_t level, u
     uint32_t *fowner = (uint32_t *)c->fowner;
     uint64_t *fgpa = (uint64_t *)c->fgpa;
     uint8_t *dirty = (uint8_t *)c->dirty;
+    int dg = g->digest != 0;     /* the digest design: check and keep the line hashes */
 
     /* -- arguments (the same checks as _map_checks, in any order: any
      *    failure declines, and the Python handler names the status) -- */
@@ -593,7 +594,7 @@ static int update_fast(struct psp_ctx *c, struct psp_guest *g, uint32_t level, u
     for (unsigned lvl = 4; lvl > level; lvl--) {
         int idx = (int)((gpa >> (12 + 9 * (lvl - 1))) & 511);
         const uint8_t *sh = shadow_of(c, t);
-        if (!sh || !line_checked(c, lc, t, idx >> 3))
+        if (!sh || (dg && !line_checked(c, lc, t, idx >> 3)))
             return 1;
         uint64_t e = ld64(sh + 8 * idx);
         if (!(e & P_BIT) || (e & PS_BIT))       /* needs a new table / a large leaf */
@@ -602,10 +603,10 @@ static int update_fast(struct psp_ctx *c, struct psp_guest *g, uint32_t level, u
     }
     uint8_t *lsh = (uint8_t *)shadow_of(c, t);
     int idx = (int)((gpa >> (12 + 9 * (level - 1))) & 511);
-    if (!lsh || !lines_of(c, t) || idx + npages > 512)
+    if (!lsh || (dg && !lines_of(c, t)) || idx + npages > 512)
         return 1;
     int k0 = idx >> 3, k1 = (int)((idx + npages - 1) >> 3);
-    for (int k = k0; k <= k1; k++)
+    for (int k = k0; dg && k <= k1; k++)
         if (!line_checked(c, lc, t, k))
             return 1;
     for (uint32_t i = 0; i < npages; i++)
@@ -615,19 +616,21 @@ static int update_fast(struct psp_ctx *c, struct psp_guest *g, uint32_t level, u
     /* ---- all checks passed: commit ---- */
     scrub_frames(c, rs, hpa, total);
     uint64_t flags = P_BIT | U_BIT | ((attrs & ATTR_W) ? W_BIT : 0) |
-                     ((attrs & ATTR_X) ? 0 : NX_BIT) | (level == 2 ? PS_BIT : 0);
+                     ((attrs & ATTR_X) ? 0 : NX_BIT) | (level == 2 ? PS_BIT : 0) | g->leaf_extra;
     psp_write_leaves(mem, t, lsh, idx, (int)npages, hpa | flags, size);
     for (uint64_t j = 0; j < nfr; j++) {
         fstate[lo + j] = F_MAPPED;
         fowner[lo + j] = g->handle;
         fgpa[lo + j] = gpa + (j << 12);
     }
-    for (int k = k0; k <= k1; k++)
-        line_written(c, lc, t, k);
-    /* stale merkle chunks: the leaf chunks written (the flush in merkle.py
-     * carries the change up the tree: each parent's chunk above them) */
-    for (int j = idx >> 6; j <= (int)((idx + npages - 1) >> 6); j++)
-        dirty[t >> 12] |= (uint8_t)(1u << j);
+    if (dg) {
+        for (int k = k0; k <= k1; k++)
+            line_written(c, lc, t, k);
+        /* stale merkle chunks: the leaf chunks written (the flush in merkle.py
+         * carries the change up the tree: each parent's chunk above them) */
+        for (int j = idx >> 6; j <= (int)((idx + npages - 1) >> 6); j++)
+            dirty[t >> 12] |= (uint8_t)(1u << j);
+    }
     g->mapped_pages += nfr;
     return 0;
 }

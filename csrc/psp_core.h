@@ -15,6 +15,11 @@ struct psp_guest {
     uint64_t vmsa;           /* HPA of the guest's control page (nCR3 at +0) */
     uint64_t root;           /* the root table the PSP built */
     uint64_t mapped_pages;   /* 4 KiB pages mapped (GUEST_STATUS) */
+    uint32_t digest;         /* 1: merkle's line hashes are checked and kept (digest
+                                design); 0: no digest (the isolated design) */
+    uint32_t pad_;
+    uint64_t leaf_extra;     /* bits every leaf gets besides its permissions
+                                (isolated: A|D, so that the walker never stores) */
 };
 
 /* The PSP state the fast path reads and commits to. Every array is indexed

@@ -85,22 +85,29 @@ class _Refuse(Exception):
         self.out = out
 
 
+def _fast_mode(cls):
+    """Does the C fast path serve guests of integrity class `cls`? merkle
+    (it checks and keeps the line hashes) and "none" (no digest: isolated)."""
+    return cls is MerkleIntegrity or getattr(cls, "mode", None) == "none"
+
+
 class Guest:
     """A guest's PSP-private state. `rec` (a struct psp_guest, or None) is
     what the C fast path knows of it; the handlers keep it in step."""
 
     def __init__(self, handle, vmsa, root, integrity_cls, canon, read_u64, mem=None, core=None,
-                 dirty=None, ptabs=None):
+                 dirty=None, ptabs=None, leaf_extra=0):
         self.handle = handle
         self.vmsa = vmsa
         self._state = G_LAUNCHING
         self._mapped = 0
         self.rec = None
         self.npt = ShadowNpt(root, ptabs)
-        if integrity_cls is MerkleIntegrity and ptabs is not None:
+        if _fast_mode(integrity_cls) and ptabs is not None:
             # the C fast path commits ordinary UPDATE_NPTs of this guest
             self.rec = _core.ffi.new("struct psp_guest *")
             self.rec.handle, self.rec.vmsa, self.rec.root = handle, vmsa, root
+            self.rec.leaf_extra = leaf_extra     # (isolated: A|D, psp_firmware/isolated.py)
         self.set_integrity(integrity_cls, canon, read_u64, mem, core, dirty, ptabs)
         self.measurement = hashlib.sha256()
         self.final_measurement = b""
@@ -108,8 +115,8 @@ class Guest:
 
     def set_integrity(self, cls, canon, read_u64, mem, core, dirty, ptabs):
         """A fresh integrity object of `cls` over the guest's current table.
-        The C fast path serves the guest only in merkle mode (it keeps
-        merkle's line-hash index)."""
+        The C fast path serves the guest in merkle mode (it keeps merkle's
+        line-hash index) and with no digest at all (the isolated design)."""
         if cls is MerkleIntegrity:
             self.integrity = cls(self.npt, canon, read_u64, self.vmsa, mem=mem, core=core,
                                  dirty=dirty, ptabs=ptabs)
@@ -117,7 +124,9 @@ class Guest:
             self.integrity = cls(self.npt, canon, read_u64, self.vmsa, mem=mem, core=core)
         else:
             self.integrity = cls(self.npt, canon, read_u64, self.vmsa)
-        self.fast_ok = cls is MerkleIntegrity
+        self.fast_ok = _fast_mode(cls)
+        if self.rec is not None:
+            self.rec.digest = 1 if cls is MerkleIntegrity else 0
         self.state = self._state          # the C view follows
 
     @property

@@ -45,7 +45,6 @@ class IsolatedPsp(Psp):
     TABLE_ENTRY = Psp.TABLE_ENTRY | A
 
     def __init__(self, membuf, iso_base, iso_size, seal=False, **kw):
-        kw["fast"] = False          # the C fast path is merkle's (line hashes)
         kw["holes"] = False         # the hole probe asks the host memfd, not the region's
         super().__init__(membuf, **kw)
         self._integrity_cls = NoIntegrity
@@ -117,8 +116,9 @@ class IsolatedPsp(Psp):
         self._frames.set(vmsa // PAGE, F.VMSA, handle)
         self._write_u64(vmsa, root)          # nCR3
         self._write_u64(vmsa + 8, handle)    # ASID
-        self._guests[handle] = Guest(handle, vmsa, root, NoIntegrity, self._eng.canon_page,
-                                     self._read_u64)
+        g = self._guests[handle] = Guest(handle, vmsa, root, NoIntegrity, self._eng.canon_page,
+                                         self._read_u64, ptabs=self._ptabs, leaf_extra=A | D)
+        self._register_fast(g)          # the C fast path: no line hashes, A|D in every leaf
         return Status.SUCCESS, encode_out(Cmd.LAUNCH_START, handle=handle)
 
     def cmd_decommission(self, handle):

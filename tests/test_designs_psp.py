@@ -265,3 +265,84 @@ def test_rmp_follows_its_state_model(ops):
         got = {pf: e for pf, e in enumerate(p.rmp.q) if e}
         assert got == want
     p._check_invariants()
+
+
+# ---------------------------------------------------------------------------
+# the isolated design through the C UPDATE_NPT fast path (no line hashes,
+# A|D in every leaf) against its Python handler
+
+needs_c = pytest.mark.skipif(not __import__("psp_firmware.core", fromlist=["x"]).available(),
+                             reason="C core not built")
+
+UPDATES = st.lists(st.tuples(st.integers(0, 1), st.integers(0, 700), st.integers(0, 90),
+                             st.sampled_from([1, 1, 1, 2]), st.sampled_from([0, 1, 2, 3, 8]),
+                             st.sampled_from([1, 1, 2, 5, 512]), st.booleans()),
+                   min_size=1, max_size=40)
+
+
+@needs_c
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=UPDATES)
+def test_isolated_fast_path_commits_what_the_handler_commits(ops):
+    variants = [_psp("isolated", core="python", fast=False), _psp("isolated", core="c", fast=False),
+                _psp("isolated", core="c", fast=True)]
+    assert [p.fast for p in variants] == [False, False, True]
+    handles = []
+    for p in variants:
+        _platform(p, "isolated")
+        handles.append([_launch(p, "isolated", 0) for _ in range(2)])
+    assert handles[0] == handles[1] == handles[2]
+    for gi, page, frame, level, attrs, n, ring in ops:
+        size = PAGE << (9 * (level - 1))
+        gpa = 0x40000000 + page * size // (8 if level == 2 else 1) // size * size
+        hpa = (16 << 20) + frame * (MB2 if level == 2 else PAGE)
+        cmd = encode(Cmd.UPDATE_NPT, handle=handles[0][gi], level=level, gpa=gpa, hpa=hpa,
+                     attrs=attrs, npages=n)
+        outs = []
+        for p in variants:
+            if ring:       # the same command through a ring of one (psp_ring_fast)
+                from psp_firmware import mailbox_layout as L
+                buf = bytearray(L.RING_ENTRY_SIZE)
+                L.ENTRY_HDR.pack_into(buf, 0, int(Cmd.UPDATE_NPT), len(cmd))
+                buf[L.RE_IN:L.RE_IN + len(cmd)] = cmd
+                p.run_ring(memoryview(buf), 1)
+                word, olen = L.ENTRY_RESULT.unpack_from(buf, L.RE_STATUS)
+                outs.append((word & L.STATUS_MASK, bytes(buf[L.RE_OUT:L.RE_OUT + olen])))
+            else:
+                outs.append(p.mailbox(int(Cmd.UPDATE_NPT), cmd))
+        assert outs[0] == outs[1] == outs[2], (gpa, hpa, level, attrs, n)
+    mems = [bytes(p.test_mem) for p in variants]
+    assert mems[0] == mems[1] == mems[2]
+    snaps = [p._frames.snapshot() for p in variants]
+    assert snaps[0] == snaps[1] == snaps[2]
+    for p in variants:
+        p._check_invariants()
+        for h in handles[0]:
+            assert box(p, Cmd.GUEST_STATUS, handle=h)[1]["mapped_pages"] == \
+                box(variants[0], Cmd.GUEST_STATUS, handle=h)[1]["mapped_pages"]
+
+
+@needs_c
+def test_isolated_updates_take_the_c_fast_path():
+    p = _psp("isolated", core="c", fast=True)
+    _platform(p, "isolated")
+    h = _launch(p, "isolated", 0)
+    lib, commits = p._c, []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(lib, name)
+
+        def psp_mailbox_update(self, ctx, buf):
+            r = lib.psp_mailbox_update(ctx, buf)
+            commits.append(r)
+            return r
+    p._c = Spy()
+    assert _map(p, "isolated", h, 0x5000, 16 << 20) == Status.SUCCESS     # new tables: Python
+    assert _map(p, "isolated", h, 0x6000, (16 << 20) + PAGE) == Status.SUCCESS
+    assert commits == [0, 1]            # declined (tables needed), then committed in C
+    from nptcore import get_engine
+    eng = get_engine(p.test_mem)
+    root = box(p, Cmd.GUEST_STATUS, handle=h)[1]["root"]
+    assert eng.walk(root, 0x6000, 1, set_ad=False).entry & (A | D) == A | D
+    eng.close()

@@ -38,16 +38,20 @@ class LaunchCommands:
                                          self._eng.canon_page, self._read_u64,
                                          mem=self._mem, core=self.core, dirty=self._dirty,
                                          ptabs=self._ptabs)
+        self._register_fast(g)
+        return Status.SUCCESS, encode_out(Cmd.LAUNCH_START, handle=handle)
+
+    def _register_fast(self, g):
+        """Commit-time: give the C fast path's ring loop guest g's record."""
         if g.rec is not None:
             # the ring loop's guest table: slot handle % 64 if free, else any
             # free one (psp_core.c ring_guest looks there first, then scans);
             # past 64 fast-path guests, the others take the Python path
             slots = self._ctx.ring_guests
-            for k in [handle & 63] + list(range(64)):
+            for k in [g.handle & 63] + list(range(64)):
                 if slots[k] == _core.ffi.NULL:
                     slots[k] = g.rec
                     break
-        return Status.SUCCESS, encode_out(Cmd.LAUNCH_START, handle=handle)
 
     def cmd_set_private_memory(self, handle, hpa, npages):
         g = self._guest(handle)
@@ -58,7 +62,6 @@ class LaunchCommands:
         self._scrub(hpa, npages * PAGE)
         self._frames.set_range(hpa, npages * PAGE, F.PRIVATE, g.handle)
         return Status.SUCCESS, b""
-
 
     def cmd_launch_update_data(self, handle, gpa, hpa, npages):
         g = self._guest(handle, (G_LAUNCHING,))
