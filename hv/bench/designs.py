@@ -3,9 +3,9 @@
 Per design (`protect`, with `integrity` for digest), each a plain function:
 
 - npf_first_touch_us: µs per page of a guest writing each page of its RAM for
-  the first time: the memtouch guest under `hv boot`, its whole run (host
-  allocation, the PSP's scrub and the design's mapping path included) over
-  the pages it touched.
+  the first time: hv bench's figure (hv.bench.guest.first_touch: the
+  firsttouch guest under `hv boot`, host allocation included), run under the
+  design.
 - walk_ns: ns per nested walk, C batch, random GPAs over a dense 4 KiB table
   with a distinct frame per page, with the design's per-translation check
   (the RMP check under rmp; the others have none and run the same walk).
@@ -35,28 +35,13 @@ def _vmm(protect, integrity, host_mem, psp="process"):
 
 
 def npf_first_touch_us(protect="digest", integrity=None, pages=4096, repeat=2, psp="process"):
-    """µs per page of memtouch's first writes (see the module docstring)."""
-    from hv.bench.guest import _guest_images
-    from hv.machine.boot import Boot
-    memtouch = str(_guest_images()["memtouch"])
-    mem = pages * PAGE + 2 * MiB
-    best = None
-    for _ in range(repeat):
-        vmm = _vmm(protect, integrity, max(256 * MiB, 2 * mem + 64 * MiB), psp)
-        try:
-            b = Boot(vmm, memtouch, mem=mem)
-            try:
-                r = b.run()
-            finally:
-                b.close()
-        finally:
-            vmm.close()
-        if r.exit_reason not in ("exit_port", "hlt") or r.exit_code:
-            raise RuntimeError(f"memtouch under {protect}: {r.exit_reason}: {r.reason}")
-        touched = r.pages_mapped - r.launch_pages
-        us = r.elapsed_s * 1e6 / max(1, touched)
-        best = us if best is None else min(best, us)
-    return best
+    """µs per page of the firsttouch guest's first writes under the design
+    (hv bench's npf_first_touch_us, hv.bench.guest.first_touch)."""
+    from hv.bench.guest import _guest_images, first_touch
+    image = str(_guest_images()["firsttouch"])
+    r = first_touch(image, pages * PAGE + 2 * MiB, repeat, protect=protect,
+                    integrity=integrity, psp=psp)
+    return r["us_per_page"]
 
 
 class DistinctTable:
