@@ -28,6 +28,18 @@ from hv.bench.common import GiB, HUGE, MiB, PAGE, _LEAF, _NONLEAF, _best
 DESIGN_RUNS = (("digest-full", "digest", "full"), ("digest-merkle", "digest", "merkle"),
                ("isolated", "isolated", None), ("rmp", "rmp", None), ("none", "none", None))
 
+# what an NPF runs through under each design with the PSP process (the cost
+# figures' fine print: where C does the work and where Python does)
+NPF_PATH = {
+    "digest-full": "VMM NPF path in Python; UPDATE_NPT in the PSP's Python handler (full "
+                   "re-hash in C)",
+    "digest-merkle": "VMM NPF path in Python; UPDATE_NPT in the PSP's C fast path",
+    "isolated": "VMM NPF path in Python; UPDATE_NPT in the PSP's C fast path (no digest)",
+    "rmp": "VMM NPF path in Python; RMP_ASSIGN in the PSP's Python handler; the VMM writes the "
+           "entry (C engine)",
+    "none": "VMM NPF path in Python; the VMM writes the entry (C engine); no PSP command",
+}
+
 
 def _vmm(protect, integrity, host_mem, psp="process"):
     from hv.vmm.vmm import Vmm

@@ -15,7 +15,7 @@ matplotlib for the plots; never hv.cli.
 import datetime
 import time
 
-from hv.bench.designs import DESIGN_RUNS, design_costs, walk_ns
+from hv.bench.designs import DESIGN_RUNS, NPF_PATH, design_costs, walk_ns
 from hv.compare.matrix import run_matrix
 
 DESIGNS = tuple(name for name, _p, _i in DESIGN_RUNS)
@@ -60,6 +60,7 @@ def run_costs(runs, quick=True, tiny=False, log=None):
     out = {}
     for name, protect, integrity in runs:
         c = design_costs(protect, integrity, quick=quick or tiny, tiny=tiny, log=log)
+        c["npf_path"] = NPF_PATH[name]
         if walks is not None:
             c["walk_ns"] = walks["rmp"] if protect == "rmp" else walks["plain"]
         else:

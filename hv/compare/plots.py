@@ -8,7 +8,7 @@ _OUTCOME_STYLE = {
     "undetected": ("#d73027", "UNDET"), "false_positive": ("#f46d43", "FP"),
     "skipped": ("#bdbdbd", "skip"), "error": ("#000000", "ERR"),
 }
-_COSTS = (("npf_first_touch_us", "µs per page", "first-touch NPF (memtouch)"),
+_COSTS = (("npf_first_touch_us", "µs per page", "first-touch NPF (firsttouch guest, PSP process)"),
           ("walk_ns", "ns per walk", "nested walk, C batch, 1 GiB"),
           ("check_ms_1g", "ms per check", "periodic check, 1 GiB mapped"),
           ("check_ms_16g", "ms per check", "periodic check, 16 GiB mapped"),
