@@ -132,3 +132,43 @@ def test_cli_replay_under_every_design(design, capsys):
     assert (out["psp"] == "process") == (design == "isolated")
     # only digest keeps a digest
     assert (out["digest"] == "00" * 32) == (design != "digest")
+
+
+# ---------------------------------------------------------------------------
+# the same on KVM (--accel kvm): its memslot follows the table through the
+# design's walk (under rmp, RMP-checked)
+
+def _kvm_why():
+    from hv.machine import kvm
+    return kvm.probe()
+
+
+needs_kvm = pytest.mark.skipif(_kvm_why() is not None, reason="KVM is not available")
+
+
+@needs_kvm
+@pytest.mark.parametrize("design", DESIGNS)
+def test_memtouch_on_kvm_under_every_design(guests, design):
+    vmm = Vmm(host_mem=128 * MiB, protect=design, shared_mem=True)
+    try:
+        b = Boot(vmm, guests["memtouch"], mem=4 * MiB, accel="kvm")
+        try:
+            r = b.run()
+        finally:
+            b.close()
+    finally:
+        vmm.close()
+    assert (r.exit_reason, r.exit_code) == ("exit_port", 0) and "memtouch: OK" in r.serial
+    assert r.protect == design and r.npf > 700
+
+
+@needs_kvm
+@pytest.mark.parametrize("design", ["isolated", "rmp", "none"])
+def test_guest_attacks_on_kvm_per_design(design):
+    from hv.attacks import SCENARIOS, AttackConfig, load_guest_scenarios, run_scenario
+    load_guest_scenarios("auto")
+    for name in ("guest_severed_remap", "guest_tamper_on_slice"):
+        r = run_scenario(name, AttackConfig(protect=design, accel="kvm", host_mem=128 << 20))
+        assert r.outcome == SCENARIOS[name].expect[design], (name, r.detail)
+        if design == "rmp" and r.outcome == "detected":
+            assert r.detected_by == "rmp" and r.exposure_ms == 0

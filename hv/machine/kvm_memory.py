@@ -64,15 +64,18 @@ class GuestRam:
 
     mem: host memory (``.fd``: a memfd or file, ``.size``); engine: the NPT
     engine over it; root(): the table root the CPU would use now (nCR3 read
-    from the control page)."""
+    from the control page); rmp: the rmp design's RMP view of the guest
+    (every lookup is RMP-checked: a page that fails it is not mapped, and its
+    miss carries PF_RMP), or None."""
 
-    def __init__(self, kvm_vm, mem, engine, root, ram_size):
+    def __init__(self, kvm_vm, mem, engine, root, ram_size, rmp=None):
         if mem.fd is None:
             raise GuestRamError("host memory is anonymous: KVM needs it in a memfd or file")
         self.fd = mem.fd
         self.mem_size = mem.size
         self.engine = engine
         self.root = root
+        self.rmp = rmp
         self.size = ram_size
         self.pages = {}          # guest page number -> (hpa, writable) as KVM sees it
         self.maps = 0            # mmap calls made
@@ -126,12 +129,18 @@ class GuestRam:
         """Walk the table for gpa as an access of that kind: (True, hpa of the
         page, writable, leaf level), or (False, the walk's miss) where it
         maps nothing (or refuses that kind of access)."""
-        eng, root = self.engine, self.root()
-        r = eng.walk(root, gpa, access, set_ad)
+        eng, root, rmp = self.engine, self.root(), self.rmp
+        if rmp is not None:
+            def walk(g, a, ad):
+                return eng.walk_rmp(root, g, a, rmp, ad)
+        else:
+            def walk(g, a, ad):
+                return eng.walk(root, g, a, ad)
+        r = walk(gpa, access, set_ad)
         if not r.ok:
             return False, r, None, None
         # writable only if a write would pass the whole walk (every level's W)
-        writable = access == ACC_W or (bool(r.entry & W) and eng.walk(root, gpa, ACC_W, False).ok)
+        writable = access == ACC_W or (bool(r.entry & W) and walk(gpa, ACC_W, False).ok)
         return True, r.hpa & ~0xFFF, writable, r.level
 
     def map_gpa(self, gpa, access=ACC_R, around=1):

@@ -192,7 +192,8 @@ class KvmVcpu(GuestMemoryView):
         self._kicker = None
         try:
             if ram is None:
-                ram = GuestRam(self.kvm_vm, vmm.mem, vmm.engine, self._npt_root, vm.ram_size)
+                ram = GuestRam(self.kvm_vm, vmm.mem, vmm.engine, self._npt_root, vm.ram_size,
+                               rmp=getattr(vm, "rmp", None))
                 ram.resync()                # the launch pages: in the table before the run
                 self._own_ram = True
             else:
@@ -367,7 +368,7 @@ class KvmVcpu(GuestMemoryView):
             if mode == MODE_NONE:
                 gpa = va if lma else va & 0xFFFFFFFF
             else:
-                r = self.eng.walk2d(self._npt_root(), cr3, va, access, mode, set_ad=True)
+                r = self._walk2d(self._npt_root(), cr3, va, access, mode, set_ad=True)
                 if r.kind == K_GUEST_PF:
                     raise _GuestPf(va, r.errcode)
                 if r.kind != K_OK:          # a miss in the NPT (a guest table page or the page)
