@@ -22,11 +22,12 @@ typedef struct {
     uint64_t n;
     int32_t has_rip;
     int32_t has_vcpu;
+    uint64_t next;
 } trace_result;
 
 int trace_parse_lackey(const char *buf, size_t len, uint64_t first_line,
                        uint8_t *acc, uint64_t *gpa, uint32_t *size, uint64_t *rip,
-                       size_t cap, trace_result *res);
+                       size_t cap, trace_result *res, uint64_t init_rip);
 int trace_parse_csv(const char *buf, size_t len, uint64_t first_line,
                     const uint8_t *coltypes, int ncols,
                     uint8_t *acc, uint64_t *gpa, uint32_t *size, uint64_t *rip,
@@ -35,6 +36,9 @@ int trace_parse_csv(const char *buf, size_t len, uint64_t first_line,
 int trace_parse_ftrace(const char *buf, size_t len, uint64_t first_line,
                        uint8_t *acc, uint64_t *gpa, uint32_t *size, uint64_t *rip,
                        uint16_t *vcpu, size_t cap, trace_result *res);
+int trace_parse_perf(const char *buf, size_t len, uint64_t first_line,
+                     uint8_t *acc, uint64_t *gpa, uint32_t *size, uint64_t *rip,
+                     uint16_t *vcpu, size_t cap, trace_result *res);
 int64_t trace_pages(const uint64_t *gpa, const uint32_t *size, size_t n,
                     uint64_t *out, size_t cap);
 int64_t trace_straddles(const uint64_t *gpa, const uint32_t *size, size_t n,

@@ -46,8 +46,10 @@ typedef struct {
     uint64_t val;
     uint64_t val2;
     uint64_t n;         /* records written */
-    int32_t has_rip;    /* ftrace: some record carried vcpu/rip */
-    int32_t has_vcpu;
+    int32_t has_rip;    /* ftrace/perf: some record carried a rip */
+    int32_t has_vcpu;   /* ftrace/perf: some record carried a vcpu */
+    uint64_t next;      /* on an error: byte offset of the line after the bad one
+                           (where a caller skipping bad lines resumes) */
 } trace_result;
 
 #define GPA_LIMIT (1ULL << 48)
@@ -113,7 +115,8 @@ static inline int skip_line(const unsigned char *s, const unsigned char *e)
 }
 
 #define FAIL(c, cl, v1, v2) do { res->line = lineno; res->code = (c); res->col = (cl); \
-    res->val = (v1); res->val2 = (v2); res->n = n; return (c); } while (0)
+    res->val = (v1); res->val2 = (v2); res->n = n;                             \
+    res->next = (uint64_t)(p - (const unsigned char *)buf); return (c); } while (0)
 
 #define FOR_EACH_LINE                                                         \
     const unsigned char *p = (const unsigned char *)buf, *end = p + len;      \
@@ -127,12 +130,14 @@ static inline int skip_line(const unsigned char *s, const unsigned char *e)
 
 #define END_FOR_EACH_LINE }
 
+/* init_rip: the current instruction address before the first line (0 at the
+ * start of a trace; the last record's rip when resuming after a bad line) */
 int trace_parse_lackey(const char *buf, size_t len, uint64_t first_line,
                        uint8_t *acc, uint64_t *gpa, uint32_t *size, uint64_t *rip,
-                       size_t cap, trace_result *res)
+                       size_t cap, trace_result *res, uint64_t init_rip)
 {
     size_t n = 0;
-    uint64_t cur_rip = 0;
+    uint64_t cur_rip = init_rip;
     memset(res, 0, sizeof *res);
     res->col = -1;
     FOR_EACH_LINE
@@ -312,47 +317,78 @@ static inline void opt_0x(const unsigned char **ps, const unsigned char *e)
     if (e - s >= 2 && s[0] == '0' && (s[1] == 'x' || s[1] == 'X')) *ps = s + 2;
 }
 
-int trace_parse_ftrace(const char *buf, size_t len, uint64_t first_line,
-                       uint8_t *acc, uint64_t *gpa, uint32_t *size, uint64_t *rip,
-                       uint16_t *vcpu, size_t cap, trace_result *res)
+/* A tracepoint event token at the start of the line or after ' ', '\t' or
+ * ':' (perf script prints "kvm:kvm_page_fault:"); only its first occurrence
+ * in the line counts.  Returns the position after the token, or NULL. */
+static const unsigned char *event_at(const unsigned char *ls, const unsigned char *le,
+                                     const char *tok, size_t toklen)
+{
+    const unsigned char *t = memmem(ls, (size_t)(le - ls), tok, toklen);
+    if (!t) return NULL;
+    if (t > ls && !(t[-1] == ' ' || t[-1] == '\t' || t[-1] == ':'))
+        return NULL;
+    return t + toklen;
+}
+
+/*
+ * kvm_page_fault events (ftrace and perf) and, with `perf`, page_fault_user
+ * events (exceptions:page_fault_user: "address=%ps ip=%ps error_code=0x%lx",
+ * the ip going to rip).  Every other line is skipped.
+ */
+static int parse_events(const char *buf, size_t len, uint64_t first_line,
+                        uint8_t *acc, uint64_t *gpa, uint32_t *size, uint64_t *rip,
+                        uint16_t *vcpu, size_t cap, trace_result *res, int perf)
 {
     static const char TOK[] = "kvm_page_fault:";
-    const size_t TOKLEN = sizeof TOK - 1;
+    static const char PFU[] = "page_fault_user:";
     size_t n = 0;
-    int has_v = 0;
     memset(res, 0, sizeof *res);
     res->col = -1;
     FOR_EACH_LINE
         if (skip_line(ls, le))
             continue;
-        const unsigned char *t = memmem(ls, (size_t)(le - ls), TOK, TOKLEN);
-        if (!t) continue;
-        if (t > ls && !(t[-1] == ' ' || t[-1] == '\t' || t[-1] == ':'))
-            continue;
-        const unsigned char *s = t + TOKLEN;
+        const unsigned char *s = event_at(ls, le, TOK, sizeof TOK - 1);
         uint64_t v = 0, r = 0, a, ec;
-        int vo = 0, ro = 0, ao, eo, withv = 0;
-        seps(&s, le);
-        if (lit(&s, le, "vcpu")) {
-            withv = 1;
+        int vo = 0, ro = 0, ao, eo, withv = 0, withr = 0;
+        if (s) {
+            seps(&s, le);
+            if (lit(&s, le, "vcpu")) {
+                withv = withr = 1;
+                if (!seps(&s, le)) FAIL(E_SYNTAX, -1, 0, 0);
+                if (!scan_dec(&s, le, &v, &vo)) FAIL(E_SYNTAX, -1, 0, 0);
+                if (!seps(&s, le)) FAIL(E_SYNTAX, -1, 0, 0);
+                if (!lit(&s, le, "rip")) FAIL(E_SYNTAX, -1, 0, 0);
+                if (!seps(&s, le)) FAIL(E_SYNTAX, -1, 0, 0);
+                opt_0x(&s, le);
+                if (!scan_hex(&s, le, &r, &ro)) FAIL(E_SYNTAX, -1, 0, 0);
+                if (!seps(&s, le)) FAIL(E_SYNTAX, -1, 0, 0);
+            }
+            if (!lit(&s, le, "address")) FAIL(E_SYNTAX, -1, 0, 0);
             if (!seps(&s, le)) FAIL(E_SYNTAX, -1, 0, 0);
-            if (!scan_dec(&s, le, &v, &vo)) FAIL(E_SYNTAX, -1, 0, 0);
+            opt_0x(&s, le);
+            if (!scan_hex(&s, le, &a, &ao)) FAIL(E_SYNTAX, -1, 0, 0);
             if (!seps(&s, le)) FAIL(E_SYNTAX, -1, 0, 0);
-            if (!lit(&s, le, "rip")) FAIL(E_SYNTAX, -1, 0, 0);
+            if (!lit(&s, le, "error_code")) FAIL(E_SYNTAX, -1, 0, 0);
             if (!seps(&s, le)) FAIL(E_SYNTAX, -1, 0, 0);
+            opt_0x(&s, le);
+            if (!scan_hex(&s, le, &ec, &eo)) FAIL(E_SYNTAX, -1, 0, 0);
+        } else if (perf && (s = event_at(ls, le, PFU, sizeof PFU - 1)) != NULL) {
+            withr = 1;
+            seps(&s, le);
+            if (!lit(&s, le, "address=")) FAIL(E_SYNTAX, -1, 0, 0);
+            opt_0x(&s, le);
+            if (!scan_hex(&s, le, &a, &ao)) FAIL(E_SYNTAX, -1, 0, 0);
+            if (!seps(&s, le)) FAIL(E_SYNTAX, -1, 0, 0);
+            if (!lit(&s, le, "ip=")) FAIL(E_SYNTAX, -1, 0, 0);
             opt_0x(&s, le);
             if (!scan_hex(&s, le, &r, &ro)) FAIL(E_SYNTAX, -1, 0, 0);
             if (!seps(&s, le)) FAIL(E_SYNTAX, -1, 0, 0);
+            if (!lit(&s, le, "error_code=")) FAIL(E_SYNTAX, -1, 0, 0);
+            opt_0x(&s, le);
+            if (!scan_hex(&s, le, &ec, &eo)) FAIL(E_SYNTAX, -1, 0, 0);
+        } else {
+            continue;
         }
-        if (!lit(&s, le, "address")) FAIL(E_SYNTAX, -1, 0, 0);
-        if (!seps(&s, le)) FAIL(E_SYNTAX, -1, 0, 0);
-        opt_0x(&s, le);
-        if (!scan_hex(&s, le, &a, &ao)) FAIL(E_SYNTAX, -1, 0, 0);
-        if (!seps(&s, le)) FAIL(E_SYNTAX, -1, 0, 0);
-        if (!lit(&s, le, "error_code")) FAIL(E_SYNTAX, -1, 0, 0);
-        if (!seps(&s, le)) FAIL(E_SYNTAX, -1, 0, 0);
-        opt_0x(&s, le);
-        if (!scan_hex(&s, le, &ec, &eo)) FAIL(E_SYNTAX, -1, 0, 0);
         seps(&s, le);
         if (s != le) FAIL(E_SYNTAX, -1, 0, 0);
         if (vo) FAIL(E_RANGE, 0, 0, 0);
@@ -367,12 +403,27 @@ int trace_parse_ftrace(const char *buf, size_t len, uint64_t first_line,
         size[n] = 1;
         rip[n] = r;
         vcpu[n] = (uint16_t)v;
-        has_v |= withv;
+        /* kept in res as they come: an error return reports them too */
+        res->has_rip |= withr;
+        res->has_vcpu |= withv;
         n++;
     END_FOR_EACH_LINE
     res->n = n;
-    res->has_rip = res->has_vcpu = has_v;
     return E_OK;
+}
+
+int trace_parse_ftrace(const char *buf, size_t len, uint64_t first_line,
+                       uint8_t *acc, uint64_t *gpa, uint32_t *size, uint64_t *rip,
+                       uint16_t *vcpu, size_t cap, trace_result *res)
+{
+    return parse_events(buf, len, first_line, acc, gpa, size, rip, vcpu, cap, res, 0);
+}
+
+int trace_parse_perf(const char *buf, size_t len, uint64_t first_line,
+                     uint8_t *acc, uint64_t *gpa, uint32_t *size, uint64_t *rip,
+                     uint16_t *vcpu, size_t cap, trace_result *res)
+{
+    return parse_events(buf, len, first_line, acc, gpa, size, rip, vcpu, cap, res, 1);
 }
 
 static int cmp_u64(const void *x, const void *y)

@@ -9,15 +9,37 @@ Public API (see README.md, "Python API"):
     vmm.mem.write_u64(vmm.npt_root(vm), 0)          # the VMM can write anything...
     vmm.psp.update_npt(vm.handle, gpa, hpa)         # ...and send any command
 """
-from psp_firmware import Cmd, Status, status_name
+import importlib
 
-from hv.errors import BadInput, TraceError, VmStopped
-from hv.vmm.hostmem import HostMemory, parse_size
-from hv.psp_link.client import PspClient, Reply
-from hv.vmm.vmm import Vm, Vmm
+# the public names, imported on first use (PEP 562): `import hv` (and the `hv`
+# command's own start, which a Ctrl-C may interrupt) costs nothing until
+# something is used
+_LAZY = {
+    "Cmd": "psp_firmware", "Status": "psp_firmware", "status_name": "psp_firmware",
+    "BadInput": "hv.errors", "TraceError": "hv.errors", "VmStopped": "hv.errors",
+    "HostMemory": "hv.vmm.hostmem", "parse_size": "hv.vmm.hostmem",
+    "PspClient": "hv.psp_link.client", "Reply": "hv.psp_link.client",
+    "Vm": "hv.vmm.vmm", "Vmm": "hv.vmm.vmm",
+}
+
+__version__ = "0.1.0"       # pyproject.toml [project] version
 
 __all__ = ["Vmm", "Vm", "VmStopped", "HostMemory", "PspClient", "Reply", "Cmd", "Status",
-           "status_name", "BadInput", "TraceError", "parse_size", "load_trace", "replay"]
+           "status_name", "BadInput", "TraceError", "parse_size", "load_trace", "replay",
+           "__version__"]
+
+
+def __getattr__(name):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'hv' has no attribute {name!r}")
+    value = getattr(importlib.import_module(mod), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def load_trace(path, fmt=None, **kw):

@@ -31,12 +31,18 @@ def available_backends():
     return ["c", "python"] if CEngine is not None else ["python"]
 
 
+def c_build_error():
+    """Why the C backend is missing (the import error), or None when built."""
+    return None if CEngine is not None else str(_C_ERROR)
+
+
 def _warn_once():
     global _warned
     if not _warned:
         _warned = True
-        sys.stderr.write("nptcore: C extension not available (%s); "
-                         "using the pure-Python engine\n" % (_C_ERROR,))
+        sys.stderr.write("nptcore: warning: the C extension is not built (%s): running on "
+                         "the pure-Python engine, much slower (install a C compiler and the "
+                         "Python headers, then reinstall)\n" % (_C_ERROR,))
 
 
 def get_engine(buf, backend=None):
@@ -52,7 +58,8 @@ def get_engine(buf, backend=None):
         return PyEngine(buf)
     if backend == "c":
         if CEngine is None:
-            raise RuntimeError("nptcore: C backend not built (%s)" % (_C_ERROR,))
+            raise RuntimeError("the C extension is not built (%s): use backend='python'"
+                               % (_C_ERROR,))
         return CEngine(buf)
     if backend == "python":
         return PyEngine(buf)

@@ -38,7 +38,8 @@ def hv_many(argvs, workers=4):
 
 
 def assert_bad_input(r, *names, where=""):
-    """exit 2, exactly one stderr line naming the problem, no traceback, no stdout."""
+    """exit 2, exactly one stderr line naming the problem, no traceback; on
+    stdout nothing, or with --json the error as one JSON object."""
     ctx = f"{where}: rc={r.returncode} stdout={r.stdout[:300]!r} stderr={r.stderr[-600:]!r}"
     assert r.returncode == 2, ctx
     assert "Traceback" not in r.stderr, ctx
@@ -47,7 +48,11 @@ def assert_bad_input(r, *names, where=""):
     assert "internal error" not in lines[0], ctx
     for n in names:
         assert str(n) in lines[0], (n, ctx)
-    assert r.stdout == "", ctx
+    if "--json" in r.args:
+        assert one_json(r) == {"exit_reason": "bad_input", "exit_code": 2,
+                               "error": lines[0][len("hv: "):]}, ctx
+    else:
+        assert r.stdout == "", ctx
 
 
 def one_json(r):

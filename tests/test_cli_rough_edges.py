@@ -405,9 +405,9 @@ def test_cli_default_cap_is_passed(trace_file, monkeypatch, capsys):
     seen = {}
     real = trace_mod.load_trace
 
-    def spy(path, fmt=None, backend=None, max_bytes=MAX_TRACE_BYTES):
+    def spy(path, fmt=None, backend=None, max_bytes=MAX_TRACE_BYTES, **kw):
         seen["max_bytes"] = max_bytes
-        return real(path, fmt, backend, max_bytes)
+        return real(path, fmt, backend, max_bytes, **kw)
     monkeypatch.setattr(trace_mod, "load_trace", spy)
     rc, _, err = run_main(capsys, "replay", trace_file, *SMALL, "--json")
     assert rc == 0, err

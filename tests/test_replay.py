@@ -181,10 +181,12 @@ def test_bad_trace_exits_2_with_one_line(tmp_path, name):
         p.write_text(BAD_INPUTS[name])
     r = run_hv("replay", str(p), "--json")
     assert r.returncode == 2, (r.stdout, r.stderr)
-    assert r.stdout == ""
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
     assert "Traceback" not in r.stderr and str(p.name) in lines[0]
+    # --json: the same error as the one JSON object on stdout
+    assert json.loads(r.stdout) == {"exit_reason": "bad_input", "exit_code": 2,
+                                    "error": lines[0][len("hv: "):]}
 
 
 @pytest.mark.parametrize("args", [["replay"], ["replay", BUNDLED, "--backend", "java"],

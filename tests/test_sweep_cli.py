@@ -288,7 +288,9 @@ def test_ctrl_c_exits_130_and_keeps_the_finished_rows(tmp_path, executor):
     err = stderr.decode()
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "interrupted" in err and "--resume" in err
-    assert stdout == b""
+    # --json: the interrupt is the one JSON object on stdout (issue 13)
+    report = json.loads(stdout)
+    assert report["exit_code"] == 130 and report["exit_reason"] == "interrupted"
     print(f"Ctrl-C to exit ({executor}): {took:.2f} s")
     deadline = time.monotonic() + 10
     while not all(_gone(w) for w in workers) and time.monotonic() < deadline:

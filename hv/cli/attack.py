@@ -81,9 +81,7 @@ def cmd_attack(args):
         logging.getLogger("psp").setLevel(logging.ERROR)
     attacks.load_guest_scenarios(args.driver)
     if args.list:
-        protect = args.protect
-        for n, s in attacks.SCENARIOS.items():
-            print(f"{n:32s} {s.category:22s} expect {s.expected_for(protect):12s} {s.doc}")
+        _list(attacks.SCENARIOS, args.protect, args.json)
         return 0
     names = _select(args.names, args.all)
     from hv.machine.boot import resolve_accel
@@ -110,13 +108,64 @@ def cmd_attack(args):
             "protect": args.protect,
             "design": cfg.design,
             "differs": [r.name for r in failed],
-            "integrity": args.integrity or "default",
+            "integrity": args.integrity or _default_integrity(),
             "backend": args.backend or "default",
             "accel": accel,
         })
     else:
         _table(results, args.verbose)
     return 1 if failed else 0
+
+
+def _default_integrity():
+    from psp_firmware import DEFAULT_INTEGRITY
+    return DEFAULT_INTEGRITY
+
+
+def description(sc):
+    """A scenario's description: the first paragraph of its docstring, whole
+    (the registry keeps only its first line)."""
+    doc = getattr(sc.func, "__doc__", None) or sc.doc or ""
+    para = doc.strip().split("\n\n")[0]
+    return " ".join(para.split())
+
+
+def _list(scenarios, protect, as_json):
+    """hv attack --list: every scenario with its class, expected outcome (for
+    --protect) and whole description (--json: as one JSON object)."""
+    rows = [{"name": n, "category": s.category, "expected": s.expected_for(protect),
+             "driver": s.driver, "description": description(s)} for n, s in scenarios.items()]
+    if as_json:
+        emit_json({"protect": protect, "scenarios": rows})
+        return
+    from rich.table import Table
+    t = Table(box=None, show_header=True, pad_edge=False)
+    t.add_column("scenario", no_wrap=True)
+    t.add_column("class", no_wrap=True)
+    t.add_column("expect", no_wrap=True)
+    t.add_column("description", overflow="fold")      # wraps between words
+    for r in rows:
+        t.add_row(r["name"], r["category"], r["expected"], r["description"])
+    _console().print(t)
+
+
+def _console():
+    """A console as wide as the terminal, and at least 140 columns (a pipe
+    or a narrow terminal still gets whole words in every column)."""
+    from rich.console import Console
+    return Console(width=max(Console().width, 140))
+
+
+def _status_token(tok):
+    """A scenario's status record for the table: 'label:STATUS' -> STATUS,
+    'what:N' -> 'N what'."""
+    from psp_firmware import Status
+    head, _, tail = tok.rpartition(":")
+    if tail in Status.__members__:
+        return tail
+    if head and tail.isdigit():
+        return f"{tail} {head}"
+    return tok.replace(":", " ")
 
 
 _STYLE = {"refused": "green", "prevented": "green", "detected": "green", "not_flagged": "green",
@@ -152,8 +201,8 @@ def _table(results, verbose=0):
         elif r.where:
             detail = ", ".join(f"{k} {v}" for k, v in r.where.items())
         else:
-            detail = ",".join(s.split(":")[-1] for s in r.statuses[:3]) + (
-                ",..." if len(r.statuses) > 3 else "")
+            detail = ", ".join(_status_token(s) for s in r.statuses[:3]) + (
+                f", +{len(r.statuses) - 3} more" if len(r.statuses) > 3 else "")
         t.add_row(r.name, r.category, f"[{style}]{r.outcome}[/]" if style else r.outcome,
                   r.expected + ("" if r.ok else " (differs)"), exp, r.detected_by or "", detail)
     # a pipe or a narrow terminal still gets every column whole

@@ -15,7 +15,8 @@ import argparse
 import os
 import sys
 
-from hv.cli.common import add_accel_option, emit_json, make_vmm, size_arg
+from hv.cli.common import (add_accel_option, check_host_mem_file, check_output_path, emit_json,
+                           make_vmm, outputs, size_arg)
 from hv.errors import BadInput
 
 EXIT_OK, EXIT_GUEST = 0, 1
@@ -99,13 +100,27 @@ def resolve_image(name):
     raise BadInput(f"cannot build bundled guest {name!r}: no writable output directory")
 
 
-def run_boot(args, serial_sink=None):
+def _check_fits(args):
+    """--mem against --host-mem, before anything is created (Boot checks it
+    again against the Vmm it is given)."""
+    from hv.vmm.vmm import DEFAULT_FW_SIZE
+    usable = args.host_mem - DEFAULT_FW_SIZE - (1 << 20)
+    if args.mem > usable:
+        raise BadInput(f"--mem {args.mem >> 20} MiB does not fit in host memory "
+                       f"({args.host_mem >> 20} MiB, {max(usable, 0) >> 20} MiB usable); "
+                       f"raise --host-mem")
+
+
+def run_boot(args, serial_sink=None, warn=None):
     """`hv boot` on parsed options, printing nothing -> (exit code, the JSON
     object `--json` prints).  `serial_sink(bytes)`: called as the guest
-    writes to COM1 (cmd_boot streams it to stdout).  Used by cmd_boot and by
-    each point of `hv sweep`."""
+    writes to COM1 (cmd_boot streams it to stdout).  `warn(line)`: called
+    before the guest starts for each request of the image that is not met
+    (they are in the JSON's `warnings` too).  Used by cmd_boot and by each
+    point of `hv sweep`."""
     from hv.machine.boot import Boot, resolve_accel
     from hv.machine.loader import load_image
+    from hv.machine.unicorn_vcpu import available_hooks
 
     if args.insn_limit_ok and args.max_insns is None and args.max_ms is None:
         raise BadInput("boot: --insn-limit-ok needs --max-insns N or --max-ms MS")
@@ -116,17 +131,30 @@ def run_boot(args, serial_sink=None):
                 raise BadInput(f"boot: {opt} counts guest instructions, which KVM does not "
                                f"(--accel kvm: use {opt.replace('insns', 'ms')})")
     args.image = resolve_image(args.image)
-    # a bad image (or --mem that cannot hold it) is refused before any
-    # output file is created and before host memory is set up
-    load_image(args.image, args.mem)
+    check_host_mem_file(args)          # again: a bundled guest's name is a path now
+    # every argument is checked before any output file or host memory is made
+    image = load_image(args.image, args.mem)
+    _check_fits(args)
+    if args.accel != "kvm" and args.hook not in available_hooks():
+        raise BadInput("the C vCPU hook is not built (hv._vcpu_c): use --hook python")
+    for path, option in ((args.record, "--record"), (args.serial, "--serial")):
+        if path is not None:
+            check_output_path(path, option)
+    for w in image.warnings:        # optional requests not met (as QEMU warns)
+        if warn is not None:
+            warn(f"hv: warning: {args.image}: {w}")
 
     serial_file = None
     if args.serial:
+        new = not os.path.lexists(args.serial)
         try:
             serial_file = open(args.serial, "wb")
         except OSError as e:
             raise BadInput(f"cannot write serial output to {args.serial} (--serial): "
                            f"{e.strerror or e}") from None
+        if new:
+            outputs.created(args.serial)
+        outputs.writing(args.serial, "--serial")
 
     def sink(b):
         if serial_file is not None:
@@ -137,16 +165,25 @@ def run_boot(args, serial_sink=None):
     vmm = make_vmm(args)
     boot = None
     try:
+        record_new = args.record is not None and not os.path.lexists(args.record)
         boot = Boot(vmm, args.image, mem=args.mem, hook=args.hook, check_insns=args.check_insns,
                     check_ms=args.check_ms, record=args.record, serial_sink=sink, vga=args.vga,
                     accel=args.accel)
+        if args.record is not None:
+            if record_new:
+                outputs.created(args.record)
+            outputs.writing(args.record, "--record")
         res = boot.run(args.max_insns, args.max_ms)
+        for path in (args.record, args.serial):
+            outputs.done(path)
         if res.exit_reason in ("insn_limit", "time_limit"):
             # cut short is not a clean guest exit, unless the user said so
             res.exit_code = EXIT_OK if args.insn_limit_ok else EXIT_GUEST
         d = res.to_dict()
         if not args.vga:
             d.pop("vga", None)
+        if image.warnings:
+            d["warnings"] = list(image.warnings)
         return res.exit_code, d
     finally:
         if serial_file is not None:
@@ -166,7 +203,8 @@ def cmd_boot(args):
         if b == b"\n":
             out.flush()
 
-    code, d = run_boot(args, None if args.json else stream)
+    code, d = run_boot(args, None if args.json else stream,
+                       lambda line: print(line, file=sys.stderr))
     if args.json:
         emit_json(d)
     else:
@@ -174,5 +212,6 @@ def cmd_boot(args):
         if d["serial"] and not d["serial"].endswith("\n"):
             out.write("\n")
             out.flush()
-        print(format_report(BootResult(**d)), file=sys.stderr)
+        print(format_report(BootResult(**{k: v for k, v in d.items() if k != "warnings"})),
+              file=sys.stderr)
     return code

@@ -59,6 +59,49 @@ class _JsonState:
 json_state = _JsonState()
 
 
+class _Outputs:
+    """Files this run writes (main() names those left half-written when it
+    is interrupted) and files it created that a refused command removes."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self._writing = {}           # path -> option, while being written
+        self._created = []           # (path, (st_dev, st_ino)) made by this run
+
+    def writing(self, path, option):
+        self._writing[path] = option
+
+    def done(self, path):
+        self._writing.pop(path, None)
+
+    def partial(self):
+        return [(p, o) for p, o in self._writing.items() if os.path.exists(p)]
+
+    def created(self, path):
+        try:
+            st = os.stat(path)
+        except OSError:
+            return
+        self._created.append((path, (st.st_dev, st.st_ino)))
+
+    def remove_created(self):
+        """Remove the files this run created (still the same file), for a
+        command refused after it made them."""
+        for path, key in self._created:
+            try:
+                st = os.stat(path)
+                if (st.st_dev, st.st_ino) == key:
+                    os.unlink(path)
+            except OSError:
+                pass
+        self._created = []
+
+
+outputs = _Outputs()
+
+
 def emit_json(obj, **kw):
     """Print the command's one JSON object on stdout (and remember that it was)."""
     print(json.dumps(obj, **kw))
@@ -100,11 +143,15 @@ def add_common_options(p, psp=True):
 
 def error_outcome(e):
     """What a subcommand's exception means -> (exit code, the JSON object for
-    it, the line for stderr): BadInput is exit 2; a dead PSP process and any
+    it, the line for stderr): BadInput and MemoryError are exit 2; a dead PSP process and any
     other exception are exit 1 (an internal error names its type).  main()
     prints these; `hv sweep` records them as a point's failed row."""
     msg = " ".join(str(e).splitlines())
     if isinstance(e, BadInput):
+        return EXIT_INPUT, {"exit_reason": "bad_input", "exit_code": EXIT_INPUT,
+                            "error": msg}, f"hv: {msg}"
+    if isinstance(e, MemoryError):      # too big an input or --host-mem for this machine
+        msg = "not enough memory for this run (a smaller --host-mem, --mem or input may fit)"
         return EXIT_INPUT, {"exit_reason": "bad_input", "exit_code": EXIT_INPUT,
                             "error": msg}, f"hv: {msg}"
     if getattr(e, "exit_reason", None) == "psp_dead":
@@ -151,13 +198,32 @@ def add_accel_option(p):
                         "is not available), auto (kvm where it works)")
 
 
+def check_backend(args):
+    """--backend c without the C extension: bad usage, not an internal error."""
+    if getattr(args, "backend", None) == "c":
+        import nptcore
+        if "c" not in nptcore.available_backends():
+            raise BadInput(f"the C extension is not built ({nptcore.c_build_error()}): use "
+                           f"--backend python, or install a C compiler and the Python headers "
+                           f"and reinstall hv")
+
+
 def make_vmm(args):
+    """The Vmm the options ask for.  A --host-mem-file it creates is
+    remembered (`outputs`): a command refused later removes it again."""
     from hv.vmm.vmm import Vmm
-    return Vmm(host_mem=args.host_mem, host_mem_path=args.host_mem_file, backend=args.backend,
-               integrity=args.integrity, psp=getattr(args, "psp", None),
-               psp_timeout=getattr(args, "psp_timeout", 5.0),
-               shared_mem=getattr(args, "accel", None) == "kvm",
-               protect=getattr(args, "protect", "digest"))
+    check_backend(args)
+    path = args.host_mem_file
+    existed = path is None or os.path.lexists(path)
+    try:
+        return Vmm(host_mem=args.host_mem, host_mem_path=path, backend=args.backend,
+                   integrity=args.integrity, psp=getattr(args, "psp", None),
+                   psp_timeout=getattr(args, "psp_timeout", 5.0),
+                   shared_mem=getattr(args, "accel", None) == "kvm",
+                   protect=getattr(args, "protect", "digest"))
+    finally:
+        if not existed:
+            outputs.created(path)
 
 
 def check_output_path(path, option):
@@ -172,14 +238,38 @@ def check_output_path(path, option):
         raise BadInput(f"cannot write {path} ({option}): permission denied")
 
 
-def check_host_mem_file(args):
+def check_host_mem_file(args, files=None):
     """Refuse --host-mem-file naming a non-empty file before any work is done
     (HostMemory refuses it too; with --host-mem-file-overwrite it is allowed
-    for every host memory this run sets up)."""
+    for every host memory this run sets up), and naming one of the command's
+    own input or output files (``files``: ``[(path, what)]``; by default the
+    ones every command has), whatever --host-mem-file-overwrite says: host
+    memory starts zero-filled, it would destroy that file before it is read."""
     path = getattr(args, "host_mem_file", None)
     overwrite = getattr(args, "host_mem_file_overwrite", False)
     if overwrite and path is None:
         raise BadInput("--host-mem-file-overwrite needs --host-mem-file FILE")
-    if path is not None:
-        from hv.vmm.hostmem import check_file
-        check_file(path, overwrite=overwrite)
+    if path is None:
+        return
+    if files is None:
+        files = [(getattr(args, "trace", None), "the trace to replay"),
+                 (getattr(args, "image", None), "the guest image"),
+                 (getattr(args, "save", None), "the --save file"),
+                 (getattr(args, "record", None), "the --record file"),
+                 (getattr(args, "serial", None), "the --serial file")]
+    for other, what in files:
+        if other is not None and _same_file(path, other):
+            raise BadInput(f"--host-mem-file {path} is {what}: host memory would overwrite it "
+                           f"(pick another file)")
+    from hv.vmm.hostmem import check_file
+    check_file(path, overwrite=overwrite)
+
+
+def _same_file(a, b):
+    """Whether paths a and b name one file (existing: same inode; else the
+    same resolved path)."""
+    a, b = os.fspath(a), os.fspath(b)
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)

@@ -1,6 +1,7 @@
 """`hv replay TRACE` (a fault trace through the NPF path) and `hv inspect FILE`
 (a table saved by `hv replay --save`)."""
 import os
+import sys
 
 from hv.cli.common import (EXIT_GUEST, EXIT_OK, EXIT_TAMPER, add_common_options, bytes_arg,
                            check_output_path, emit_json, make_vmm, progress_bar)
@@ -10,7 +11,11 @@ from hv.errors import BadInput
 def add_parser(sub):
     p = sub.add_parser("replay", help="replay a fault trace through the PSP-managed NPT")
     p.add_argument("trace")
-    p.add_argument("--format", choices=["csv", "lackey", "ftrace"], default=None)
+    p.add_argument("--format", choices=["csv", "lackey", "ftrace", "perf"], default=None,
+                   help="trace format (default: detected from the content; docs/formats.md)")
+    p.add_argument("--skip-bad-lines", action="store_true",
+                   help="leave out lines that would be refused (a line cut off by a killed "
+                        "tracer, a bad record) instead of refusing the trace; says how many")
     p.add_argument("--fault-around", type=int, default=1, metavar="N",
                    help="map N pages (aligned block) per fault")
     p.add_argument("--huge", action="store_true", help="map 2 MiB pages where possible")
@@ -37,9 +42,10 @@ def run_replay(args, progress=None):
     from hv.trace.inspect import analyse, load_snapshot, save_snapshot, take_snapshot
     from hv.trace.replay import replay
     from hv.trace import load_trace
-    trace = load_trace(args.trace, args.format, max_bytes=args.max_trace_bytes)
     if args.save:
         check_output_path(args.save, "--save")
+    trace = load_trace(args.trace, args.format, max_bytes=args.max_trace_bytes,
+                       skip_bad_lines=args.skip_bad_lines)
     vmm = make_vmm(args)
     try:
         vm = vmm.create_vm(fault_around=args.fault_around, huge=args.huge)
@@ -60,13 +66,16 @@ def run_replay(args, progress=None):
             "tamper_detected": tamper,
             "digest": digest,
             "backend": vmm.backend,
-            "integrity": args.integrity or "default",
+            "integrity": _integrity_name(st.fields.get("level_mode"), args.integrity),
             "psp": vmm.psp_kind,
             "protect": vmm.protect,
             "elapsed_s": round(res["elapsed_s"], 6),
             "accesses_per_s": round(res["accesses"] / res["elapsed_s"]) if res["elapsed_s"] else None,
             "stopped": str(stopped) if stopped else None,
+            "skipped_lines": trace.skipped,
         }
+        if trace.skipped:
+            out["skipped"] = [{"line": ln, "error": msg} for ln, msg in trace.skipped_lines]
         if args.save or args.inspect:
             snap = take_snapshot(vmm, vm)
             if args.save:
@@ -97,6 +106,11 @@ def cmd_replay(args):
             code, out = run_replay(args, cb)
     else:
         code, out = run_replay(args)
+    if out["skipped_lines"]:
+        n, first = out["skipped_lines"], out["skipped"][0]
+        print(f"hv: warning: {args.trace}: skipped {n} bad line{'s' if n != 1 else ''} "
+              f"(--skip-bad-lines); the first: line {first['line']}: {first['error']}",
+              file=sys.stderr)
     if args.json:
         emit_json(out)
     else:
@@ -109,6 +123,15 @@ def cmd_replay(args):
         if args.inspect:
             print(format_report(out["inspect"]))
     return code
+
+
+def _integrity_name(mode_id, asked):
+    """The integrity mode the PSP says the guest has (GUEST_STATUS level_mode)."""
+    from psp_firmware import DEFAULT_INTEGRITY, INTEGRITY_MODES
+    for name, cls in INTEGRITY_MODES.items():
+        if getattr(cls, "mode_id", None) == mode_id:
+            return name
+    return asked or DEFAULT_INTEGRITY
 
 
 def cmd_inspect(args):

@@ -227,7 +227,8 @@ class Boot:
                 raise BadInput("--max-insns: KVM counts no guest instructions (use --max-ms)")
             stop, tamper, t0 = self._run_kvm(max_ms)
         else:
-            stop, tamper, t0 = self._run_unicorn(max_insns, max_ms)
+            with self.vcpu.sigint:      # Ctrl-C while the guest runs: hv/machine/sigint.py
+                stop, tamper, t0 = self._run_unicorn(max_insns, max_ms)
         psp_timer = bool(getattr(self.vmm, "psp_check_ms", None))
         if tamper is None and stop is not None and not _stopped_by_psp(stop):
             # the guest stopped between two checks (it exited, faulted, or
@@ -406,6 +407,8 @@ class Boot:
         return res
 
     def close(self):
+        if self._own_record:        # an interrupted run: what was recorded is kept, whole
+            self.record.close()
         self.vcpu.close()
 
 

@@ -112,6 +112,7 @@ class Image:
     min_ram: int = 0               # smallest RAM size that holds the image
     multiboot_flags: int | None = None
     multiboot_info: int | None = None   # gpa of the info block
+    warnings: list = field(default_factory=list)   # optional requests not met (one line each)
 
     @property
     def cr3(self) -> int:
@@ -369,12 +370,23 @@ def _load(blob, path, name, ram_size) -> Image:
     is_elf = blob[:4] == b"\x7fELF"
     mb = _find_multiboot(blob)          # may raise on a bad checksum
     mb_flags = None
+    warnings = []
     if mb is not None:
         mb_off, mb_flags = mb
-        unsupported = mb_flags & 0xFFFC          # required-feature bits we lack
+        # bits 0-15 are requirements a loader must refuse when it cannot meet
+        # them; bit 0 (page-aligned modules: there are none) and bit 1 (memory
+        # information) are met.  Bit 2 asks for a video mode: like QEMU's
+        # -kernel (and GRUB falling back to text mode) boot in VGA text mode
+        # without video information, with a warning.  Bits 16-31 are optional
+        # (bit 16: the a.out kludge addresses, honoured below).
+        unsupported = mb_flags & 0xFFF8
         if unsupported:
-            what = "video mode (bit 2)" if unsupported & 4 else f"bits {unsupported:#x}"
-            raise _bad(f"multiboot header requires unsupported features: {what}")
+            raise _bad(f"multiboot header requires unsupported features: flags bits "
+                       f"{', '.join(str(b) for b in range(3, 16) if unsupported >> b & 1)} "
+                       f"(flags {mb_flags:#x}; this loader knows bits 0-2 and 16)")
+        if mb_flags & 4:
+            warnings.append("multiboot header asks for a video mode (flags bit 2): booting in "
+                            "VGA text mode without video information, as QEMU -kernel does")
 
     if mb is not None and mb_flags & (1 << 16):
         kind, mode = "multiboot", 32
@@ -455,7 +467,7 @@ def _load(blob, path, name, ram_size) -> Image:
                 ram_size=ram_size, image_end=image_end, min_ram=min_ram,
                 segments=[(gpa, data, memsz) for gpa, data, memsz, _, _ in ordered],
                 seg_flags=[fl for _, _, _, fl, _ in ordered],
-                multiboot_flags=mb_flags)
+                multiboot_flags=mb_flags, warnings=warnings)
     gdt = (BOOT_GDT, boot_gdt())
     if kind == "elf64":
         img.extra_pages = [gdt] + boot_tables(ram_size)

@@ -57,6 +57,7 @@ from hv.machine.guest_memory import MODE_NONE, GuestMemoryView
 from hv.machine.exceptions import ExceptionDelivery, _Halt, vec_name
 from hv.machine.boot_state import MSR_EFER, apply_boot_state
 from hv.machine.stop import StopInfo
+from hv.machine.sigint import SigintGuard
 from hv.errors import VmStopped
 
 log = logging.getLogger("hv.vcpu")
@@ -129,6 +130,7 @@ class UnicornVcpu(GuestMemoryView, ExceptionDelivery, FastNpf):
         self._exit_pc = None
         self._fast_batch = 64         # frames handed to the NPF fast path per arming
         self._fast_frames = []
+        self.sigint = SigintGuard(lambda: self.uc.emu_stop())  # entered by Boot.run
 
         self.bits = 64 if image.mode == 64 else 32
         self.uc = uc = Uc(UC_ARCH_X86, UC_MODE_64 if image.mode == 64 else UC_MODE_32)
@@ -483,7 +485,8 @@ class UnicornVcpu(GuestMemoryView, ExceptionDelivery, FastNpf):
             err = None
             self._arm_fast()
             try:
-                uc.emu_start(self.pc, self._until, count=budget)
+                with self.sigint.emulating():     # Ctrl-C: see hv/machine/sigint.py
+                    uc.emu_start(self.pc, self._until, count=budget)
             except UcError as e:
                 err = e
             finally:
@@ -540,6 +543,8 @@ class UnicornVcpu(GuestMemoryView, ExceptionDelivery, FastNpf):
                 return StopInfo("vm_stopped", stopped=self._stopped, fault=self._stop_fault)
             if count is not None and self.instructions - start >= count:
                 return StopInfo("limit")
+            if err is None and self.sigint.kicked:
+                continue        # stopped by the Ctrl-C helper, but no Ctrl-C is pending
             # (Unicorn probes the `until` page after hlt, but after a count
             # stop too: the byte before pc tells)
             if err is None and self.read_virt(pc - 1, 1) == b"\xf4":

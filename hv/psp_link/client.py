@@ -4,6 +4,7 @@ No validation happens here: this is the untrusted side and may send any
 command with any arguments (`raw`, or the typed methods with any values).
 Every method returns a `Reply(status, fields)`; nothing raises on a refusal.
 """
+import operator
 import struct
 from collections import namedtuple
 
@@ -13,6 +14,8 @@ from psp_firmware.status import Status, status_name
 _Reply = namedtuple("Reply", "status fields")
 _STATUS = {int(s): s for s in Status}          # int -> Status member, without Status(...)
 _SUCCESS = Status.SUCCESS                      # (a global: Status.SUCCESS is a slow lookup)
+_INVALID_COMMAND, _INVALID_PARAM = Status.INVALID_COMMAND, Status.INVALID_PARAM
+_U32_MAX = 0xFFFF_FFFF
 # UPDATE_NPT's buffer, packed positionally on the NPF path (update_npt_fast)
 _UPDATE_NPT = int(Cmd.UPDATE_NPT)
 _UPDATE_NPT_IN = struct.Struct(_IN[Cmd.UPDATE_NPT][0])
@@ -50,7 +53,20 @@ class PspClient:
         return r
 
     def raw(self, cmd, buf):
-        """Send any command id with any bytes. Returns (status, out_bytes)."""
+        """Send any command id with any bytes. Returns ``(status, out_bytes)``
+        and never raises for what it is given: a ``cmd`` that is not an int
+        (a str, a float, None, a bool) or outside 0..2^32-1 is answered
+        INVALID_COMMAND, a ``buf`` that is not a bytes-like object (None, a
+        str, an int) INVALID_PARAM, without reaching the PSP (the mailbox
+        carries a 32-bit command word and bytes).  Either counts as a
+        refused command."""
+        if type(cmd) is not int or type(buf) is not bytes or not 0 <= cmd <= _U32_MAX:
+            cmd, buf, bad = _normalize(cmd, buf)
+            if bad is not None:
+                self.commands += 1
+                self.refused += 1
+                self.by_status[bad] = self.by_status.get(bad, 0) + 1
+                return bad, b""
         self.commands += 1
         st, out = self.transport.call(cmd, buf)
         if st != _SUCCESS:
@@ -132,6 +148,24 @@ class PspClient:
 
     def nop(self):
         return self.call(Cmd.NOP)
+
+
+def _normalize(cmd, buf):
+    """raw()'s arguments as (int, bytes, None), or (.., .., the refusal)."""
+    if isinstance(cmd, (bool, float)):
+        return cmd, buf, _INVALID_COMMAND
+    try:
+        cmd = operator.index(cmd)          # an int, an IntEnum, a numpy integer
+    except TypeError:
+        return cmd, buf, _INVALID_COMMAND
+    if not 0 <= cmd <= _U32_MAX:
+        return cmd, buf, _INVALID_COMMAND
+    if type(buf) is not bytes:
+        try:
+            buf = memoryview(buf).tobytes()     # bytearray, memoryview, array ...
+        except TypeError:
+            return cmd, buf, _INVALID_PARAM
+    return int(cmd), buf, None
 
 
 def _reply(cmd, st, out):

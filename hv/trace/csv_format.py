@@ -15,7 +15,65 @@ from hv.trace.model import (ACCESS_CHARS, CSV_COLUMNS, E_ACCESS, E_ADDR, E_ADDR_
 _ACC_CODES = {b"r": 0, b"R": 0, b"w": 1, b"W": 1, b"x": 2, b"X": 2}
 
 
-def _py_csv(data, first_line, names):
+def _csv_row(no, line, names, ncols):
+    """(access, gpa, size, rip, vcpu, insn) of a data line, None for a blank
+    or comment line; _Fail for a bad one."""
+    if not _meaningful(line):
+        return None
+    fields = line.split(b",")
+    if len(fields) != ncols:
+        raise _Fail(no, E_NFIELDS, -1, len(fields), ncols)
+    a = 0
+    g = 0
+    sz = 1
+    r = v = 0
+    ins = b""
+    for c, (nm, f) in enumerate(zip(names, fields)):
+        f = f.strip(_WS)
+        if nm == "access":
+            if not f:
+                raise _Fail(no, E_EMPTY, c)
+            a = _ACC_CODES.get(f)
+            if a is None:
+                raise _Fail(no, E_ACCESS, c)
+        elif nm == "insn":
+            if not _INSN_RE.fullmatch(f):
+                raise _Fail(no, E_INSN, c)
+            if len(f) // 2 > MAX_INSN_LEN:
+                raise _Fail(no, E_INSN_LONG, c, len(f) // 2)
+            ins = bytes.fromhex(f.decode("ascii"))
+        else:
+            if not f:
+                if nm == "gpa":
+                    raise _Fail(no, E_EMPTY, c)
+                continue  # defaults
+            rc, val = _num(f)
+            if rc:
+                raise _Fail(no, rc, c)
+            if nm == "gpa":
+                if val >= GPA_LIMIT:
+                    raise _Fail(no, E_ADDR, c, val)
+                g = val
+            elif nm == "size":
+                if val == 0:
+                    raise _Fail(no, E_SIZE0, c)
+                if val > MAX_ACCESS_SIZE:
+                    raise _Fail(no, E_SIZEBIG, c, val)
+                sz = val
+            elif nm == "rip":
+                r = val
+            else:  # vcpu
+                if val > 0xFFFF:
+                    raise _Fail(no, E_VCPU, c, val)
+                v = val
+    if g + sz > GPA_LIMIT:
+        raise _Fail(no, E_ADDR_END, -1, g, sz)
+    return a, g, sz, r, v, ins
+
+
+def _py_csv(data, first_line, names, start=0, skipped=None):
+    """``skipped``: a list collecting the _Fail of each bad line, going on
+    with the next (None: the first bad line raises)."""
     ncols = len(names)
     idx = {nm: i for i, nm in enumerate(names)}
     acc = array.array("B")
@@ -24,57 +82,17 @@ def _py_csv(data, first_line, names):
     rip = array.array("Q") if "rip" in idx else None
     vcpu = array.array("H") if "vcpu" in idx else None
     insn = [] if "insn" in idx else None
-    for no, line in enumerate(_split_lines(data), first_line):
-        if not _meaningful(line):
+    for no, line in enumerate(_split_lines(data, start=start), first_line):
+        try:
+            row = _csv_row(no, line, names, ncols)
+        except _Fail as f:
+            if skipped is None:
+                raise
+            skipped.append(f)
             continue
-        fields = line.split(b",")
-        if len(fields) != ncols:
-            raise _Fail(no, E_NFIELDS, -1, len(fields), ncols)
-        a = 0
-        g = 0
-        sz = 1
-        r = v = 0
-        ins = b""
-        for c, (nm, f) in enumerate(zip(names, fields)):
-            f = f.strip(_WS)
-            if nm == "access":
-                if not f:
-                    raise _Fail(no, E_EMPTY, c)
-                a = _ACC_CODES.get(f)
-                if a is None:
-                    raise _Fail(no, E_ACCESS, c)
-            elif nm == "insn":
-                if not _INSN_RE.fullmatch(f):
-                    raise _Fail(no, E_INSN, c)
-                if len(f) // 2 > MAX_INSN_LEN:
-                    raise _Fail(no, E_INSN_LONG, c, len(f) // 2)
-                ins = bytes.fromhex(f.decode("ascii"))
-            else:
-                if not f:
-                    if nm == "gpa":
-                        raise _Fail(no, E_EMPTY, c)
-                    continue  # defaults
-                rc, val = _num(f)
-                if rc:
-                    raise _Fail(no, rc, c)
-                if nm == "gpa":
-                    if val >= GPA_LIMIT:
-                        raise _Fail(no, E_ADDR, c, val)
-                    g = val
-                elif nm == "size":
-                    if val == 0:
-                        raise _Fail(no, E_SIZE0, c)
-                    if val > MAX_ACCESS_SIZE:
-                        raise _Fail(no, E_SIZEBIG, c, val)
-                    sz = val
-                elif nm == "rip":
-                    r = val
-                else:  # vcpu
-                    if val > 0xFFFF:
-                        raise _Fail(no, E_VCPU, c, val)
-                    v = val
-        if g + sz > GPA_LIMIT:
-            raise _Fail(no, E_ADDR_END, -1, g, sz)
+        if row is None:
+            continue
+        a, g, sz, r, v, ins = row
         acc.append(a)
         gpa.append(g)
         size.append(sz)
@@ -85,8 +103,6 @@ def _py_csv(data, first_line, names):
         if insn is not None:
             insn.append(ins)
     return Trace(acc, gpa, size, rip, vcpu, insn, format="csv")
-
-
 
 
 # ---------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import base64
 import json
 import os
 import stat
+import tempfile
 
 from nptcore import get_engine
 from nptcore.bits import NX, W
@@ -38,11 +39,44 @@ def take_snapshot(vmm, vm):
 
 
 def save_snapshot(path, snap):
-    with open(path, "w") as f:
-        json.dump(snap, f)
+    """Write the snapshot to path whole or not at all: a temporary file in
+    the same directory, renamed over path (an interrupted run leaves no
+    half-written snapshot, and an existing file stays as it was)."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(prefix=".hv-snapshot-", suffix=".tmp",
+                               dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(snap, f)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 HPA_LIMIT = 1 << 52          # NPT entries hold frames below 2^52
+_MAX_DIGITS = 40             # no number in a snapshot needs more (2^64 has 20 digits)
+
+
+class _BadNumber(ValueError):
+    pass
+
+
+def _parse_int(text):
+    """json's parse_int: a snapshot's numbers are addresses, sizes and
+    counts; a longer one is malformed (and Python refuses to convert one of
+    over 4300 digits)."""
+    digits = text.lstrip("-")
+    if len(digits) > _MAX_DIGITS:
+        raise _BadNumber(f"a number of {len(digits)} digits")
+    return int(text)
+
+
+def _no_constant(name):
+    raise _BadNumber(f"{name} is not a number a snapshot holds")
 
 
 def _int(v):
@@ -61,7 +95,8 @@ def load_snapshot(path):
         raise BadInput(f"{path}: is a device or socket, not an hv snapshot")
     try:
         with open(path, "rb") as f:
-            snap = json.loads(f.read().decode("utf-8"))
+            snap = json.loads(f.read().decode("utf-8"), parse_int=_parse_int,
+                              parse_constant=_no_constant)
     except FileNotFoundError:
         raise BadInput(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -70,6 +105,10 @@ def load_snapshot(path):
         raise BadInput(f"{path}: cannot read: {e.strerror or e}") from None
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise BadInput(f"{path}: not an hv snapshot (invalid JSON: {e.__class__.__name__})") from None
+    except _BadNumber as e:
+        raise BadInput(f"{path}: malformed snapshot ({e})") from None
+    except MemoryError:
+        raise BadInput(f"{path}: not enough memory to read this snapshot") from None
     if not isinstance(snap, dict) or snap.get("version") != SNAPSHOT_VERSION:
         raise BadInput(f"{path}: not an hv snapshot (missing or unknown version)")
     try:

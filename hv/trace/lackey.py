@@ -6,7 +6,9 @@ from hv.trace.model import ACC_R, ACC_W, ACC_X, E_RANGE, E_SYNTAX, Trace
 
 
 
-def _py_lackey(data, first_line):
+def _py_lackey(data, first_line, start=0, skipped=None):
+    """``skipped``: a list collecting the _Fail of each bad line, going on
+    with the next (None: the first bad line raises)."""
     acc = array.array("B")
     gpa = array.array("Q")
     size = array.array("I")
@@ -14,20 +16,26 @@ def _py_lackey(data, first_line):
     a_app, g_app, s_app, r_app = acc.append, gpa.append, size.append, rip.append
     match = _LACKEY_RE.fullmatch
     cur = 0
-    for no, line in enumerate(_split_lines(data), first_line):
+    for no, line in enumerate(_split_lines(data, start=start), first_line):
         m = match(line)
-        if m is None:
-            if line[:2] in (b"==", b"--", b"**") or not _meaningful(line):
-                continue
-            raise _Fail(no, E_SYNTAX)
-        kind, a, s = m.groups()
-        g = _hex(a)
-        if g is None:
-            raise _Fail(no, E_RANGE, 0)
-        sz = _dec(s)
-        if sz is None:
-            raise _Fail(no, E_RANGE, 1)
-        _check_addr(no, g, sz)
+        try:
+            if m is None:
+                if line[:2] in (b"==", b"--", b"**") or not _meaningful(line):
+                    continue
+                raise _Fail(no, E_SYNTAX)
+            kind, a, s = m.groups()
+            g = _hex(a)
+            if g is None:
+                raise _Fail(no, E_RANGE, 0)
+            sz = _dec(s)
+            if sz is None:
+                raise _Fail(no, E_RANGE, 1)
+            _check_addr(no, g, sz)
+        except _Fail as f:
+            if skipped is None:
+                raise
+            skipped.append(f)
+            continue
         if kind == b"I":
             cur = g
             a_app(ACC_X)

@@ -16,14 +16,14 @@ GPA_LIMIT = 1 << 48
 MAX_ACCESS_SIZE = 4096
 MAX_INSN_LEN = 15
 PAGE_SHIFT = 12
-FORMATS = ("csv", "lackey", "ftrace")
+FORMATS = ("csv", "lackey", "ftrace", "perf")
 CSV_COLUMNS = ("access", "gpa", "size", "rip", "vcpu", "insn")
 _REQUIRED = ("access", "gpa")
 _U64 = 1 << 64
 MAX_TRACE_BYTES = 4 << 30   # default cap on a trace file and on its decompressed text
 _GZ_MAGIC = b"\x1f\x8b"
-_READ_CHUNK = 1 << 20       # reading a pipe
-_GZ_CHUNK = 64 << 20        # output per decompression step
+_READ_CHUNK = 8 << 20       # reading a file or pipe: checked for binary data a chunk at a time
+_GZ_CHUNK = 8 << 20         # output per decompression step (checked the same way)
 _SPLIT_BLOCK = 1 << 20      # the pure-Python parsers split lines a block at a time
 
 # reason codes shared with csrc/trace.c
@@ -32,7 +32,8 @@ _SPLIT_BLOCK = 1 << 20      # the pure-Python parsers split lines a block at a t
  E_INTERNAL) = range(15)
 
 _LACKEY_FIELDS = ("address", "size")
-_FTRACE_FIELDS = ("vcpu", "rip", "address", "error_code")
+_FTRACE_FIELDS = ("vcpu", "rip", "address", "error_code")   # also perf's (ip is rip)
+SKIPPED_KEPT = 10           # skip_bad_lines: the first bad lines a Trace names
 
 
 class Access(NamedTuple):
@@ -47,7 +48,8 @@ class Access(NamedTuple):
 class Trace:
     """Columns of a fault trace (see the module docstring)."""
 
-    __slots__ = ("access", "gpa", "size", "rip", "vcpu", "insn", "format", "path")
+    __slots__ = ("access", "gpa", "size", "rip", "vcpu", "insn", "format", "path", "skipped",
+                 "skipped_lines")
 
     def __init__(self, access, gpa, size=None, rip=None, vcpu=None, insn=None,
                  format=None, path=None):
@@ -66,6 +68,10 @@ class Trace:
         self.rip, self.vcpu, self.insn = rip, vcpu, insn
         self.format = format
         self.path = path
+        # bad lines left out (parse_trace/load_trace skip_bad_lines=True): how
+        # many, and the first SKIPPED_KEPT of them as (line number, message)
+        self.skipped = 0
+        self.skipped_lines = []
         for name in ("access", "size", "rip", "vcpu", "insn"):
             col = getattr(self, name)
             if col is not None and len(col) != n:

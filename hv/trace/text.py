@@ -16,6 +16,7 @@ _FTRACE_PREFIX = re.compile(
     rb"[ \t]*\S.*-[0-9]+[ \t]+(?:\([ \t]*\S+\)[ \t]+)?\[[0-9]+\][ \t]+(?:\S+[ \t]+)?[0-9]+\.[0-9]+:[ \t]")
 _FTRACE_TRACER = re.compile(rb"#[ \t]*tracer:")
 _FT_TOKEN = b"kvm_page_fault:"
+_PFU_TOKEN = b"page_fault_user:"       # exceptions:page_fault_user (the perf format)
 _WS = b" \t\r"
 _DETECT_LINES = 1000
 _DETECT_BYTES = 1 << 20
@@ -26,46 +27,64 @@ def _meaningful(line):
     return bool(s) and s[:1] != b"#"
 
 
-def detect_format(data):
+def detect_format(data, start=0):
     """Guess the format of trace text (bytes).
 
     The first line that is neither blank nor a comment decides: a CSV header
-    naming ``access`` or ``gpa``, a lackey record or valgrind message, or an
-    ftrace line.  ftrace output may start with other lines (``cpus=2`` ...),
-    so an ftrace event or ``# tracer:`` header within the first 1000 lines
-    also counts.  Returns ``(fmt, None)`` or ``(None, line_no)`` with the
+    naming ``access`` or ``gpa``, a lackey record or valgrind message, or a
+    tracepoint event line.  Event output (tracefs, trace-cmd, ``perf
+    script``) may start with other lines (``cpus=2``, other events ...), so
+    an event within the first 1000 lines (1 MiB) also counts: a
+    ``page_fault_user:`` event says ``perf`` (which reads kvm_page_fault
+    events too); else a ``kvm_page_fault:`` event, an ftrace line prefix or
+    a ``# tracer:`` header says ``ftrace``.  Returns ``(fmt, None)`` or ``(None, line_no)`` with the
     first line that fits no format (``(None, None)``: nothing but blanks and
-    comments).
+    comments).  ``start``: where the text begins in data (after a byte order
+    mark).
     """
     first_unknown = None
-    for no, line in enumerate(data[:_DETECT_BYTES].split(b"\n")[:_DETECT_LINES], 1):
+    events = False              # ftrace-style output seen, no fault event yet
+    window = bytes(data[start:start + _DETECT_BYTES]).split(b"\n")[:_DETECT_LINES]
+    for no, line in enumerate(window, 1):
         stripped = line.strip(_WS)
         if not stripped:
             continue
-        if _CHATTER.match(line):
+        if not events and _CHATTER.match(line):
             return "lackey", None
         if stripped[:1] == b"#":
             if _FTRACE_TRACER.match(stripped):
-                return "ftrace", None
+                events = True
             continue
-        if _ft_token_at(line) >= 0 or _FTRACE_PREFIX.match(line[:512]):
-            return "ftrace", None
-        if first_unknown is not None:
-            continue  # only ftrace output may hold other lines before its events
+        if _ft_token_at(line) >= 0:
+            events = True       # ftrace, unless page_fault_user events follow
+        elif _pfu_token_at(line) >= 0:
+            return "perf", None
+        elif _FTRACE_PREFIX.match(line[:512]):
+            events = True
+        if events or first_unknown is not None:
+            continue  # only event output may hold other lines before its events
         if _LACKEY_RE.fullmatch(line):
             return "lackey", None
         names = [f.strip(_WS).lower() for f in line.split(b",")]
         if b"access" in names or b"gpa" in names:
             return "csv", None
         first_unknown = no
+    if events:
+        return "ftrace", None
     return None, first_unknown
 
 
-def _ft_token_at(line):
-    i = line.find(_FT_TOKEN)
+def _ft_token_at(line, token=_FT_TOKEN):
+    """Index of the event token in line (its first occurrence, at the start
+    or after ' ', tab or ':'), or -1."""
+    i = line.find(token)
     if i > 0 and line[i - 1] not in b" \t:":
         return -1
     return i
+
+
+def _pfu_token_at(line):
+    return _ft_token_at(line, _PFU_TOKEN)
 
 
 def _snippet(line, limit=60):
@@ -86,6 +105,9 @@ def _message(fmt, fail, line, colnames):
         if fmt == "lackey":
             return ("not a valgrind lackey record (expected 'I  ADDR,SIZE' or"
                     f" ' L|S|M ADDR,SIZE' with hex ADDR): {_snippet(line)}")
+        if fmt == "perf" and _ft_token_at(line) < 0:
+            return ("malformed page_fault_user event (expected"
+                    f" 'address=0xA ip=0xI error_code=0xE'): {_snippet(line)}")
         return ("malformed kvm_page_fault event (expected 'address A error_code E' or"
                 f" 'vcpu N rip 0xR address 0xA error_code 0xE'): {_snippet(line)}")
     if code == E_NFIELDS:
@@ -123,28 +145,29 @@ def _message(fmt, fail, line, colnames):
     return f"internal parser error (code {code})"
 
 
-def _split_lines(data, block=_SPLIT_BLOCK):
-    """The items of ``data.split(b"\\n")``, a block of about ``block`` bytes
-    at a time: a trace of millions of blank lines does not become one list
-    of millions of lines."""
+def _split_lines(data, block=_SPLIT_BLOCK, start=0):
+    """The items of ``data[start:].split(b"\\n")`` (as bytes, also when data
+    is a bytearray), a block of about ``block`` bytes at a time: a trace of
+    millions of blank lines does not become one list of millions of lines,
+    and a large trace is not copied whole."""
     n = len(data)
-    start = 0
+    mv = memoryview(data)
     while n - start > block:
         cut = data.rfind(b"\n", start, start + block)
         if cut < 0:                         # a line longer than a block
             cut = data.find(b"\n", start + block)
             if cut < 0:
                 break
-        yield from data[start:cut].split(b"\n")
+        yield from bytes(mv[start:cut]).split(b"\n")
         start = cut + 1
-    yield from data[start:].split(b"\n")
+    yield from bytes(mv[start:]).split(b"\n")
 
 
-def _line_of(data, lineno, block=1 << 20):
-    """Line `lineno` (1-based) of data, without its newline. Whole blocks of
-    lines are skipped by bytes.count (a malformed line near the end of a
-    multi-GB trace is named in well under a second), the last by index."""
-    start, left = 0, lineno - 1
+def _line_of(data, lineno, block=1 << 20, start=0):
+    """Line `lineno` (1-based) of data[start:], without its newline. Whole
+    blocks of lines are skipped by bytes.count (a malformed line near the end
+    of a multi-GB trace is named in well under a second), the last by index."""
+    left = lineno - 1
     n = len(data)
     while left and start < n:
         k = data.count(b"\n", start, start + block)
@@ -158,9 +181,10 @@ def _line_of(data, lineno, block=1 << 20):
     return data[start:] if end < 0 else data[start:end]
 
 
-def _csv_header(data, path):
-    """Find and check the header.  Returns (column names, offset, next line no)."""
-    pos, no = 0, 0
+def _csv_header(data, path, start=0):
+    """Find and check the header in data[start:].  Returns (column names,
+    offset of the line after it, its line number)."""
+    pos, no = start, 0
     n = len(data)
     while pos <= n:
         nl = data.find(b"\n", pos)

@@ -7,6 +7,7 @@ the user had data in, unless they said so (`overwrite=True`,
 `--host-mem-file-overwrite`). The VMM can read and write
 every byte of it, NPT pages included: that is the threat model.
 """
+import errno
 import mmap
 import os
 import stat
@@ -85,6 +86,21 @@ def check_file(path, overwrite=False):
         _refuse_existing(path, st.st_size)
 
 
+def _allocate(fd, size):
+    """Reserve the file's blocks now (a sparse file runs out of space at a
+    page write: SIGBUS).  File systems without fallocate get glibc's
+    emulation; where even that is refused (EOPNOTSUPP, EINVAL) the file stays
+    sparse."""
+    fallocate = getattr(os, "posix_fallocate", None)
+    if fallocate is None:           # pragma: no cover - not Linux
+        return
+    try:
+        fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+
+
 class HostMemory:
     """``size`` bytes of host memory, zero-filled.
 
@@ -93,8 +109,12 @@ class HostMemory:
     refused unless ``overwrite=True`` (or :func:`check_file` allowed it, or
     this process set it up as host memory before).  A file in use is truncated
     and starts zero-filled, like anonymous memory; it is left in place at
-    ``close()``.  A file this object created is removed again when setting
-    up fails; a file that existed before is never removed.
+    ``close()``.  Its blocks are allocated up front (``posix_fallocate``): a
+    file system without room for it is refused here (HostMemoryError, "No
+    space left on device"), not a SIGBUS at the first page the guest touches
+    later.  (On tmpfs that makes the whole file resident memory.)  A file
+    this object created is removed again when setting up fails (``created``
+    says whether it made it); a file that existed before is never removed.
     """
 
     def __init__(self, size=1 << 30, path=None, shared=False, *, overwrite=False):
@@ -107,7 +127,7 @@ class HostMemory:
         self.path = path
         self.readonly = None        # [lo, hi) mapped read-only over this memory (isolated)
         self.fd = None
-        created = False
+        self.created = created = False
         try:
             if path is not None:
                 flags = os.O_RDWR | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -131,8 +151,10 @@ class HostMemory:
                 # anonymous memory does, not with the file's old bytes
                 os.ftruncate(self.fd, 0)
                 os.ftruncate(self.fd, size)
+                _allocate(self.fd, size)
                 self.buf = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED)
                 _reusable.add(_file_key(os.fstat(self.fd)))
+                self.created = created
             elif shared:
                 self.fd = os.memfd_create("hv-host-memory", 0)
                 os.ftruncate(self.fd, size)
