@@ -26,6 +26,19 @@ def _u64_or(x, bad):
     return x if 0 <= x <= _U64 else bad
 
 
+def _check_batch(gpas, accesses, out_hpas):
+    """walk_batch's argument checks (with or without the RMP); returns the count."""
+    n = len(gpas)
+    if len(accesses) != n or len(out_hpas) < n:
+        raise ValueError("walk_batch: accesses must have the length of gpas "
+                         "and out_hpas at least that length")
+    with memoryview(gpas) as g, memoryview(accesses) as a, memoryview(out_hpas) as o:
+        if g.itemsize != 8 or a.itemsize != 1 or o.itemsize != 8:
+            raise TypeError("walk_batch: gpas and out_hpas must be array('Q'), "
+                            "accesses bytes or array('B')")
+    return n
+
+
 class CEngine:
     name = "c"
 
@@ -56,15 +69,7 @@ class CEngine:
         return _tnew(WalkResult, (False, 0, -lv, r.entry, r.errcode))
 
     def walk_batch(self, root, gpas, accesses, out_hpas, set_ad=True):
-        n = len(gpas)
-        if len(accesses) != n or len(out_hpas) < n:
-            raise ValueError("walk_batch: accesses must have the length of gpas "
-                             "and out_hpas at least that length")
-        with memoryview(gpas) as g, memoryview(accesses) as a, \
-                memoryview(out_hpas) as o:
-            if g.itemsize != 8 or a.itemsize != 1 or o.itemsize != 8:
-                raise TypeError("walk_batch: gpas and out_hpas must be array('Q'), "
-                                "accesses bytes or array('B')")
+        n = _check_batch(gpas, accesses, out_hpas)
         miss = _new(_WALK_RESULT_P)
         k = lib.npt_walk_batch(
             self._cbuf, self.mem_size, root,
@@ -101,15 +106,7 @@ class CEngine:
 
     def walk_batch_rmp(self, root, gpas, accesses, out_hpas, rmp, set_ad=True):
         """walk_batch() with the RMP check on every translation."""
-        n = len(gpas)
-        if len(accesses) != n or len(out_hpas) < n:
-            raise ValueError("walk_batch: accesses must have the length of gpas "
-                             "and out_hpas at least that length")
-        with memoryview(gpas) as g, memoryview(accesses) as a, \
-                memoryview(out_hpas) as o:
-            if g.itemsize != 8 or a.itemsize != 1 or o.itemsize != 8:
-                raise TypeError("walk_batch: gpas and out_hpas must be array('Q'), "
-                                "accesses bytes or array('B')")
+        n = _check_batch(gpas, accesses, out_hpas)
         miss = _new(_WALK_RESULT_P)
         k = lib.npt_walk_batch_rmp(
             self._cbuf, self.mem_size, root,

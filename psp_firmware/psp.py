@@ -25,7 +25,7 @@ from nptcore.bits import GPA_LIMIT
 
 from . import core as _core
 from .commands import MAX_NPAGES, Cmd, DecodeError, encode_out, in_fields, unpack_args
-from .integrity import PAGE
+from .integrity import PAGE, level_size
 from .status import Status
 from psp_firmware.handlers.platform import PlatformCommands
 from psp_firmware.handlers.npt import NptCommands
@@ -385,6 +385,21 @@ class Psp(PlatformCommands, LaunchCommands, NptCommands, CheckCommands):
         if hpa % align:
             raise _Refuse(Status.MISALIGNED)
         self._check(self._frames.check_range(hpa, nbytes))
+
+    def _check_map_args(self, g, gpa, hpa, level, npages):
+        """What UPDATE_NPT and RMP_ASSIGN both check of a mapping: the level,
+        the page count, both ranges (aligned to the level, inside their
+        spaces, no overflow) and that every frame may be given to guest g.
+        Returns the size of the mapping in bytes."""
+        if level not in (1, 2):
+            raise _Refuse(Status.INVALID_PARAM)
+        self._check_npages(npages)
+        size = level_size(level)
+        total = npages * size
+        self._check_gpa_range(gpa, total, size)
+        self._check_hpa_range(hpa, total, size)
+        self._check(self._frames.check_assignable(hpa, total, g.handle))
+        return total
 
     def _verify_or_stop(self, g, gpa=None, level=None, npages=1):
         """Patent step 3; on a mismatch the guest becomes fatal."""

@@ -203,14 +203,7 @@ class RmpPsp(Psp):
     def cmd_rmp_assign(self, handle, level, gpa, hpa, npages):
         """RMPUPDATE: frames hpa.. become guest `handle`'s at gpa.., `level` pages."""
         g = self._guest(handle)
-        if level not in (1, 2):
-            raise _Refuse(Status.INVALID_PARAM)
-        self._check_npages(npages)
-        size = level_size(level)
-        total = npages * size
-        self._check_gpa_range(gpa, total, size)
-        self._check_hpa_range(hpa, total, size)
-        self._check(self._frames.check_assignable(hpa, total, g.handle))
+        total = self._check_map_args(g, gpa, hpa, level, npages)
         self._gpas_free(g, gpa, level, npages)
         # ---- all checks passed: commit ----
         self._scrub(hpa, total)

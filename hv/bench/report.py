@@ -195,13 +195,24 @@ def _stamp(fig, res):
              f"{m.get('date', '')}", fontsize=7, color="0.35")
 
 
-def plot(res, out_dir):
+NO_MATPLOTLIB = {"skipped": "matplotlib not installed (pip install matplotlib)"}
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only), or None without it."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return {"skipped": "matplotlib not installed (pip install matplotlib)"}
+        return None
+    return plt
+
+
+def plot(res, out_dir):
+    plt = pyplot()
+    if plt is None:
+        return NO_MATPLOTLIB
     os.makedirs(out_dir, exist_ok=True)
     files = []
 

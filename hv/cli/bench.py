@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from hv.cli.common import emit_json
+from hv.cli.common import check_plot_dir, emit_json
 from hv.errors import BadInput
 
 EXIT_OK, EXIT_FAILED = 0, 1
@@ -82,14 +82,7 @@ def cmd_bench(args):
         if not sections:
             raise BadInput(f"bench: --only {args.only!r} names no section")
     if args.plot:
-        # refuse an unusable --plot DIR now, not after the whole run
-        try:
-            os.makedirs(args.plot, exist_ok=True)
-        except OSError as e:
-            raise BadInput(f"bench: cannot create --plot directory {args.plot}: "
-                           f"{e.strerror or e}") from None
-        if not os.access(args.plot, os.W_OK | os.X_OK):
-            raise BadInput(f"bench: cannot write into --plot directory {args.plot}: permission denied")
+        check_plot_dir(args.plot, "bench")
     quiet = args.json
 
     def log(msg):

@@ -238,6 +238,16 @@ def check_output_path(path, option):
         raise BadInput(f"cannot write {path} ({option}): permission denied")
 
 
+def check_plot_dir(path, cmd):
+    """Refuse an unusable --plot DIR now, not after the whole run (made if missing)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise BadInput(f"{cmd}: cannot create --plot directory {path}: {e.strerror or e}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise BadInput(f"{cmd}: cannot write into --plot directory {path}: permission denied")
+
+
 def check_host_mem_file(args, files=None):
     """Refuse --host-mem-file naming a non-empty file before any work is done
     (HostMemory refuses it too; with --host-mem-file-overwrite it is allowed

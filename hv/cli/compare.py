@@ -8,10 +8,9 @@ heatmap and cost bars. Exit code 1 when an outcome differs from what its
 scenario expects under that design, else 0; 2 on bad usage.
 """
 import argparse
-import os
 import sys
 
-from hv.cli.common import EXIT_GUEST, EXIT_OK, emit_json
+from hv.cli.common import EXIT_GUEST, EXIT_OK, check_plot_dir, emit_json
 from hv.errors import BadInput
 
 
@@ -55,14 +54,7 @@ def cmd_compare(args):
     if args.no_costs and args.no_matrix:
         raise BadInput("compare: --no-costs and --no-matrix leave nothing to do")
     if args.plot:
-        try:
-            os.makedirs(args.plot, exist_ok=True)
-        except OSError as e:
-            raise BadInput(f"compare: cannot create --plot directory {args.plot}: "
-                           f"{e.strerror or e}") from None
-        if not os.access(args.plot, os.W_OK | os.X_OK):
-            raise BadInput(f"compare: cannot write into --plot directory {args.plot}: "
-                           f"permission denied")
+        check_plot_dir(args.plot, "compare")
     logging.getLogger("psp").setLevel(logging.ERROR)   # every detection warns: expected here
 
     def log(msg):

@@ -23,13 +23,11 @@ def _label(res):
 
 
 def plot(res, out_dir):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.colors import ListedColormap
-    except ImportError:
-        return {"skipped": "matplotlib not installed (pip install matplotlib)"}
+    from hv.bench.report import NO_MATPLOTLIB, pyplot
+    plt = pyplot()
+    if plt is None:
+        return NO_MATPLOTLIB
+    from matplotlib.colors import ListedColormap
     os.makedirs(out_dir, exist_ok=True)
     files = []
     designs = res["designs"]

@@ -120,33 +120,12 @@ class ExceptionDelivery:
         if ecode & 0x10:                                     # fetch
             return rip if rip >> 12 == page >> 12 else page
         try:
-            import capstone
-            from capstone import x86 as cx
+            from hv.machine.disasm import memory_operands
             bits = self.code_bits()
-            md = capstone.Cs(capstone.CS_ARCH_X86, {64: capstone.CS_MODE_64, 32: capstone.CS_MODE_32,
-                                                     16: capstone.CS_MODE_16}[bits])
-            md.detail = True
-            code = self.read_virt(rip, 15)
-            insn = next(md.disasm(code, rip, 1))
-            uc, cands = self.uc, []
+            uc = self.uc
             mask = (1 << bits) - 1
-
-            def reg(r):
-                if not r:
-                    return 0
-                name = insn.reg_name(r)
-                if name in ("rip", "eip"):
-                    return rip + insn.size
-                return uc.reg_read(getattr(X, "UC_X86_REG_" + name.upper()))
-
-            for op in insn.operands:
-                if op.type == cx.X86_OP_MEM:
-                    m = op.mem
-                    ea = (reg(m.base) + reg(m.index) * m.scale + m.disp) & mask
-                    if m.segment and insn.reg_name(m.segment) in ("fs", "gs"):
-                        ea += uc.reg_read(X.UC_X86_REG_FS_BASE if insn.reg_name(m.segment) == "fs"
-                                          else X.UC_X86_REG_GS_BASE)
-                    cands.append((ea, op.size or 1))
+            cands = memory_operands(self.read_virt(rip, 15), rip, bits,
+                                    lambda name: uc.reg_read(getattr(X, "UC_X86_REG_" + name.upper())))
             sp = uc.reg_read(X.UC_X86_REG_RSP if bits == 64 else X.UC_X86_REG_ESP)
             w = bits // 8
             cands += [((sp - w) & mask, w), (sp, w)]

@@ -99,16 +99,9 @@ class NptCommands:
     # handlers, one per command
 
     def _map_checks(self, g, gpa, hpa, level, attrs, npages):
-        if level not in (1, 2):
-            raise _Refuse(Status.INVALID_PARAM)
         if attrs & ~ATTR_VALID:
             raise _Refuse(Status.INVALID_PARAM)
-        self._check_npages(npages)
-        size = level_size(level)
-        total = npages * size
-        self._check_gpa_range(gpa, total, size)
-        self._check_hpa_range(hpa, total, size)
-        self._check(self._frames.check_assignable(hpa, total, g.handle))
+        self._check_map_args(g, gpa, hpa, level, npages)
         self._verify_or_stop(g, gpa, level, npages)
         return self._plan(g, gpa, hpa, level, attrs, npages)
 
