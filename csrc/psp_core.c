@@ -628,6 +628,12 @@ static int update_fast(struct psp_ctx *c, struct psp_guest *g, uint32_t level, u
             line_written(c, lc, t, k);
         /* stale merkle chunks: the leaf chunks written (the flush in merkle.py
          * carries the change up the tree: each parent's chunk above them) */
+        if (!dirty[t >> 12] && c->dlog) {      /* newly stale: the flush's to-do */
+            if (c->dlog_n < c->dlog_cap)
+                c->dlog[c->dlog_n++] = t;
+            else
+                c->dlog_over = 1;
+        }
         for (int j = idx >> 6; j <= (int)((idx + npages - 1) >> 6); j++)
             dirty[t >> 12] |= (uint8_t)(1u << j);
     }

@@ -47,6 +47,10 @@ struct psp_ctx {
                                 a caller of psp_mailbox_update on another thread (the
                                 vCPU's NPF fast path, csrc/vcpu.c) */
     uint64_t shared_commands;   /* UPDATE_NPTs such a caller sent (psp_shared_update) */
+    uint64_t *dlog;          /* table pages whose stale-chunk mask went from 0 to nonzero in
+                                the C update (the merkle flush's to-do; NULL: not kept) */
+    uint32_t dlog_cap, dlog_n;
+    uint32_t dlog_over;      /* more than dlog_cap: the flush must scan every page */
 };
 /* cdef-end */
 

@@ -65,6 +65,31 @@ class PageTables:
         self.c_shadow_of = ffi.from_buffer(self._mms[0])
         self.c_lines_of = ffi.from_buffer(self._mms[1])
         self._keep = {}
+        # table pages (of every guest) that may have stale merkle chunks: what
+        # the Python side marks goes in directly, what the C update marks
+        # arrives through the context's log (drain_log); `epoch` moves when
+        # the log overflowed, and every guest's next flush then scans all
+        self.pending = set()
+        self.epoch = 0
+        self._ctx = self._dlog = None
+
+    def attach_log(self, ctx, cap=8192):
+        self._dlog = ffi.new("uint64_t[]", cap)
+        ctx.dlog, ctx.dlog_cap, ctx.dlog_n, ctx.dlog_over = self._dlog, cap, 0, 0
+        self._ctx = ctx
+
+    def drain_log(self):
+        """Move the C log into `pending` (bump `epoch` if it overflowed)."""
+        c = self._ctx
+        if c is None:
+            return
+        n = c.dlog_n
+        if n:
+            self.pending.update(ffi.unpack(self._dlog, n))
+            c.dlog_n = 0
+        if c.dlog_over:
+            c.dlog_over = 0
+            self.epoch += 1
 
     @staticmethod
     def _addr(cdata):

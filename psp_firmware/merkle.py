@@ -80,16 +80,14 @@ import hashlib
 from itertools import chain
 import struct
 from array import array
-from functools import reduce
-from operator import or_
 
 from . import core as _core
-from .integrity import ADDR, PAGE, PS, P, Mismatch, level_size
+from .merkle_plan import HBYTES, _slot_mask, _VerifyPlan
+from .integrity import ADDR, PS, P, Mismatch, level_size
 
 CHUNK_ENTRIES = 64
 CHUNK_BYTES = CHUNK_ENTRIES * 8
 NCHUNKS = 512 // CHUNK_ENTRIES
-HBYTES = 32
 SLOT_BYTES = CHUNK_ENTRIES * HBYTES      # child-hash slots of one chunk
 LINE_ENTRIES = 8
 LINE_BYTES = LINE_ENTRIES * 8
@@ -111,71 +109,12 @@ def line_hash(line_bytes):
     return _sha(b"L" + line_bytes).digest()
 
 
-def _slot_mask(nkids):
-    """Bit j set when chunk j has child tables (its hash covers their slots)."""
-    if nkids is None:
-        return 0
-    m = 0
-    for j, n in enumerate(nkids):
-        if n:
-            m |= 1 << j
-    return m
-
-
 class _NoDirtyArray(dict):
     """pfn -> stale-chunk mask, 0 when absent: the store of an integrity
     object made without the PSP's per-frame array (a standalone rebuild)."""
 
     def __missing__(self, key):
         return 0
-
-
-class _VerifyPlan:
-    """What MerkleIntegrity.verify_all walks, made once per set of table
-    pages: `order` (leaves first, a stable sort by level of the shadow's
-    order: the mismatch reported is the first page in it whose node hash
-    differs) and, for the C core with host memory, the arguments of
-    psp_merkle_verify after `mem` (None: the check runs in Python)."""
-    __slots__ = ("key", "order", "c_args", "nodes_buf", "_keep")
-
-    def __init__(self, integ, key):
-        self.key = key
-        levels = integ.shadow.levels
-        self.order = order = sorted(levels, key=levels.__getitem__)
-        self.c_args = self.nodes_buf = self._keep = None
-        memc = integ._memc if integ._c is not None else None
-        if memc is None or not order:
-            return
-        if reduce(or_, order) & 0xFFF or max(order) + PAGE > len(memc):
-            return                 # the Python check raises what canon_page raises
-        ffi = _core.ffi
-        n = len(order)
-        pos = {h: k for k, h in enumerate(order)}
-        slots_of = array("i", [-1]) * n         # page k's slot buffer in scratch
-        mask = bytearray(n)                     # page k's slot mask
-        nslots = 0
-        nkids = integ.nkids
-        for h in integ.slots:
-            k = pos[h]
-            slots_of[k] = nslots
-            mask[k] = _slot_mask(nkids[h])
-            nslots += 1
-        parent_at = array("q", [-1]) * n        # where page k's node hash goes
-        for h, (p, i) in integ.parent.items():
-            parent_at[pos[h]] = slots_of[pos[p]] * (512 * HBYTES) + i * HBYTES
-        hpa_c = ffi.new("uint64_t[]", order)
-        level_c = ffi.from_buffer("uint8_t[]", bytes(map(levels.__getitem__, order)))
-        mask_c = ffi.from_buffer("uint8_t[]", mask)
-        slots_c = ffi.from_buffer("int32_t[]", slots_of)
-        parent_c = ffi.from_buffer("int64_t[]", parent_at)
-        scratch_len = max(1, nslots) * 512 * HBYTES
-        scratch_c = ffi.new("char[]", scratch_len)
-        nodes_c = ffi.new("char[]", n * HBYTES)
-        self.nodes_buf = ffi.buffer(nodes_c)
-        self._keep = (mask, slots_of, parent_at)
-        root = integ.shadow.root
-        self.c_args = (n, hpa_c, level_c, mask_c, slots_c, parent_c, scratch_c, scratch_len,
-                       nodes_c, pos[root], root)
 
 
 class MerkleIntegrity:
@@ -206,6 +145,7 @@ class MerkleIntegrity:
         self._by_level = {1: [], 2: [], 3: [], 4: []}
         self._lvl_arr = {1: array("Q"), 2: array("Q"), 3: array("Q"), 4: array("Q")}  # the same, for C
         self._scan_out = None
+        self._epoch = -1        # PageTables.epoch this guest's last full scan saw
         self._digest = None
         self._vplan = None      # verify_all's page order (_VerifyPlan)
         self._memc = None
@@ -346,38 +286,58 @@ class MerkleIntegrity:
                 if e & P and not e & PS and (e & ADDR) in levels:
                     self._link(hpa, i, e & ADDR)
         dirty = self.dirty
+        pending = self._ptabs.pending if self._ptabs is not None else set()
         for hpa in levels:
             self._rehash_lines(hpa, None)
             dirty[hpa >> 12] = ALL_CHUNKS
+            pending.add(hpa)
         self._flush(force=True)
 
     def _flush(self, force=False):
         """Bring stale chunk, node and root hashes up to date, leaves first."""
         dirty = self.dirty
+        pending = set()
+        if self._ptabs is not None:
+            # a set never shrinks its table, and iterating it costs its size:
+            # a to-do that once held every page is copied small again
+            pending = self._ptabs.pending = set(self._ptabs.pending)
         slots, parent, node_h = self.slots, self.parent, self.node_h
         changed = force
         for lvl in (1, 2, 3, 4):
             for t in self._stale(lvl):
                 m = dirty[t >> 12]
                 if not m:
+                    pending.discard(t)
                     continue
                 self._rehash_chunks(t, m)
                 dirty[t >> 12] = 0
+                pending.discard(t)
                 changed = True
                 par = parent.get(t)
                 if par is not None:
                     p, i = par
                     slots[p][i * HBYTES:(i + 1) * HBYTES] = node_h[t]
                     dirty[p >> 12] |= 1 << (i // CHUNK_ENTRIES)
+                    pending.add(p)
         if changed:
             self._digest = self._root_digest()
 
     def _stale(self, lvl):
-        """Level-lvl table pages that may be stale: with the C core only those
-        with a nonzero mask (psp_dirty_scan); the Python twin returns all."""
+        """Level-lvl table pages that may be stale: with the C core, those
+        marked since the last flush (PageTables.pending), or after a log
+        overflow those with a nonzero mask (psp_dirty_scan); the Python twin
+        returns all (the same pages come out: _flush skips a zero mask)."""
         pages = self._by_level[lvl]
         if self._c is None or not pages or isinstance(self.dirty, _NoDirtyArray):
             return pages
+        pt = self._ptabs
+        if pt is not None and pt._ctx is not None:
+            pt.drain_log()
+            if pt.epoch == self._epoch:
+                levels = self.shadow.levels
+                return [t for t in pt.pending if levels.get(t) == lvl]
+            if lvl == 4:
+                self._epoch = pt.epoch      # this flush scans; the next can trust the log
         ffi = _core.ffi
         arr = self._lvl_arr[lvl]
         if self._scan_out is None or len(self._scan_out) < len(arr):
@@ -575,6 +535,8 @@ class MerkleIntegrity:
                 for k in lines:
                     m |= 1 << (k // LINES_PER_CHUNK)
             dirty[t >> 12] |= m
+            if self._ptabs is not None:
+                self._ptabs.pending.add(t)
 
     def _attach(self, t, modified_pages):
         """Find the new table t's parent entry among the modified pages."""

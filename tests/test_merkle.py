@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from hv import Status, Vmm
 from nptcore.bits import A, AD_MASK, D, NX, P, W
-from psp_firmware import INTEGRITY_MODES, Psp
+from psp_firmware import INTEGRITY_MODES, Cmd, Psp, encode
 from psp_firmware import core as psp_core
 from psp_firmware.merkle import MerkleIntegrity
 
@@ -301,3 +301,37 @@ def test_differential_verdicts(ops):
     assert t_full == t_merkle
     assert d_full == t_full
     assert d_merkle == t_merkle
+
+
+@pytest.mark.skipif(not psp_core.available(), reason="the PSP's C core is not built")
+@pytest.mark.parametrize("cap", [8192, 3])
+def test_merkle_flush_after_c_updates_equals_rebuild(cap):
+    """The C update logs the table pages it makes stale (the flush's to-do,
+    kept per PSP for every guest); two guests' updates interleave, each
+    guest's flush leaves the other's to-do in place, and a log too small
+    for the updates (cap 3) makes the next flush of every guest scan all.
+    Each digest equals a rebuild from scratch."""
+    vmm = Vmm(host_mem=256 << 20, integrity="merkle")
+    try:
+        psp = vmm._psp_obj
+        psp._ptabs.attach_log(psp._ctx, cap=cap)
+        a, b = vmm.create_vm(), vmm.create_vm()
+        for vm in (a, b):
+            for i in range(8):
+                vmm.touch(vm, i * MB2)                  # tables exist: updates stay in C
+            vmm.guest_digest(vm)
+        for k in range(1, 20):
+            for vm in (a, b):
+                buf = encode(Cmd.UPDATE_NPT, handle=vm.handle, level=1,
+                             gpa=(k % 8) * MB2 + k * PAGE, hpa=vmm.alloc.alloc(1),
+                             attrs=3, npages=1)
+                assert psp._c.psp_mailbox_update(psp._ctx, buf) == 1
+            if k % 5 == 0:
+                vmm.guest_digest(b)                     # only b flushes here
+        for vm in (a, b):
+            integ = _integ(vmm, vm)
+            fresh = MerkleIntegrity(integ.shadow, integ._canon, integ._read_u64, integ.vmsa)
+            assert vmm.guest_digest(vm) == fresh.digest
+            assert vmm.psp.verify(vm.handle).ok
+    finally:
+        vmm.close()

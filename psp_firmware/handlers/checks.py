@@ -104,6 +104,8 @@ class CheckCommands:
         g.npt.drop_all()
         for hpa in g.npt.pages:
             self._dirty[hpa >> 12] = 0
+            if self._ptabs is not None:
+                self._ptabs.pending.discard(hpa)
         for pfn in self._frames.frames_of(handle):
             st = self._frames.state(pfn)
             self._scrub(pfn * PAGE, PAGE)

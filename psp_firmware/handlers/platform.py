@@ -56,6 +56,7 @@ class PlatformCommands:
         ctx.lines_of = self._ptabs.c_lines_of
         ctx.scrub_advice = self._scrub_advice
         ctx.hole_kind, ctx.hole_fd = self._hole_kind, self._hole_fd
+        self._ptabs.attach_log(ctx)
         self._ctx_keep = keep
         self._ctx = ctx
 
