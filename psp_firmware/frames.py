@@ -36,7 +36,7 @@ live handle; HV and POOL frames have owner 0 and gpa 0; frames that are not
 MAPPED have gpa 0.
 
 What each state means for an HPA the VMM hands in (the order of the checks
-is the validation order of DESIGN.md): FW -> FIRMWARE_PAGE, TABLE or POOL ->
+is the validation order of docs/psp.md): FW -> FIRMWARE_PAGE, TABLE or POOL ->
 TABLE_PAGE, VMSA -> BAD_PAGE_STATE, MAPPED -> PAGE_OWNED (aliasing),
 PRIVATE of another guest -> BAD_OWNER; HV or PRIVATE of the same guest is
 accepted.

@@ -1,4 +1,4 @@
-"""The PSP's wall-time periodic checker (patent step 5, DESIGN.md "The method").
+"""The PSP's wall-time periodic checker (patent step 5: the PSP re-checks the table at a fixed interval).
 
 A thread inside the PSP wakes every `interval_ms` milliseconds and runs the
 same check as CHECK_ALL (every live guest's table against its stored digest)

@@ -1,6 +1,6 @@
 """Bad input on the command line: one line on stderr, exit 2, never a traceback.
 
-DESIGN.md: "Bad input (a malformed image, trace, command, address or range)
+The contract: "Bad input (a malformed image, trace, command, address or range)
 gets a clear error naming the problem and leaves every table and frame as it
 was.  The CLI prints one line to stderr and exits 2; never a traceback."
 Also: `--json` prints exactly one JSON object on stdout (for exit 1 and 3

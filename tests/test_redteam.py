@@ -5,7 +5,7 @@ vmm.alloc, threads, hv.boot.Boot with on_slice) and asserts the SECURE
 outcome: refused with nothing changed, or detected (the guest is then fatal
 and the other guest carries on), or harmless (translation unchanged).
 
-Not tested, by design (DESIGN.md, hv/attacks.py): a tamper that is restored
+Not tested, by design (hv/attacks/__init__.py): a tamper that is restored
 before the next check is invisible to any digest; merkle mode checks only an
 update's walk path and catches an off-path tamper at the next VERIFY /
 CHECK_ALL.

@@ -110,7 +110,7 @@ class Scenario:
 
 SCENARIOS = {}
 
-# the attack classes of issue 4 / DESIGN.md "Threat model"; every one is covered
+# the attack classes of the threat model (docs/designs.md); every one is covered
 CATEGORIES = (
     "severed_remap", "alias", "replay", "permission_escalation", "table_swap", "root_swap",
     "bad_hpa", "range", "race", "reclaim", "benign", "periodic",

@@ -1,4 +1,4 @@
-"""The toy guest's devices (DESIGN.md, "Toy guest ABI").
+"""The toy guest's devices (docs/guest-abi.md).
 
 - COM1 at 0x3F8: each byte written to the data register is serial output;
   the line status register 0x3FD reads 0x60 (THR empty, transmitter idle) so
