@@ -34,3 +34,13 @@ def vmm(backend, psp_transport):
     v = Vmm(host_mem=128 << 20, backend=backend, psp=psp_transport)
     yield v
     v.close()
+
+
+@pytest.fixture(scope="session")
+def guests():
+    """{name: path} of the bundled guest images, built once (skip without gcc)."""
+    import guests.build as gbuild
+    try:
+        return gbuild.build_all()
+    except gbuild.BuildError as e:
+        pytest.skip(str(e))

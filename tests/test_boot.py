@@ -29,12 +29,6 @@ ENGINES = [pytest.param(b, marks=[] if b in available_backends() else
            for b in ("c", "python")]
 
 
-@pytest.fixture(scope="session")
-def guests():
-    try:
-        return gbuild.build_all()
-    except gbuild.BuildError as e:
-        pytest.skip(str(e))
 
 
 @pytest.fixture(params=HOOKS)

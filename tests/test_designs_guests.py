@@ -32,12 +32,6 @@ ENGINES = [pytest.param(b, marks=[] if b in available_backends() else
            for b in ("c", "python")]
 
 
-@pytest.fixture(scope="module")
-def guests():
-    try:
-        return gbuild.build_all()
-    except gbuild.BuildError as e:
-        pytest.skip(str(e))
 
 
 def _boot(path, mem, design, hook="c", engine=None, on_slice=None, slice_insns=None):

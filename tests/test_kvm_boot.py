@@ -29,12 +29,6 @@ gbuild = pytest.importorskip("guests.build")
 MEM = {"memtouch": 4 * MiB, "firsttouch": 4 * MiB, "mb_hello": 32 * MiB}
 
 
-@pytest.fixture(scope="session")
-def guests():
-    try:
-        return gbuild.build_all()
-    except gbuild.BuildError as e:
-        pytest.skip(str(e))
 
 
 def boot(path, accel, mem=16 * MiB, fault_around=1, huge=False, prepare=None, engine=None,
