@@ -69,11 +69,10 @@ class FastNpf:
         ctx.fast_on = 0
         n, used = ctx.log_n, ctx.next_frame
         if n:
-            lg = _ffi.unpack(self._fast_log, 5 * n)
-            entries = [(lg[i], lg[i + 4]) for i in range(0, 5 * n, 5)]
-            self.npf_log.extend((lg[i], lg[i + 1], lg[i + 2], lg[i + 3])
-                                for i in range(0, 5 * n, 5))
-            self.vmm.npfs_resolved(self.vm, entries)
+            lg = _ffi.unpack(self._fast_log, 5 * n)   # per NPF: gpa, access, err, rip, hpa
+            gpas = lg[0::5]
+            self.npf_log.extend(zip(gpas, lg[1::5], lg[2::5], lg[3::5]))
+            self.vmm.npfs_resolved(self.vm, gpas, lg[4::5])
         frames, self._fast_frames = self._fast_frames, []
         if used < len(frames):
             self.vmm.alloc.free_each(frames[used:])

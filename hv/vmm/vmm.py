@@ -9,7 +9,9 @@ it just writes them (hv/vmm/tables.py). `protect` picks the design.
 import logging
 import os
 import struct
+from collections import Counter
 from dataclasses import dataclass, field
+from itertools import repeat
 
 from nptcore import get_engine
 from nptcore.bits import ACC_R, ACC_W, ACC_X, GPA_LIMIT, PF_P, PF_RMP
@@ -363,17 +365,22 @@ class Vmm:
             self._fast_entry = share() or False
         return self._fast_entry or None
 
-    def npfs_resolved(self, vm, entries):
-        """The bookkeeping handle_npf does, for NPFs the fast path resolved:
-        entries of (gpa, hpa), in order; each was one UPDATE_NPT of 4 KiB that
-        the PSP answered SUCCESS."""
-        vm.npf += len(entries)
+    def npfs_resolved(self, vm, gpas, hpas):
+        """The bookkeeping handle_npf does (_record of one 4 KiB page), for
+        NPFs the fast path resolved: gpas[i] was mapped to the frame hpas[i]
+        by one UPDATE_NPT the PSP answered SUCCESS, in this order."""
+        n = len(gpas)
+        vm.npf += n
         psp = self.psp
-        psp.commands += len(entries)
-        psp.by_status[_SUCCESS] = psp.by_status.get(_SUCCESS, 0) + len(entries)
-        record = self._record
-        for gpa, hpa in entries:
-            record(vm, gpa >> 12, 1, hpa, 1, False)
+        psp.commands += n
+        psp.by_status[_SUCCESS] = psp.by_status.get(_SUCCESS, 0) + n
+        pages = [g >> 12 for g in gpas]
+        vm.hpa_of.update(zip(pages, zip(hpas, repeat(1), repeat(1))))
+        vm.mapped.update(pages)
+        spb = vm.small_per_block
+        for b, k in Counter(p >> 9 for p in pages).items():
+            spb[b] = spb.get(b, 0) + k
+        vm.pages_mapped += n
 
     def touch(self, vm, gpa, access=ACC_R):
         """Access one GPA as the guest would: walk, take an NPF on a miss.
