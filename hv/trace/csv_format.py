@@ -4,7 +4,7 @@ import array
 import gzip
 import io
 import os
-from hv.trace.text import _INSN_RE, _WS, _meaningful, _num, _split_lines
+from hv.trace.text import _INSN_RE, _WS, _meaningful, _num, _parsed
 from hv.trace.files import _Fail
 from hv.trace.model import (ACCESS_CHARS, CSV_COLUMNS, E_ACCESS, E_ADDR, E_ADDR_END, E_EMPTY,
                             E_INSN, E_INSN_LONG, E_NFIELDS, E_SIZE0, E_SIZEBIG, E_VCPU, GPA_LIMIT,
@@ -82,16 +82,8 @@ def _py_csv(data, first_line, names, start=0, skipped=None):
     rip = array.array("Q") if "rip" in idx else None
     vcpu = array.array("H") if "vcpu" in idx else None
     insn = [] if "insn" in idx else None
-    for no, line in enumerate(_split_lines(data, start=start), first_line):
-        try:
-            row = _csv_row(no, line, names, ncols)
-        except _Fail as f:
-            if skipped is None:
-                raise
-            skipped.append(f)
-            continue
-        if row is None:
-            continue
+    for no, row in _parsed(data, first_line, start,
+                           lambda no, line: _csv_row(no, line, names, ncols), skipped):
         a, g, sz, r, v, ins = row
         acc.append(a)
         gpa.append(g)

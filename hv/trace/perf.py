@@ -23,7 +23,7 @@ import re
 from hv.trace.files import _Fail
 from hv.trace.model import ACC_R, ACC_W, ACC_X, E_ADDR, E_RANGE, E_SYNTAX, E_VCPU, GPA_LIMIT, Trace
 from hv.trace.text import (_FTRACE_BODY, _FT_TOKEN, _PFU_TOKEN, _dec, _ft_token_at, _hex,
-                           _meaningful, _pfu_token_at, _split_lines)
+                           _meaningful, _parsed, _pfu_token_at)
 
 _PFU_BODY = re.compile(
     rb"[ \t\r]*address=(?:0[xX])?([0-9a-fA-F]+)[ \t\r]+ip=(?:0[xX])?([0-9a-fA-F]+)[ \t\r]+"
@@ -80,18 +80,10 @@ def _py_events(data, first_line, perf, start=0, skipped=None):
     rip = array.array("Q")
     vcpu = array.array("H")
     has_r = has_v = False
-    for no, line in enumerate(_split_lines(data, start=start), first_line):
-        if not _meaningful(line):
-            continue
-        try:
-            ev = _event(no, line, perf)
-        except _Fail as f:
-            if skipped is None:
-                raise
-            skipped.append(f)
-            continue
-        if ev is None:
-            continue
+    def parse(no, line):
+        return _event(no, line, perf) if _meaningful(line) else None
+
+    for no, ev in _parsed(data, first_line, start, parse, skipped):
         a, g, r, v, hr, hv_ = ev
         acc.append(a)
         gpa.append(g)

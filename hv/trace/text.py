@@ -145,6 +145,23 @@ def _message(fmt, fail, line, colnames):
     return f"internal parser error (code {code})"
 
 
+def _parsed(data, first_line, start, parse, skipped):
+    """(line number, parse(no, line)) for each line of data[start:] whose
+    parse is not None. A bad line raises _Fail; with `skipped` (a list) its
+    _Fail is collected there instead and the next line follows (the pure-
+    Python parsers' --skip-bad-lines)."""
+    for no, line in enumerate(_split_lines(data, start=start), first_line):
+        try:
+            r = parse(no, line)
+        except _Fail as f:
+            if skipped is None:
+                raise
+            skipped.append(f)
+            continue
+        if r is not None:
+            yield no, r
+
+
 def _split_lines(data, block=_SPLIT_BLOCK, start=0):
     """The items of ``data[start:].split(b"\\n")`` (as bytes, also when data
     is a bytearray), a block of about ``block`` bytes at a time: a trace of
