@@ -22,6 +22,21 @@ struct psp_guest {
                                 (isolated: A|D, so that the walker never stores) */
 };
 
+/* What a scrub's probe has learnt of which host frames are holes (pages
+ * that already read as zero), kept so that it asks the kernel once per
+ * window or run of holes rather than once per frame (psp_core.c, before
+ * probe_page, says how it is read and why a hole may be skipped). Private
+ * to the C core; here only because struct psp_ctx holds one. */
+struct frame_probe {
+    int32_t kind, fd;                   /* HOLE_SEEK / HOLE_PAGEMAP and its fd */
+    int32_t mincore_window;             /* HOLE_SEEK: read a mincore window first */
+    int32_t pad_;
+    uint64_t limit;                     /* windows end here (the range / host size) */
+    uint64_t hole_lo, hole_hi;          /* HOLE_SEEK: a known run of holes */
+    uint64_t win_lo, win_n;             /* frames [win_lo, win_lo + win_n * 4K) */
+    uint8_t win[256];                   /* PROBE_WINDOW entries, 1: data */
+};
+
 /* The PSP state the fast path reads and commits to. Every array is indexed
  * by host frame number (pfn) and owned by the Python firmware object. */
 struct psp_ctx {
@@ -51,6 +66,11 @@ struct psp_ctx {
                                 the C update (the merkle flush's to-do; NULL: not kept) */
     uint32_t dlog_cap, dlog_n;
     uint32_t dlog_over;      /* more than dlog_cap: the flush must scan every page */
+    uint64_t lock_seq;       /* psp_unlock counts the commands a Python entry (or a ring)
+                                ran under the lock word; psp_shared_update does not */
+    uint64_t probe_seq;      /* lock_seq when shared_probe was last valid */
+    struct frame_probe shared_probe;   /* what psp_shared_update's scrubs learnt while no
+                                          other entry ran (see psp_shared_update) */
 };
 /* cdef-end */
 

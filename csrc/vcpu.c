@@ -146,12 +146,11 @@ static int fast_npf(vcpu_ctx *c, uint64_t gpa, uint64_t err, int access)
     if (done != 1)
         return 0;                   /* declined or not its guest: nothing changed */
     c->next_frame++;
-    l = c->log + 5ULL * c->log_n++;
+    l = c->log + 4ULL * c->log_n++;   /* its frame is frames[i] for the i-th entry */
     l[0] = gpa;
     l[1] = (err & PF_ID) ? ACC_X : ((err & PF_W) ? ACC_W : ACC_R);
     l[2] = err;
     l[3] = rd(c, c->pc_reg);
-    l[4] = hpa;
     (void)access;
     return 1;
 }
@@ -270,6 +269,28 @@ found:
     c->last_addr = addr;
     c->last_size = size;
     c->last_n = n;
+}
+
+/* The plain-Unicorn baseline's fill (guests/flat_runner.py, tlb="per_access",
+ * the other side of hv bench's guest_speed_vs_unicorn): virtual == physical
+ * (the bundled guests' own page tables are identity maps), with each access
+ * kind's permissions only, as tlb_fill grants them. No guest walk, no NPT,
+ * no PSP: that is what the ratio measures. In C, as tlb_fill is, so that
+ * neither side pays a Python call per fill. user: a vcpu_ctx whose fills it
+ * counts, or NULL. */
+static bool identity_fill(void *uc, uint64_t va, int type, uc_tlb_entry_t *e, void *user)
+{
+    (void)uc;
+    if (user)
+        ((vcpu_ctx *)user)->fills++;
+    e->paddr = va & ~0xFFFULL;
+    e->perms = perms_for(type == UC_MEM_WRITE ? ACC_W : (type == UC_MEM_FETCH ? ACC_X : ACC_R));
+    return true;
+}
+
+uint64_t vcpu_identity_fill_addr(void)
+{
+    return (uint64_t)(uintptr_t)&identity_fill;
 }
 
 uint64_t vcpu_tlb_fill_addr(void)

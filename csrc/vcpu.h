@@ -65,7 +65,8 @@ typedef struct vcpu_ctx {
     int32_t *psp_busy;       /* &psp_ctx.busy: the firmware's lock word */
     uint64_t *frames;        /* frames the VMM handed over, used in order */
     uint32_t nframes, next_frame;
-    uint64_t *log;           /* per NPF taken: gpa, access, errcode, rip, hpa */
+    uint64_t *log;           /* per NPF taken: gpa, access, errcode, rip (hv/machine/npf_log.py's
+                                layout); the i-th took frames[i] */
     uint32_t log_cap, log_n;
     /* the rmp protection design: the npt_rmp (csrc/npt.h) every translation
      * of the fill is checked against (a mismatch is an NPF with PF_RMP), or
@@ -82,6 +83,7 @@ uint32_t vcpu_py_block(vcpu_ctx *ctx, uint64_t addr, uint32_t size);
 
 /* addresses of the C hooks, for uc_hook_add */
 uint64_t vcpu_tlb_fill_addr(void);
+uint64_t vcpu_identity_fill_addr(void);   /* the plain-Unicorn baseline's fill */
 uint64_t vcpu_block_addr(void);
 
 /* paging mode the fill would use now: 0 none, 2/3/4 as nptcore MODE_* */

@@ -6,7 +6,8 @@ per-instruction hook.  The boot state is the one `hv.loader` describes: for
 ELF64 images long mode with the loader's identity page tables (CR3 = 0x2000)
 and GDT (0x1000), for multiboot kernels 32-bit protected mode, paging off.
 
-    run_flat_unicorn(image, ram_size, max_insns, tlb="flat"|"per_access", block_count=False)
+    run_flat_unicorn(image, ram_size, max_insns, tlb="flat"|"per_access", block_count=False,
+                     fill=None|"c"|"python")
         -> (exit_code, serial, insn_count)
 
 `image` is an `hv.loader.Image` or a path.  The result is a `FlatResult`,
@@ -84,19 +85,40 @@ def _identity_fill(uc, va, typ, entry, _ud):
     return True
 
 
-def _setup(image, ram_size, tlb="flat", count=False):
+def fill_hooks():
+    """The identity fills usable here, default first: "c" (csrc/vcpu.c's
+    identity_fill, registered straight with libunicorn as hv's own fill is)
+    where hv's C vCPU module is built, and "python"."""
+    from hv.machine.unicorn_hooks import available_hooks
+    return ["c", "python"] if "c" in available_hooks() else ["python"]
+
+
+def _setup(image, ram_size, tlb="flat", count=False, fill=None):
     """tlb "flat": all RAM one mapping, every page read/write/execute and no
     hook; "per_access": the same memory behind UC_TLB_VIRTUAL and an identity
     TLB-fill hook that grants each access kind's permissions only (what hv's
-    vCPU does, without the NPT and the PSP). count: count instructions with
-    hv's own C block hook (hv.machine.unicorn_vcpu.BlockCounter), as `hv
-    boot` does on every run (st["counter"])."""
+    vCPU does, without the NPT and the PSP). fill: that hook in "c" or
+    "python" (None: the first of fill_hooks(); hv boot's fill is in C where
+    it can be, and a Python call per fill would cost the baseline about a
+    microsecond a page). count: count instructions with hv's own C block hook
+    (hv.machine.unicorn_vcpu.BlockCounter), as `hv boot` does on every run
+    (st["counter"])."""
     mode = UC_MODE_64 if image.mode == 64 else UC_MODE_32
     uc = Uc(UC_ARCH_X86, mode)
     uc.mem_map(0, ram_size)
     if tlb == "per_access":
+        fill = fill or fill_hooks()[0]
         uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
-        uc.hook_add(UC_HOOK_TLB_FILL, _identity_fill)
+        if fill == "c":
+            import ctypes
+            from hv.machine.unicorn_hooks import _add_c_hook, _lib
+            if _lib is None:
+                raise RuntimeError("the C identity fill needs hv's C vCPU module (hv._vcpu_c)")
+            _add_c_hook(uc, UC_HOOK_TLB_FILL, _lib.vcpu_identity_fill_addr(), ctypes.c_void_p(0))
+        elif fill == "python":
+            uc.hook_add(UC_HOOK_TLB_FILL, _identity_fill)
+        else:
+            raise ValueError(f"unknown fill {fill!r} (c or python)")
     elif tlb != "flat":
         raise ValueError(f"unknown tlb mode {tlb!r} (flat or per_access)")
     image.load(lambda gpa, data: uc.mem_write(gpa, data), include_zero=False)
@@ -221,7 +243,7 @@ def _tail_count(image, ram_size, prefix, limit):
 
 
 def run_flat_unicorn(image, ram_size, max_insns=100_000_000, count_insns=True,
-                     chunk=CHUNK, tlb="flat", block_count=False):
+                     chunk=CHUNK, tlb="flat", block_count=False, fill=None):
     """Run an ELF64 (or multiboot) guest in plain, flat Unicorn.  See module doc."""
     from hv.machine.loader import load_image
     if not hasattr(image, "segments"):
@@ -229,7 +251,7 @@ def run_flat_unicorn(image, ram_size, max_insns=100_000_000, count_insns=True,
     elif image.ram_size != ram_size:
         image = load_image(image.path, ram_size, name=image.name)
     max_insns = int(max_insns or 0)
-    uc, st, pc_reg = _setup(image, ram_size, tlb, count=block_count)
+    uc, st, pc_reg = _setup(image, ram_size, tlb, count=block_count, fill=fill)
     err = None
     t0 = time.perf_counter()
     if not count_insns:

@@ -53,12 +53,18 @@ def test_ratios_are_their_two_sides(bench_json):
     recorded for its sides (computed here from the definition)."""
     res = bench_json[0]
     g = res["guest"]
-    for name in ("compute", "firsttouch"):
+    for name in ("compute", "memtouch", "firsttouch"):
         s = g[f"speed_{name}"]
         assert s["vs_unicorn"] == pytest.approx(s["unicorn_s"] / s["hv_s"])
         assert s["vs_unicorn_flat"] == pytest.approx(s["unicorn_flat_s"] / s["hv_s"])
+    # the issue's definition: the worse of compute and memtouch
     assert res["guest_speed_vs_unicorn"] == pytest.approx(
-        min(g["speed_compute"]["vs_unicorn"], g["speed_firsttouch"]["vs_unicorn"]))
+        min(g["speed_compute"]["vs_unicorn"], g["speed_memtouch"]["vs_unicorn"]))
+    assert res["guest_speed_vs_unicorn_firsttouch"] == pytest.approx(
+        g["speed_firsttouch"]["vs_unicorn"])
+    # the baseline's fill is in C where hv boot's is
+    from hv.machine.unicorn_hooks import available_hooks
+    assert g["unicorn_fill"] == available_hooks()[0]
     ft = g["first_touch_4k"]
     assert res["npf_first_touch_us"] == pytest.approx(ft["elapsed_s"] * 1e6 / ft["pages"])
     if _kvm_usable():

@@ -358,7 +358,7 @@ class PspMachine(RuleBasedStateMachine):
         if st_ == Status.SUCCESS and cmd == Cmd.LAUNCH_START:
             hh = struct.unpack("<I", _out)[0]
             vm_vmsa = fields["vmsa_hpa"]
-            from hv.vmm.vmm import Vm
+            from hv.vmm.vm import Vm
             self.guests[hh] = Vm(hh, vm_vmsa)
             self.granted[hh] = {}
             self.dirty[hh] = {}

@@ -446,6 +446,27 @@ def test_flat_unicorn_runs(guests, name):
 
 
 @pytestmark_unicorn
+@pytest.mark.parametrize("name", ["hello", "memtouch", "firsttouch"])
+def test_flat_unicorn_per_access_fill_c_matches_python(guests, name):
+    """The speed baseline's identity fill in C (csrc/vcpu.c identity_fill)
+    runs each identity-mapped guest as the Python hook does, and as the flat
+    RWX mapping does: the same exit and serial output (memtouch reads back
+    every page it wrote and says MISMATCH if one differs)."""
+    from guests.flat_runner import fill_hooks
+    if "c" not in fill_hooks():
+        pytest.skip("hv's C vCPU module is not built")
+    img = load_image(guests[name], 8 * MiB)
+    runs = [run_flat_unicorn(img, 8 * MiB, 0, count_insns=False, **kw)
+            for kw in (dict(tlb="per_access", fill="c", block_count=True),
+                       dict(tlb="per_access", fill="python", block_count=True))]
+    flat = run_flat_unicorn(img, 8 * MiB, 0)
+    for r in runs:
+        assert (r.reason, r.exit_code, r.serial) == ("exit", 0, flat.serial), r
+    with pytest.raises(ValueError, match="unknown fill"):
+        run_flat_unicorn(img, 8 * MiB, 0, tlb="per_access", fill="asm")
+
+
+@pytestmark_unicorn
 def test_flat_unicorn_triple_fault(guests):
     r = run_flat_unicorn(guests["triple_fault"], RAM, 1_000_000)
     assert r.reason == "fault" and r.exit_code is None

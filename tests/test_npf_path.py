@@ -586,8 +586,9 @@ def _choose_range_reference(vm, gpa):
        st.sets(st.integers(0, 5), max_size=3), st.sampled_from([None, 3 << 20, 10 << 20]),
        st.lists(st.integers(0, (12 << 20) - 1), min_size=1, max_size=30))
 def test_choose_range_matches_reference(n, huge, mapped, huge_blocks, ram_size, gpas):
-    from hv.vmm.vmm import Vm
-    vm = Vm(1, 0, ram_size, n, huge, mapped=set(mapped), huge_blocks=set(huge_blocks))
+    from hv.vmm.vm import Vm
+    vm = Vm(1, 0, ram_size, n, huge, huge_blocks=set(huge_blocks))
+    vm.mapped.update(mapped)
     for p in mapped:
         vm.small_per_block[p >> 9] = vm.small_per_block.get(p >> 9, 0) + 1
     for gpa in gpas + [(1 << 48) + 0x5000, 0x4000 << 12]:

@@ -60,11 +60,13 @@ def _ratio(a, b):
 # what each side of each headline figure includes
 SIDES = {
     "guest_speed_vs_unicorn": (
-        "plain Unicorn / hv boot, the worse of compute and firsttouch",
-        "hv: TLB fill walks the PSP's NPT (C hook), each miss an NPF through the PSP, C block "
-        "hook counting instructions",
-        "Unicorn: same image, UC_TLB_VIRTUAL, identity fill granting the same per-access "
-        "permissions (Python hook), the same C block hook; no NPT, no PSP"),
+        "plain Unicorn / hv boot, the worse of compute and memtouch (firsttouch beside it)",
+        "hv: TLB fill walks the guest's tables and the PSP's NPT (C hook), each NPT miss an "
+        "NPF through the PSP (UPDATE_NPT: line-hash checks, scrub, commit), C block hook "
+        "counting instructions; same RAM size",
+        "Unicorn: same image, same RAM size, UC_TLB_VIRTUAL, identity fill granting the same "
+        "per-access permissions (C hook, as hv's), the same C block hook; no guest walk, no "
+        "NPT, no PSP; the host kernel allocates the same pages at the guest's writes"),
     "guest_speed_vs_unicorn_flat": (
         "flat Unicorn / hv boot on compute",
         "hv: as above",
@@ -139,6 +141,7 @@ def _headline(res):
         "replay_accesses_per_s": _get(res, "replay", "replay_accesses_per_s"),
         "guest_speed_vs_unicorn": g.get("guest_speed_vs_unicorn"),
         "guest_speed_vs_unicorn_compute": (g.get("speed_compute") or {}).get("vs_unicorn"),
+        "guest_speed_vs_unicorn_memtouch": (g.get("speed_memtouch") or {}).get("vs_unicorn"),
         "guest_speed_vs_unicorn_firsttouch": (g.get("speed_firsttouch") or {}).get("vs_unicorn"),
         "guest_speed_vs_unicorn_nocount": (g.get("speed_compute") or {}).get("vs_unicorn_nocount"),
         "guest_speed_vs_unicorn_flat": g.get("guest_speed_vs_unicorn_flat"),
@@ -355,7 +358,7 @@ def format_report(res):
         lines += [""] + _table(f"NPF path, µs per page (KVM in-kernel demand fault: {_fmt(kf, 'µs')})",
                                ["page size", "first touch", "NPFs", "vs KVM", "replay (no alloc)"],
                                rows)
-    sp = [(n, g.get(f"speed_{n}")) for n in ("compute", "firsttouch")]
+    sp = [(n, g.get(f"speed_{n}")) for n in ("compute", "memtouch", "firsttouch")]
     if any(s for _, s in sp):
         lines += [""] + _table("guest speed: plain Unicorn time / hv boot time (1.0 = no cost)",
                                ["guest", "insns", "hv boot", "per-access+count", "uncounted",

@@ -14,11 +14,14 @@ A mixin of UnicornVcpu: it uses `_ctx` (the C hook's context), `vmm`, `vm`,
 `hook`, `record` and `npf_log`.
 """
 import logging
+from array import array
 
 try:
     from hv._vcpu_c import ffi as _ffi
 except ImportError:          # pragma: no cover - C module not built
     _ffi = None
+
+from hv.machine.npf_log import WORDS
 
 _npflog = logging.getLogger("hv.npf")
 _INFO = logging.INFO
@@ -44,7 +47,7 @@ class FastNpf:
             return
         if getattr(self, "_fast_arr", None) is None or len(self._fast_arr) < len(frames):
             self._fast_arr = _ffi.new("uint64_t[]", max(len(frames), self._fast_batch))
-            self._fast_log = _ffi.new("uint64_t[]", 5 * len(self._fast_arr))
+            self._fast_log = _ffi.new("uint64_t[]", WORDS * len(self._fast_arr))
         self._fast_arr[0:len(frames)] = frames
         self._fast_frames = frames
         fn, pctx, busy = entry
@@ -68,12 +71,13 @@ class FastNpf:
             return
         ctx.fast_on = 0
         n, used = ctx.log_n, ctx.next_frame
-        if n:
-            lg = _ffi.unpack(self._fast_log, 5 * n)   # per NPF: gpa, access, err, rip, hpa
-            gpas = lg[0::5]
-            self.npf_log.extend(zip(gpas, lg[1::5], lg[2::5], lg[3::5]))
-            self.vmm.npfs_resolved(self.vm, gpas, lg[4::5])
         frames, self._fast_frames = self._fast_frames, []
+        if n:
+            # the i-th NPF logged took frames[i] (one frame per NPF, in order)
+            words = array("Q")
+            words.frombytes(_ffi.buffer(self._fast_log, 8 * WORDS * n))
+            self.npf_log.extend_words(words)
+            self.vmm.npfs_resolved(self.vm, words[0::WORDS], frames[:n])
         if used < len(frames):
             self.vmm.alloc.free_each(frames[used:])
         elif frames and self._fast_batch < 1024:

@@ -56,6 +56,7 @@ from hv.machine import kvm as K
 from hv.machine.boot_state import boot_segments
 from hv.machine.guest_memory import MODE_NONE, GuestMemoryView
 from hv.machine.kvm_memory import GuestRam, GuestRamError
+from hv.machine.npf_log import NpfLog
 from hv.machine.stop import StopInfo
 from hv.vmm.vmm import NCR3_MASK
 
@@ -179,7 +180,7 @@ class KvmVcpu(GuestMemoryView):
         self.mem, self.eng = vmm.mem, vmm.engine
         self.devices, self.record = devices, record
         self._vmsa = vm.vmsa
-        self.npf_log = []             # (gpa, access, errcode, rip or None) of every NPF
+        self.npf_log = NpfLog()       # (gpa, access, errcode, rip or None) of every NPF
         self.gpf_count = 0            # (guest #PFs are delivered by the CPU, not counted)
         self.injected = []
         self.exits = 0                # exits to the VMM (KVM_RUN returns but the kicker's)

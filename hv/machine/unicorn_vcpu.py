@@ -52,6 +52,7 @@ from nptcore.bits import (ACC_R, ACC_W, ACC_X, K_GUEST_PF, MODE_32, MODE_LONG4, 
                           PF_ID, PF_W, PF_WALK)
 
 from hv.machine.fast_npf import FastNpf
+from hv.machine.npf_log import NpfLog
 from hv.machine.unicorn_hooks import _add_c_hook, _ffi, _lib, _registry, _uclib, available_hooks
 from hv.machine.guest_memory import MODE_NONE, GuestMemoryView
 from hv.machine.exceptions import ExceptionDelivery, _Halt, vec_name
@@ -112,7 +113,7 @@ class UnicornVcpu(GuestMemoryView, ExceptionDelivery, FastNpf):
         self.devices = devices
         self.record = record
         self.touched = set()          # python hook: GPA pages the walker translated
-        self.npf_log = []             # (gpa, access, errcode, rip) of every NPF
+        self.npf_log = NpfLog()       # (gpa, access, errcode, rip) of every NPF
         self.gpf_count = 0
         self.injected = []            # (vector, rip) of exceptions delivered
         self._exc = None

@@ -1,5 +1,6 @@
-"""The VMM: `Vmm` and `Vm` (vmm.py: platform set-up, guests, the NPF path that
-turns a walk miss into an UPDATE_NPT), host memory (hostmem.py: one mmap,
+"""The VMM: `Vmm` (vmm.py: platform set-up, guests, the NPF path that turns a
+walk miss into an UPDATE_NPT), `Vm` (vm.py: one guest and the VMM's books of
+what is mapped for it), host memory (hostmem.py: one mmap,
 anonymous or a memfd/file, that the PSP shares; under the isolated design
 the PSP's table frames are mapped read-only over part of it), the HPA
 allocator (alloc.py) and who writes a guest's NPT under each protection

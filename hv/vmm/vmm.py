@@ -9,9 +9,6 @@ it just writes them (hv/vmm/tables.py). `protect` picks the design.
 import logging
 import os
 import struct
-from collections import Counter
-from dataclasses import dataclass, field
-from itertools import repeat
 
 from nptcore import get_engine
 from nptcore.bits import ACC_R, ACC_W, ACC_X, GPA_LIMIT, PF_P, PF_RMP
@@ -24,6 +21,7 @@ from hv.vmm.hostmem import PAGE, HostMemory
 from hv.psp_link.inprocess import InProcessTransport
 from hv.psp_link.client import PspClient
 from hv.vmm.tables import make_tables, rmp_fault
+from hv.vmm.vm import Vm
 
 log = logging.getLogger("hv.npf")
 
@@ -39,27 +37,6 @@ _U64 = struct.Struct("<Q")
 _INFO = logging.INFO
 _RESOURCE_EXHAUSTED = Status.RESOURCE_EXHAUSTED
 _SUCCESS = Status.SUCCESS
-
-
-@dataclass
-class Vm:
-    handle: int
-    vmsa: int
-    ram_size: int = None            # None: any GPA below 2^48 (trace replay)
-    fault_around: int = 1
-    huge: bool = False
-    mapped: set = field(default_factory=set)      # 4 KiB GPA page numbers (VMM's view)
-    huge_blocks: set = field(default_factory=set)  # 2 MiB block numbers mapped huge
-    small_per_block: dict = field(default_factory=dict)
-    npf: int = 0
-    pages_mapped: int = 0
-    hpa_of: dict = field(default_factory=dict)    # first GPA page of a range -> (hpa, npages, level)
-    # callbacks (TLB flush) after an NPT change a TLB may have cached. Not
-    # called for the mapping an NPF adds: a not-present entry is never
-    # cached, so making it present needs no flush (as on x86 hardware)
-    on_npt_change: list = field(default_factory=list)
-    fatal: Status = None
-    rmp: object = None              # rmp design: the RMP view its translations are checked against
 
 
 class Vmm:
@@ -225,25 +202,7 @@ class Vmm:
     def _record(self, vm, first_page, npages, hpa, level, notify=True):
         """The VMM's view of a mapping the PSP made; notify: run the
         vm.on_npt_change callbacks."""
-        vm.hpa_of[first_page] = (hpa, npages, level)
-        if level == 2:
-            vm.huge_blocks.add(first_page >> 9)
-        elif npages == 1:
-            vm.mapped.add(first_page)
-            spb = vm.small_per_block
-            b = first_page >> 9
-            spb[b] = spb.get(b, 0) + 1
-        else:
-            last = first_page + npages - 1
-            spb = vm.small_per_block
-            vm.mapped.update(range(first_page, last + 1))
-            p = first_page
-            while p <= last:                 # per 2 MiB block the range touches
-                b = p >> 9
-                n = min(last + 1, (b + 1) << 9) - p
-                spb[b] = spb.get(b, 0) + n
-                p += n
-        vm.pages_mapped += npages if level == 1 else 512
+        vm.record(first_page, npages, hpa, level)
         if notify:
             for cb in vm.on_npt_change:
                 cb()
@@ -370,17 +329,13 @@ class Vmm:
         NPFs the fast path resolved: gpas[i] was mapped to the frame hpas[i]
         by one UPDATE_NPT the PSP answered SUCCESS, in this order."""
         n = len(gpas)
+        if len(hpas) != n:
+            raise ValueError(f"{n} fast NPFs with {len(hpas)} frames")
         vm.npf += n
         psp = self.psp
         psp.commands += n
         psp.by_status[_SUCCESS] = psp.by_status.get(_SUCCESS, 0) + n
-        pages = [g >> 12 for g in gpas]
-        vm.hpa_of.update(zip(pages, zip(hpas, repeat(1), repeat(1))))
-        vm.mapped.update(pages)
-        spb = vm.small_per_block
-        for b, k in Counter(p >> 9 for p in pages).items():
-            spb[b] = spb.get(b, 0) + k
-        vm.pages_mapped += n
+        vm.record_pages(gpas, hpas)
 
     def touch(self, vm, gpa, access=ACC_R):
         """Access one GPA as the guest would: walk, take an NPF on a miss.
