@@ -124,6 +124,8 @@ def bench_guest(p, log):
             "vs_unicorn_nocount": best["unicorn_nocount"] / best["hv"],
             "vs_unicorn_flat": best["unicorn_flat"] / best["hv"]}
         s = out[f"speed_{name}"]
+        if r.npf:        # what each NPF costs hv beyond the baseline's identity fill
+            s["extra_us_per_npf"] = (best["hv"] - best["unicorn"]) * 1e6 / r.npf
         log(f"guest {name}: {r.instructions} insns, hv boot {best['hv'] * 1e3:.1f} ms, plain "
             f"Unicorn (per-access fill, counted) {best['unicorn'] * 1e3:.1f} ms: "
             f"{s['vs_unicorn']:.2f}x; uncounted {s['vs_unicorn_nocount']:.2f}x; "
@@ -131,6 +133,7 @@ def bench_guest(p, log):
     out["guest_speed_vs_unicorn"] = min(out["speed_compute"]["vs_unicorn"],
                                         out["speed_memtouch"]["vs_unicorn"])
     out["unicorn_fill"] = _fill_hook()
+    out["line_hash_ns"] = line_hash_ns()
     out["guest_speed_vs_unicorn_flat"] = out["speed_compute"]["vs_unicorn_flat"]
     # first touch: every page an NPF through the PSP, host allocation and the write included
     for name, fa, huge in (("4k", 1, False), ("fa16", 16, False), ("2m", 1, True)):
@@ -140,6 +143,28 @@ def bench_guest(p, log):
             f"{best['us_per_page']:.2f} us/page")
     out["npf_first_touch_us"] = out["first_touch_4k"]["us_per_page"]
     return out
+
+
+def line_hash_ns(n=4000):
+    """ns per line hash (SHA-256 of "L" and one 64-byte line of entries, the
+    C core's psp_line_hash), timed inside C: psp_lines_hash hashes the 64
+    lines of a page in one call. An UPDATE_NPT of a 4 KiB page in an existing
+    leaf table hashes five (it checks the four lines its walk reads and
+    re-hashes the leaf line it wrote). None without the C core."""
+    import time
+    try:
+        from psp_firmware._psp_core_c import ffi, lib
+    except ImportError:
+        return None
+    page, out = ffi.new("char[4096]"), ffi.new("char[2048]")
+    best = None
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            lib.psp_lines_hash(page, out)
+        dt = (time.perf_counter() - t0) / (64 * n)
+        best = dt if best is None else min(best, dt)
+    return best * 1e9
 
 
 def first_touch(image, mem, reps=1, fault_around=1, huge=False, **vmm_kw):

@@ -362,10 +362,11 @@ def format_report(res):
     if any(s for _, s in sp):
         lines += [""] + _table("guest speed: plain Unicorn time / hv boot time (1.0 = no cost)",
                                ["guest", "insns", "hv boot", "per-access+count", "uncounted",
-                                "flat RWX"],
+                                "flat RWX", "extra per NPF"],
                                [[n, _fmt(s["instructions"]), _fmt(s["hv_s"] * 1e3, "ms"),
                                  _fmt(s["vs_unicorn"], "x"), _fmt(s["vs_unicorn_nocount"], "x"),
-                                 _fmt(s["vs_unicorn_flat"], "x")] for n, s in sp if s])
+                                 _fmt(s["vs_unicorn_flat"], "x"),
+                                 _fmt(s.get("extra_us_per_npf"), "µs")] for n, s in sp if s])
     ps = res.get("psp", {})
     if ps and "error" not in ps:
         lines += [""] + _table("PSP mailbox round trip (empty command) and ring",
