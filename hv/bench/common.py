@@ -1,5 +1,7 @@
 """Shared by the benchmark sections: units, profiles, timing helpers."""
+import gc
 import time
+from contextlib import contextmanager
 
 
 MiB = 1 << 20
@@ -16,6 +18,22 @@ _LEAF = _P | _W | _U | _A | _D
 
 def _fmt_size(n):
     return f"{n // GiB} GiB" if n >= GiB else f"{n // MiB} MiB"
+
+
+@contextmanager
+def gc_off():
+    """Python's cyclic GC off for a timed run (collected just before), as
+    timeit does: a collection walks every object the process holds (an
+    earlier section's tables, the PSP model), and it lands on whichever side
+    of a ratio happens to allocate when it falls due."""
+    gc.collect()
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _best(fn, reps=3):

@@ -23,7 +23,7 @@ Like with like:
 import os
 import sys
 
-from hv.bench.common import MiB, PAGE
+from hv.bench.common import MiB, PAGE, gc_off
 
 
 def bench_kvm(p, log):
@@ -66,7 +66,8 @@ def _boot(image, mem, fault_around=1, huge=False, max_insns=None, **vmm_kw):
     try:
         b = Boot(vmm, image, mem=mem)
         b.vm.fault_around, b.vm.huge = fault_around, huge
-        r = b.run(max_insns=max_insns)
+        with gc_off():
+            r = b.run(max_insns=max_insns)
         b.close()
     finally:
         vmm.close()
@@ -95,7 +96,8 @@ def _speed(image, mem, reps, limit):
         for key, kw in (("unicorn", dict(tlb="per_access", block_count=True, fill=fill)),
                         ("unicorn_nocount", dict(tlb="per_access", fill=fill)),
                         ("unicorn_flat", dict(tlb="flat"))):
-            f = run_flat_unicorn(image, mem, max_insns=budget, count_insns=False, **kw)
+            with gc_off():
+                f = run_flat_unicorn(image, mem, max_insns=budget, count_insns=False, **kw)
             if f.reason not in ("exit", "hlt", "budget"):
                 raise RuntimeError(f"plain Unicorn ({key}) run of {image} ended with {f.reason}: "
                                    f"{f.detail}")

@@ -15,11 +15,10 @@ Python handler over the C helpers, re-hashing the whole table first). No VMM,
 no client, no transport in either. The full check (VERIFY: every table page
 re-hashed from host memory) is timed apart, as check_us.
 """
-import gc
 import random
 import time
 
-from hv.bench.common import HUGE, MiB, PAGE, _best, _fmt_size
+from hv.bench.common import HUGE, MiB, PAGE, _best, _fmt_size, gc_off
 
 
 def _swap_integrity(vmm, vm, mode):
@@ -52,13 +51,10 @@ def _time_round(vmm, vm, mode, bufs, flush_every=None):
     updates and at the end, all inside the timing."""
     from psp_firmware.commands import Cmd
     psp = vmm._psp_obj
-    clock = time.perf_counter
-    gc.collect()
-    gc.disable()         # as timeit does: the cyclic GC walking the PSP model's Python
-    try:                 # objects is a cost of the model, not of the design
-        return _timed(psp, vm, mode, bufs, flush_every, clock, Cmd)
-    finally:
-        gc.enable()
+    # as timeit does: the cyclic GC walking the PSP model's Python objects is
+    # a cost of the model, not of the design
+    with gc_off():
+        return _timed(psp, vm, mode, bufs, flush_every, time.perf_counter, Cmd)
 
 
 def _timed(psp, vm, mode, bufs, flush_every, clock, Cmd):
