@@ -48,7 +48,8 @@ def _time_round(vmm, vm, mode, bufs, flush_every=None):
     """Seconds per update of one round. merkle: the C update, and the
     deferred tree work (the integrity object's flush, which GUEST_STATUS,
     VERIFY and the periodic check start with) after every `flush_every`
-    updates and at the end, all inside the timing."""
+    updates and at the end, all inside the timing; flush_every 0: the C
+    update alone (the tree work is done after the timing)."""
     from psp_firmware.commands import Cmd
     psp = vmm._psp_obj
     # as timeit does: the cyclic GC walking the PSP model's Python objects is
@@ -67,10 +68,12 @@ def _timed(psp, vm, mode, bufs, flush_every, clock, Cmd):
             done = c.psp_mailbox_update(ctx, b)
             if done != 1:
                 raise RuntimeError(f"the C UPDATE_NPT declined a benchmark update ({done})")
-            if i % every == 0:
+            if flush_every != 0 and i % every == 0:
                 integ.digest                            # the deferred tree work
-        integ.digest
+        if flush_every != 0:
+            integ.digest
         dt = clock() - t0
+        integ.digest                 # flush_every 0: the C update alone; the tree work after
     else:
         cmd = int(Cmd.UPDATE_NPT)
         mailbox = psp.mailbox
@@ -114,7 +117,7 @@ def bench_integrity(p, log):
                 else:
                     rounds, per_round = 1, max(3, min(n, int(p["integ_full_budget_s"] * 1e6 /
                                                               max(1, 20 * npt_pages))))
-                per, batched = [], []
+                per, batched, c_only = [], [], []
                 for i in range(rounds):
                     bufs = _update_buffers(vmm, vm, rnd, used, blocks, per_round)
                     t = _time_round(vmm, vm, mode, bufs, flush_every=1)
@@ -125,6 +128,10 @@ def bench_integrity(p, log):
                         t = _time_round(vmm, vm, mode, bufs)
                         if i > 0:
                             batched.append(t)
+                        bufs = _update_buffers(vmm, vm, rnd, used, blocks, per_round)
+                        t = _time_round(vmm, vm, mode, bufs, flush_every=0)
+                        if i > 0:
+                            c_only.append(t)
                 upd = min(per)
                 chk = _best(lambda: vmm.psp.verify(vm.handle), p["integ_checks"])
                 rows[mode].append({"mapped": size, "table_pages": npt_pages,
@@ -132,6 +139,7 @@ def bench_integrity(p, log):
                                    "updates_timed": per_round * len(per)})
                 if batched:
                     rows[mode][-1]["update_batched_us"] = min(batched) * 1e6
+                    rows[mode][-1]["update_c_only_us"] = min(c_only) * 1e6
                 log(f"integrity {mode:>6} {_fmt_size(size):>7} ({npt_pages} table pages): "
                     f"UPDATE_NPT {upd * 1e6:.2f} us, check {chk * 1e3:.2f} ms")
             _swap_integrity(vmm, vm, "merkle")
@@ -144,5 +152,6 @@ def bench_integrity(p, log):
     m = rows["merkle"]
     return {"rows": rows, "merkle_update_growth": growth("merkle"),
             "merkle_update_growth_batched": m[-1]["update_batched_us"] / m[0]["update_batched_us"],
+            "merkle_c_update_growth": m[-1]["update_c_only_us"] / m[0]["update_c_only_us"],
             "full_update_growth": growth("full"),
             "mapped_growth": largest / sizes[0]}
