@@ -116,8 +116,10 @@ def render(r):
                 " granting each access kind's permissions only, as hv's fill is, the same C"
                 " instruction counter; no guest walk, no NPT, no PSP). *uncounted*: that"
                 " baseline without counting instructions (hv boot always counts). *flat RWX*:"
-                " all RAM one read/write/execute mapping, no hooks. *extra per NPF*: (hv boot"
-                " - per-access baseline) / NPFs. The headline `guest_speed_vs_unicorn` is the"
+                " all RAM one read/write/execute mapping, no hooks. *difference per NPF*: (hv"
+                " boot - per-access baseline) / NPFs; for the fault-bound guests that is what"
+                " each NPF costs beyond the baseline's TLB miss, for compute it also carries"
+                " the 2D walk of every TLB fill. The headline `guest_speed_vs_unicorn` is the"
                 " worse of compute and memtouch; firsttouch is nothing but first touches.", ""]
         rows = []
         for n in ("compute", "memtouch", "firsttouch"):
@@ -128,7 +130,7 @@ def render(r):
                              _f(s["vs_unicorn_nocount"], unit="x"), _f(s["vs_unicorn_flat"], unit="x"),
                              _f(s.get("extra_us_per_npf"), unit="µs")])
         out += _table(["guest", "instructions", "NPFs", "hv boot", "plain Unicorn",
-                       "per-access+count", "uncounted", "flat RWX", "extra per NPF"], rows)
+                       "per-access+count", "uncounted", "flat RWX", "difference per NPF"], rows)
         ft = g.get("speed_firsttouch") or {}
         if lh and ft.get("npf"):
             base = ft["unicorn_s"] * 1e6 / ft["npf"]       # the baseline's µs per first touch

@@ -85,13 +85,13 @@ SIDES = {
         "written: no host page allocation or zeroing", ""),
     "merkle_update_growth": (
         "merkle UPDATE_NPT at the largest mapped size / at 16 MiB",
-        "the C update alone (psp_mailbox_update), random GPAs over the mapped range, a fresh "
-        "page in an existing table, and the deferred tree work (the flush GUEST_STATUS/VERIFY "
-        "start with) after every update; merkle_update_growth_batched: the flush once per "
-        "round, shared by updates with common ancestors; merkle_c_update_growth: the C update "
-        "without the flush (the flush is the Python model's, about 19 of the ~21 µs at 16 MiB, "
-        "and its constant dilutes the growth); Python's cyclic GC off in the timing, "
-        "as timeit does", ""),
+        "the C update (psp_mailbox_update; no VMM, client or transport), random GPAs over the "
+        "mapped range, a fresh page in an existing table, and the deferred tree work (the flush "
+        "GUEST_STATUS/VERIFY start with) after every update; merkle_update_growth_batched: the "
+        "flush once per round, shared by updates with common ancestors; "
+        "merkle_c_update_growth: the C update without the flush (the flush runs in the Python "
+        "model and is most of the figure: its constant dilutes the growth, see the integrity "
+        "table); Python's cyclic GC off in the timing, as timeit does", ""),
     "full_update_growth": (
         "full UPDATE_NPT at the largest mapped size / at 16 MiB",
         "the firmware's mailbox entry; every update re-hashes the whole table", ""),
@@ -366,7 +366,7 @@ def format_report(res):
     if any(s for _, s in sp):
         lines += [""] + _table("guest speed: plain Unicorn time / hv boot time (1.0 = no cost)",
                                ["guest", "insns", "hv boot", "per-access+count", "uncounted",
-                                "flat RWX", "extra per NPF"],
+                                "flat RWX", "diff/NPF"],
                                [[n, _fmt(s["instructions"]), _fmt(s["hv_s"] * 1e3, "ms"),
                                  _fmt(s["vs_unicorn"], "x"), _fmt(s["vs_unicorn_nocount"], "x"),
                                  _fmt(s["vs_unicorn_flat"], "x"),
