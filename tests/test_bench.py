@@ -168,3 +168,30 @@ def test_rss_child_reads_its_own_high_water_mark():
     from hv.bench.memory import _child_rss
     rc, rss = _child_rss(["inspect", "--help"])
     assert rc == 0 and 1 < rss < 500
+
+
+def test_benchmarks_page_is_rendered_from_the_run(bench_json):
+    """scripts/bench_report.py writes docs/benchmarks.md from a run's JSON:
+    every target row and the guest-speed figures come out of that JSON."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    try:
+        import bench_report
+    finally:
+        sys.path.pop(0)
+    res = bench_json[0]
+    page = bench_report.render(res)
+    for k, t in res["targets"].items():
+        want = "n/a" if t["met"] is None else ("met" if t["met"] else "**not met**")
+        assert f"| `{k}` | {bench_report._f(t['value'])} | {t['target']} | {want} |" in page
+    g = res["guest"]
+    for name in ("compute", "memtouch", "firsttouch"):
+        s = g[f"speed_{name}"]
+        assert f"| {name} | {bench_report._f(s['instructions'])} | {bench_report._f(s['npf'])} |" \
+            in page
+    # the share of the baseline's first touch the five line hashes take, from its definition
+    ft = g["speed_firsttouch"]
+    if g.get("line_hash_ns") is None:        # no C core: the paragraph is left out
+        assert "line hashes" not in page
+        return
+    share = 5 * g["line_hash_ns"] / 1e3 / (ft["unicorn_s"] * 1e6 / ft["npf"]) * 100
+    assert f"{bench_report._f(share, 0)}% of the baseline" in page
