@@ -97,6 +97,8 @@ static uint32_t perms_for(int access)
     return UC_PROT_READ;
 }
 
+#define FAST_PSP_UPDATE 0      /* vcpu_ctx.fast_kind */
+#define FAST_VMM_WRITES 1
 #define PF_P 1ULL
 #define PF_W 2ULL
 #define PF_ID 16ULL
@@ -117,13 +119,15 @@ static void psp_lock_word(int32_t *w)
 }
 
 /* The common NPF, without leaving C: a not-present fault at a GPA inside the
- * guest's RAM gets the next frame the VMM handed over, mapped RWX at 4 KiB by
- * the PSP's own UPDATE_NPT entry (psp_mailbox_update, with the firmware's
- * lock word held: the same command buffer, checks and commit as through the
- * mailbox). Returns 1 when the PSP committed it (logged for the VMM's
- * bookkeeping, which Python does after emu_start), 0 for anything else:
- * nothing changed, and the NPF goes to Python (which also refuses, reports
- * and stops exactly as before). */
+ * guest's RAM gets the next frame the VMM handed over, mapped RWX at 4 KiB:
+ * under digest by the PSP's own UPDATE_NPT entry (psp_shared_update, with the
+ * firmware's lock word held: the same command buffer, checks and commit as
+ * through the mailbox), under none (fast_kind FAST_VMM_WRITES) by the VMM's
+ * own write of the leaf into an existing leaf table (npt_install, as
+ * hv/vmm/tables.py VmmWrites does). Returns 1 when it was mapped (logged for
+ * the VMM's bookkeeping, which Python does after emu_start), 0 for anything
+ * else: nothing changed, and the NPF goes to Python (which also refuses,
+ * reports and stops exactly as before). */
 static int fast_npf(vcpu_ctx *c, uint64_t gpa, uint64_t err, int access)
 {
     uint8_t buf[32];
@@ -134,17 +138,31 @@ static int fast_npf(vcpu_ctx *c, uint64_t gpa, uint64_t err, int access)
             c->log_n >= c->log_cap)
         return 0;
     hpa = c->frames[c->next_frame];
-    memcpy(buf, &c->fast_handle, 4);
-    memcpy(buf + 4, &level, 4);
-    memcpy(buf + 8, &page, 8);
-    memcpy(buf + 16, &hpa, 8);
-    memcpy(buf + 24, &attrs, 4);
-    memcpy(buf + 28, &one, 4);
-    psp_lock_word(c->psp_busy);
-    done = ((psp_update_t)c->psp_update)(c->psp_ctx, buf);
-    __atomic_store_n(c->psp_busy, 0, __ATOMIC_RELEASE);
-    if (done != 1)
-        return 0;                   /* declined or not its guest: nothing changed */
+    if (c->fast_kind == FAST_VMM_WRITES) {
+        /* the none design: the VMM writes its own table, as VmmWrites._write
+         * does, into an existing leaf table only (a new table: Python) */
+        uint64_t root;
+        int used = 0;
+        if (c->vmsa + 8 > c->mem_size)
+            return 0;
+        memcpy(&root, c->mem + c->vmsa, 8);
+        root &= NPT_ADDR_MASK;
+        if (npt_install(c->mem, c->mem_size, root, page, hpa, 1, c->fast_leaf_flags, NULL, 0,
+                        &used) != 0)
+            return 0;               /* mapped, a table missing, a bad argument: Python */
+    } else {
+        memcpy(buf, &c->fast_handle, 4);
+        memcpy(buf + 4, &level, 4);
+        memcpy(buf + 8, &page, 8);
+        memcpy(buf + 16, &hpa, 8);
+        memcpy(buf + 24, &attrs, 4);
+        memcpy(buf + 28, &one, 4);
+        psp_lock_word(c->psp_busy);
+        done = ((psp_update_t)c->psp_update)(c->psp_ctx, buf);
+        __atomic_store_n(c->psp_busy, 0, __ATOMIC_RELEASE);
+        if (done != 1)
+            return 0;               /* declined or not its guest: nothing changed */
+    }
     c->next_frame++;
     l = c->log + 4ULL * c->log_n++;   /* its frame is frames[i] for the i-th entry */
     l[0] = gpa;

@@ -58,6 +58,9 @@ typedef struct vcpu_ctx {
      * nothing recorded or logged, the in-process PSP with its C core). An
      * NPF it does not take goes to Python as before. */
     int32_t fast_on;
+    int32_t fast_kind;       /* 0: the PSP's UPDATE_NPT (digest); 1: the VMM writes the
+                                leaf itself (the none design: npt_install, no PSP) */
+    uint64_t fast_leaf_flags;   /* kind 1: the leaf's flags (hv/vmm/tables.py leaf_flags) */
     uint32_t fast_handle;    /* the guest's PSP handle */
     uint64_t fast_ram;       /* guest RAM size: a GPA at or beyond it goes to Python */
     void *psp_update;        /* psp_mailbox_update (psp_firmware._psp_core_c) */

@@ -452,12 +452,12 @@ def test_firsttouch_touches_every_page_once(guests, hook):
 # ---------------------------------------------------------------------------
 # the C NPF fast path (csrc/vcpu.c fast_npf) against the Python NPF path
 
-def _boot_full(path, mem, fast, monkeypatch, racer=False):
+def _boot_full(path, mem, fast, monkeypatch, racer=False, protect="digest"):
     """Boot with the NPF fast path on or off; everything the VMM, the PSP and
     the report say about the run."""
     import threading
     monkeypatch.setenv("HV_NPF_FAST", "1" if fast else "0")
-    vmm = Vmm(host_mem=128 * MiB)
+    vmm = Vmm(host_mem=128 * MiB, protect=protect)
     stop = threading.Event()
     try:
         b = Boot(vmm, path, mem=mem, hook="c")
@@ -478,7 +478,8 @@ def _boot_full(path, mem, fast, monkeypatch, racer=False):
         out = {"exit": (r.exit_reason, r.exit_code), "serial": r.serial, "npf": r.npf,
                "npf_log": list(b.vcpu.npf_log), "pages_mapped": r.pages_mapped,
                "mapped": sorted(b.vm.mapped), "hpa_of": dict(b.vm.hpa_of),
-               "digest": st.fields["digest"], "psp_pages": st.fields.get("mapped_pages"),
+               "digest": st.fields.get("digest"), "psp_pages": st.fields.get("mapped_pages"),
+               "table": _table_bytes(vmm, b.vm),
                "python_npfs": b.vcpu._ctx.npf_calls, "frames_left": vmm.alloc.free_pages()}
         b.close()
         return out, vmm.psp.commands
@@ -486,13 +487,33 @@ def _boot_full(path, mem, fast, monkeypatch, racer=False):
         vmm.close()
 
 
+def _table_bytes(vmm, vm):
+    """Every page of the guest's NPT, as the walker sees it in host memory."""
+    from nptcore.bits import ADDR_MASK, P, PS
+    out, todo = {}, [(vmm.npt_root(vm), 4)]
+    while todo:
+        t, lvl = todo.pop()
+        page = vmm.mem.read(t, 4096)
+        out[t] = page
+        if lvl > 1:
+            for i in range(512):
+                e = int.from_bytes(page[8 * i:8 * i + 8], "little")
+                if e & P and not e & PS:
+                    todo.append((e & ADDR_MASK, lvl - 1))
+    return out
+
+
+@pytest.mark.parametrize("protect", ["digest", "none"])
 @pytest.mark.parametrize("name", sorted(GUESTS))
-def test_npf_fast_path_gives_the_python_paths_answers(guests, name, monkeypatch):
+def test_npf_fast_path_gives_the_python_paths_answers(guests, name, protect, monkeypatch):
+    """digest: the C path's UPDATE_NPT through the PSP's entry; none: the C
+    path's own write of the leaf. Either way the same NPFs, frames, books,
+    table bytes (and digest) as the Python NPF path."""
     if "c" not in available_hooks():
         pytest.skip("the C vCPU hook is not built")
     mem = GUESTS[name][0]
-    fast, fast_cmds = _boot_full(guests[name], mem, True, monkeypatch)
-    slow, slow_cmds = _boot_full(guests[name], mem, False, monkeypatch)
+    fast, fast_cmds = _boot_full(guests[name], mem, True, monkeypatch, protect=protect)
+    slow, slow_cmds = _boot_full(guests[name], mem, False, monkeypatch, protect=protect)
     took = fast.pop("python_npfs"), slow.pop("python_npfs")
     # same NPFs in the same order, same frames, same table, same digest
     assert fast == slow

@@ -132,12 +132,14 @@ def _shared(shared_mem):
         pytest.skip("the PSP's C core is not built")
     vmm = Vmm(host_mem=64 << 20, shared_mem=shared_mem)
     vm = vmm.create_vm(ram_size=16 << 20)
-    entry = vmm.npf_fast_entry(vm)
+    entry = vmm.npf_fast_entry(vm)            # ("psp", function, context, lock word)
     if entry is None:
         vmm.close()
         pytest.skip("no shared firmware entry here")
+    assert entry[0] == "psp"
     vmm.handle_npf(vm, 0, ACC_W)              # the tables, through the Python path
-    ctx = ffi.cast("struct psp_ctx *", entry[1])
+    ctx = ffi.cast("struct psp_ctx *", entry[2])
+    assert ffi.addressof(ctx, "busy") == ffi.cast("int32_t *", entry[3])
 
     def update(gpa, hpa):
         buf = struct.pack("<IIQQII", vm.handle, 1, gpa, hpa, 3, 1)

@@ -1,10 +1,12 @@
 """The Unicorn vCPU's NPF fast path, Python's half: the C fill hook
 (csrc/vcpu.c fast_npf) resolves the common NPF itself, without a call into
 Python, where the VMM's policy says it is that case (Vmm.npf_fast_entry):
-fault-around 1, 4 KiB pages, the in-process PSP with its C core, nothing
-recorded or logged. It maps each fault with the next frame the VMM's
-allocator would have given, through the PSP's own UPDATE_NPT entry with the
-firmware's lock held; every other NPF goes to Python as before. After each
+fault-around 1, 4 KiB pages, the PSP in the VMM's process (under digest with
+its C core), nothing recorded or logged. It maps each fault with the next
+frame the VMM's allocator would have given: under digest through the PSP's
+own UPDATE_NPT entry with the firmware's lock held, under none by writing
+the leaf itself into an existing leaf table (npt_install, as VmmWrites
+does); every other NPF goes to Python as before. After each
 emu_start (and before any NPF Python handles) the VMM's books are brought
 up to date in order (Vmm.npfs_resolved), so what the VMM, the PSP and the
 reports see is what the Python path would have made of the same NPFs; the
@@ -50,10 +52,14 @@ class FastNpf:
             self._fast_log = _ffi.new("uint64_t[]", WORDS * len(self._fast_arr))
         self._fast_arr[0:len(frames)] = frames
         self._fast_frames = frames
-        fn, pctx, busy = entry
-        ctx.psp_update = _ffi.cast("void *", fn)
-        ctx.psp_ctx = _ffi.cast("void *", pctx)
-        ctx.psp_busy = _ffi.cast("int32_t *", busy)
+        if entry[0] == "vmm":            # none: the vCPU writes the leaf (npt_install)
+            ctx.fast_kind, ctx.fast_leaf_flags = 1, entry[1]
+        else:                            # digest: the PSP's UPDATE_NPT entry
+            _, fn, pctx, busy = entry
+            ctx.fast_kind = 0
+            ctx.psp_update = _ffi.cast("void *", fn)
+            ctx.psp_ctx = _ffi.cast("void *", pctx)
+            ctx.psp_busy = _ffi.cast("int32_t *", busy)
         ctx.fast_handle = self.vm.handle
         ctx.fast_ram = self.vm.ram_size
         ctx.frames = self._fast_arr

@@ -20,7 +20,7 @@ from hv.errors import BadInput, VmStopped
 from hv.vmm.hostmem import PAGE, HostMemory
 from hv.psp_link.inprocess import InProcessTransport
 from hv.psp_link.client import PspClient
-from hv.vmm.tables import make_tables, rmp_fault
+from hv.vmm.tables import leaf_flags, make_tables, rmp_fault
 from hv.vmm.vm import Vm
 
 log = logging.getLogger("hv.npf")
@@ -96,9 +96,10 @@ class Vmm:
         self.vms = []
         self._fast_entry = None       # the PSP's entry for the vCPU's NPF fast path (lazy)
         # HV_NPF_FAST=0: every NPF through handle_npf (A/B runs; the same results);
-        # the C path asks UPDATE_NPT: the digest design's (isolated needs the
-        # PSP process, where the C path does not reach)
-        self.npf_fast = protect == "digest" and os.environ.get("HV_NPF_FAST", "1") != "0"
+        # the C path asks UPDATE_NPT (digest; isolated needs the PSP process,
+        # where the C path does not reach) or writes the leaf itself (none)
+        self.npf_fast = (protect in ("digest", "none")
+                         and os.environ.get("HV_NPF_FAST", "1") != "0")
         self.tables = make_tables(self)
         if protect == "digest":
             self._donate_pool(POOL_CHUNK)
@@ -304,37 +305,49 @@ class Vmm:
     # -- the NPF fast path's share of the policy ---------------------------
     def npf_fast_entry(self, vm):
         """Where the C vCPU may resolve vm's NPFs itself (csrc/vcpu.c
-        fast_npf), the PSP entry it calls: (address, context), else None.
+        fast_npf), what it does there: ("psp", address of the PSP's
+        UPDATE_NPT entry, its context, its lock word) under digest, ("vmm",
+        leaf flags) under none (it writes the leaf itself, as VmmWrites
+        does), else None.
 
         That is the case handle_npf's 4 KiB branch handles: fault-around 1,
         no 2 MiB pages, a guest with RAM of known size that is not stopped,
-        the in-process PSP with its C core, no NPF logging, and this class's
-        own handle_npf (a VMM that replaced it, as the attack lab does, gets
-        its own for every NPF). Everything else, and every NPF the fast path
-        does not take (a refusal, a new table, a protection fault), goes
-        through handle_npf."""
+        the PSP in the VMM's process (under digest with its C core; under
+        none too, so that with the PSP process every design takes the same
+        Python NPF path, as hv compare measures them), no NPF logging, and
+        this class's own handle_npf (a VMM that replaced it, as the attack
+        lab does, gets its own for every NPF). Everything else, and every
+        NPF the fast path does not take (a refusal, a new table, a
+        protection fault), goes through handle_npf."""
         if vm.fault_around != 1 or vm.huge or vm.ram_size is None or vm.fatal is not None:
             return None
         if not self.npf_fast or "handle_npf" in self.__dict__ or log.isEnabledFor(_INFO):
             return None
+        if not isinstance(self.transport, InProcessTransport):
+            return None
+        if self.tables.writer == "vmm":
+            return ("vmm", leaf_flags(ATTR_RWX, 1))
         share = getattr(self.transport, "share_update_entry", None)
         if share is None:
             return None
         if self._fast_entry is None:
-            self._fast_entry = share() or False
+            e = share()
+            self._fast_entry = ("psp",) + tuple(e) if e else False
         return self._fast_entry or None
 
     def npfs_resolved(self, vm, gpas, hpas):
         """The bookkeeping handle_npf does (_record of one 4 KiB page), for
         NPFs the fast path resolved: gpas[i] was mapped to the frame hpas[i]
-        by one UPDATE_NPT the PSP answered SUCCESS, in this order."""
+        (digest: by one UPDATE_NPT the PSP answered SUCCESS; none: by the
+        vCPU's own write of the leaf), in this order."""
         n = len(gpas)
         if len(hpas) != n:
             raise ValueError(f"{n} fast NPFs with {len(hpas)} frames")
         vm.npf += n
-        psp = self.psp
-        psp.commands += n
-        psp.by_status[_SUCCESS] = psp.by_status.get(_SUCCESS, 0) + n
+        if self.tables.writer == "psp":      # one UPDATE_NPT each (none: no command)
+            psp = self.psp
+            psp.commands += n
+            psp.by_status[_SUCCESS] = psp.by_status.get(_SUCCESS, 0) + n
         vm.record_pages(gpas, hpas)
 
     def touch(self, vm, gpa, access=ACC_R):
