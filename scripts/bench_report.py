@@ -116,10 +116,14 @@ def render(r):
                 " granting each access kind's permissions only, as hv's fill is, the same C"
                 " instruction counter; no guest walk, no NPT, no PSP). *uncounted*: that"
                 " baseline without counting instructions (hv boot always counts). *flat RWX*:"
-                " all RAM one read/write/execute mapping, no hooks. *difference per NPF*: (hv"
-                " boot - per-access baseline) / NPFs; for the fault-bound guests that is what"
-                " each NPF costs beyond the baseline's TLB miss, for compute it also carries"
-                " the 2D walk of every TLB fill. The headline `guest_speed_vs_unicorn` is the"
+                " all RAM one read/write/execute mapping, no hooks. *difference per NPF* (the"
+                " fault-bound guests only; compute's few NPFs are lost in its noise): (hv"
+                " boot - per-access baseline) / NPFs, what each NPF costs beyond the"
+                " baseline's TLB miss. *--protect none*: the same guest under"
+                " `hv boot --protect none` (the same VMM, vCPU and C NPF path, but no PSP:"
+                " the VMM writes the leaf itself) against the same baseline: what the NPT"
+                " alone costs. *of which the PSP*: (hv boot - hv boot --protect none) / NPFs,"
+                " what the PSP's UPDATE_NPT costs an NPF. The headline `guest_speed_vs_unicorn` is the"
                 " worse of compute and memtouch; firsttouch is nothing but first touches.", ""]
         rows = []
         for n in ("compute", "memtouch", "firsttouch"):
@@ -127,10 +131,13 @@ def render(r):
             if s:
                 rows.append([n, _f(s["instructions"]), _f(s["npf"]), _f(s["hv_s"] * 1e3, unit="ms"),
                              _f(s["unicorn_s"] * 1e3, unit="ms"), _f(s["vs_unicorn"], unit="x"),
+                             _f(s.get("none_vs_unicorn"), unit="x"),
                              _f(s["vs_unicorn_nocount"], unit="x"), _f(s["vs_unicorn_flat"], unit="x"),
-                             _f(s.get("extra_us_per_npf"), unit="µs")])
+                             _f(s.get("extra_us_per_npf"), unit="µs"),
+                             _f(s.get("psp_us_per_npf"), unit="µs")])
         out += _table(["guest", "instructions", "NPFs", "hv boot", "plain Unicorn",
-                       "per-access+count", "uncounted", "flat RWX", "difference per NPF"], rows)
+                       "per-access+count", "--protect none", "uncounted", "flat RWX",
+                       "difference per NPF", "of which the PSP"], rows)
         ft = g.get("speed_firsttouch") or {}
         if lh and ft.get("npf"):
             base = ft["unicorn_s"] * 1e6 / ft["npf"]       # the baseline's µs per first touch
@@ -140,7 +147,14 @@ def render(r):
                     f" UPDATE_NPT (five SHA-256 line hashes at {_f(lh, 0, 'ns')} each: the four"
                     " lines its walk reads are checked against their stored hashes, the leaf"
                     " line it wrote is re-hashed; the frame-state checks; the entry), and the"
-                    " walk again. The line hashes are the digest design's check before every"
+                    " walk again."
+                    + (f" Of the {_f(ft['extra_us_per_npf'], unit='µs')} a first touch costs"
+                       f" beyond the baseline here, the PSP's UPDATE_NPT is"
+                       f" {_f(ft['psp_us_per_npf'], unit='µs')} (hv boot against hv boot"
+                       " --protect none, which takes the same NPF path in C but writes the"
+                       " leaf itself); the rest is the NPT: the 2D walks and the NPF exit."
+                       if ft.get("psp_us_per_npf") is not None else "")
+                    + " The line hashes are the digest design's check before every"
                     " update, which no cache can skip without letting a tampered line go"
                     f" unnoticed for longer. They alone are {_f(5 * lh / 1e3, unit='µs')}"
                     f" per page, {_f(5 * lh / 1e3 / base * 100, 0)}% of the baseline's whole"

@@ -62,6 +62,14 @@ def test_ratios_are_their_two_sides(bench_json):
         min(g["speed_compute"]["vs_unicorn"], g["speed_memtouch"]["vs_unicorn"]))
     assert res["guest_speed_vs_unicorn_firsttouch"] == pytest.approx(
         g["speed_firsttouch"]["vs_unicorn"])
+    assert res["guest_speed_vs_unicorn_none"] == pytest.approx(
+        min(g["speed_compute"]["unicorn_s"] / g["speed_compute"]["hv_none_s"],
+            g["speed_memtouch"]["unicorn_s"] / g["speed_memtouch"]["hv_none_s"]))
+    for name in ("memtouch", "firsttouch"):       # per NPF, the fault-bound guests
+        s = g[f"speed_{name}"]
+        assert s["extra_us_per_npf"] == pytest.approx((s["hv_s"] - s["unicorn_s"]) * 1e6 / s["npf"])
+        assert s["psp_us_per_npf"] == pytest.approx((s["hv_s"] - s["hv_none_s"]) * 1e6 / s["npf"])
+    assert "psp_us_per_npf" not in g["speed_compute"]
     # the baseline's fill is in C where hv boot's is
     from hv.machine.unicorn_hooks import available_hooks
     assert g["unicorn_fill"] == available_hooks()[0]

@@ -84,13 +84,21 @@ def _fill_hook():
 
 
 def _speed(image, mem, reps, limit):
-    """Best-of-`reps` seconds of hv boot and of the three plain-Unicorn runs."""
+    """Best-of-`reps` seconds of hv boot, of hv boot --protect none (the same
+    VMM and vCPU, the NPF path in C too, but no PSP: the VMM writes the leaf
+    itself) and of the three plain-Unicorn runs."""
     from guests.flat_runner import run_flat_unicorn
     best = {}
     r = None
     for _ in range(reps):
         r = _boot(image, mem, max_insns=limit)
         runs = {"hv": r.elapsed_s}
+        rn = _boot(image, mem, max_insns=limit, protect="none")
+        if rn.npf != r.npf or rn.instructions != r.instructions:
+            raise RuntimeError(f"hv boot --protect none of {image} took {rn.npf} NPFs over "
+                               f"{rn.instructions} instructions, digest {r.npf} over "
+                               f"{r.instructions}: not the same run")
+        runs["hv_none"] = rn.elapsed_s
         budget = r.instructions if limit else 0
         fill = _fill_hook()
         for key, kw in (("unicorn", dict(tlb="per_access", block_count=True, fill=fill)),
@@ -119,21 +127,26 @@ def bench_guest(p, log):
         r, best = _speed(str(image), mem, reps, limit)
         out[f"speed_{name}"] = {
             "instructions": r.instructions, "npf": r.npf,
-            "hv_s": best["hv"], "unicorn_s": best["unicorn"],
+            "hv_s": best["hv"], "hv_none_s": best["hv_none"], "unicorn_s": best["unicorn"],
             "unicorn_nocount_s": best["unicorn_nocount"], "unicorn_flat_s": best["unicorn_flat"],
             "hv_insns_per_s": r.instructions / best["hv"],
             "vs_unicorn": best["unicorn"] / best["hv"],
+            "none_vs_unicorn": best["unicorn"] / best["hv_none"],
             "vs_unicorn_nocount": best["unicorn_nocount"] / best["hv"],
             "vs_unicorn_flat": best["unicorn_flat"] / best["hv"]}
         s = out[f"speed_{name}"]
-        if r.npf:        # what each NPF costs hv beyond the baseline's identity fill
+        if name != "compute":   # fault-bound: what each NPF costs hv beyond the baseline,
             s["extra_us_per_npf"] = (best["hv"] - best["unicorn"]) * 1e6 / r.npf
+            # and of that, what the PSP's UPDATE_NPT costs (digest - none)
+            s["psp_us_per_npf"] = (best["hv"] - best["hv_none"]) * 1e6 / r.npf
         log(f"guest {name}: {r.instructions} insns, hv boot {best['hv'] * 1e3:.1f} ms, plain "
             f"Unicorn (per-access fill, counted) {best['unicorn'] * 1e3:.1f} ms: "
-            f"{s['vs_unicorn']:.2f}x; uncounted {s['vs_unicorn_nocount']:.2f}x; "
-            f"flat RWX {s['vs_unicorn_flat']:.2f}x")
+            f"{s['vs_unicorn']:.2f}x; --protect none {s['none_vs_unicorn']:.2f}x; uncounted "
+            f"{s['vs_unicorn_nocount']:.2f}x; flat RWX {s['vs_unicorn_flat']:.2f}x")
     out["guest_speed_vs_unicorn"] = min(out["speed_compute"]["vs_unicorn"],
                                         out["speed_memtouch"]["vs_unicorn"])
+    out["guest_speed_vs_unicorn_none"] = min(out["speed_compute"]["none_vs_unicorn"],
+                                             out["speed_memtouch"]["none_vs_unicorn"])
     out["unicorn_fill"] = _fill_hook()
     out["line_hash_ns"] = line_hash_ns()
     out["guest_speed_vs_unicorn_flat"] = out["speed_compute"]["vs_unicorn_flat"]

@@ -67,6 +67,11 @@ SIDES = {
         "Unicorn: same image, same RAM size, UC_TLB_VIRTUAL, identity fill granting the same "
         "per-access permissions (C hook, as hv's), the same C block hook; no guest walk, no "
         "NPT, no PSP; the host kernel allocates the same pages at the guest's writes"),
+    "guest_speed_vs_unicorn_none": (
+        "plain Unicorn / hv boot --protect none, the worse of compute and memtouch",
+        "hv --protect none: the same VMM and vCPU, the same C NPF path, but no PSP: the VMM "
+        "writes the leaf itself (what is left is the NPT: the 2D walk and the NPF exit)",
+        "Unicorn: as above"),
     "guest_speed_vs_unicorn_flat": (
         "flat Unicorn / hv boot on compute",
         "hv: as above",
@@ -148,6 +153,7 @@ def _headline(res):
         "guest_speed_vs_unicorn_firsttouch": (g.get("speed_firsttouch") or {}).get("vs_unicorn"),
         "guest_speed_vs_unicorn_nocount": (g.get("speed_compute") or {}).get("vs_unicorn_nocount"),
         "guest_speed_vs_unicorn_flat": g.get("guest_speed_vs_unicorn_flat"),
+        "guest_speed_vs_unicorn_none": g.get("guest_speed_vs_unicorn_none"),
         "sha256_mb_s": _get(res, "sha256", "sha256_mb_s"),
         "replay_rss_growth_16g_vs_1g": _get(res, "memory", "replay_rss_growth_16g_vs_1g"),
         "boot_rss_growth_16g_vs_1g": _get(res, "memory", "boot_rss_growth_16g_vs_1g"),
@@ -365,12 +371,14 @@ def format_report(res):
     sp = [(n, g.get(f"speed_{n}")) for n in ("compute", "memtouch", "firsttouch")]
     if any(s for _, s in sp):
         lines += [""] + _table("guest speed: plain Unicorn time / hv boot time (1.0 = no cost)",
-                               ["guest", "insns", "hv boot", "per-access+count", "uncounted",
-                                "flat RWX", "diff/NPF"],
+                               ["guest", "insns", "hv boot", "per-access+count", "none",
+                                "uncounted", "flat RWX", "diff/NPF", "PSP/NPF"],
                                [[n, _fmt(s["instructions"]), _fmt(s["hv_s"] * 1e3, "ms"),
-                                 _fmt(s["vs_unicorn"], "x"), _fmt(s["vs_unicorn_nocount"], "x"),
+                                 _fmt(s["vs_unicorn"], "x"), _fmt(s.get("none_vs_unicorn"), "x"),
+                                 _fmt(s["vs_unicorn_nocount"], "x"),
                                  _fmt(s["vs_unicorn_flat"], "x"),
-                                 _fmt(s.get("extra_us_per_npf"), "µs")] for n, s in sp if s])
+                                 _fmt(s.get("extra_us_per_npf"), "µs"),
+                                 _fmt(s.get("psp_us_per_npf"), "µs")] for n, s in sp if s])
     ps = res.get("psp", {})
     if ps and "error" not in ps:
         lines += [""] + _table("PSP mailbox round trip (empty command) and ring",
