@@ -144,6 +144,45 @@ def test_allocator_matches_reference(ops):
 
 
 @HYP
+@given(st.lists(st.tuples(st.integers(0, 40), st.integers(0, 2 ** 32 - 1)), max_size=12),
+       st.sampled_from(["list", "tuple"]))
+def test_alloc_each_and_free_each_are_frame_by_frame(rounds, how):
+    """alloc_each(k) gives what k alloc(1) give; free_each(frames) leaves
+    the allocator as freeing each frame alone does, for frames in a run, in
+    any order, or a mix (double frees refused the same way)."""
+    import random
+    a, ref = FrameAllocator(BASE, LIMIT), FrameAllocator(BASE, LIMIT)
+    held = []
+    for k, seed in rounds:
+        got = a.alloc_each(k)
+        want = []
+        for _ in range(k):
+            try:
+                want.append(ref.alloc(1))
+            except OutOfMemory:
+                break
+        assert got == want
+        held += got
+        rnd = random.Random(seed)
+        give = held[:rnd.randrange(len(held) + 1)]
+        if seed % 3 == 1:
+            rnd.shuffle(give)
+        elif seed % 3 == 2 and give:
+            give.append(give[0])                  # a double free
+        held = held[len(give) if seed % 3 != 2 else len(give) - 1:]
+        r1 = _outcome(a.free_each, tuple(give) if how == "tuple" else give)
+        r2 = ("ok", None)
+        for h in give:
+            r2 = _outcome(ref.free, h, 1)
+            if r2[0] != "ok":
+                break
+        assert r1[0] == r2[0]
+        if r1[0] != "ok":
+            return                                  # both refused the same frame
+        assert _extents(a) == _extents(ref) and a.allocated == ref.allocated
+
+
+@HYP
 @given(st.lists(st.tuples(st.integers(1, 9), st.sampled_from([PAGE, 8 * PAGE])), max_size=40))
 def test_allocator_first_fit_is_lowest_free_run(reqs):
     """Against a page-set model: alloc(n, align) returns the lowest aligned

@@ -50,7 +50,8 @@ class FastNpf:
         if getattr(self, "_fast_arr", None) is None or len(self._fast_arr) < len(frames):
             self._fast_arr = _ffi.new("uint64_t[]", max(len(frames), self._fast_batch))
             self._fast_log = _ffi.new("uint64_t[]", WORDS * len(self._fast_arr))
-        self._fast_arr[0:len(frames)] = frames
+        _ffi.memmove(self._fast_arr, array("Q", frames), 8 * len(frames))   # (a slice
+        # assignment from the list costs ~25 ns a frame; this ~5)
         self._fast_frames = frames
         if entry[0] == "vmm":            # none: the vCPU writes the leaf (npt_install)
             ctx.fast_kind, ctx.fast_leaf_flags = 1, entry[1]

@@ -108,7 +108,12 @@ class FrameAllocator:
 
     def free_each(self, hpas):
         """Give back frames taken one by one (alloc_each): runs merged."""
-        i, n = 0, len(hpas)
+        n = len(hpas)
+        if n > 1 and hpas[-1] - hpas[0] == (n - 1) * PAGE and \
+                list(hpas) == list(range(hpas[0], hpas[0] + n * PAGE, PAGE)):
+            self.free(hpas[0], n)      # one run (what alloc_each mostly hands out)
+            return
+        i = 0
         while i < n:
             j = i + 1
             while j < n and hpas[j] == hpas[j - 1] + PAGE:
