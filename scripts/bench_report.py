@@ -79,7 +79,8 @@ def render(r):
         out += ["", "**Sections that failed:** " + "; ".join(r["errors"])]
     out += ["", "## Targets", ""]
     out += _table(["figure", "value", "target", "met"],
-                  [[f"`{k}`", _f(t["value"]), t["target"],
+                  [[f"`{k}`", _f(t["value"], 3 if t["value"] is not None and t["value"] < 100 else 2),
+                    t["target"],
                     "n/a" if t["met"] is None else ("met" if t["met"] else "**not met**")]
                    for k, t in r.get("targets", {}).items()], ["---", "---:", "---", "---"])
     from hv.bench.report import SIDES
