@@ -325,7 +325,7 @@ class Vmm:
             return None
         if not isinstance(self.transport, InProcessTransport):
             return None
-        if self.tables.writer == "vmm":
+        if self.protect == "none":       # (rmp writes too, but only after RMP_ASSIGN)
             return ("vmm", leaf_flags(ATTR_RWX, 1))
         share = getattr(self.transport, "share_update_entry", None)
         if share is None:
