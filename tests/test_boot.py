@@ -489,18 +489,7 @@ def _boot_full(path, mem, fast, monkeypatch, racer=False, protect="digest"):
 
 def _table_bytes(vmm, vm):
     """Every page of the guest's NPT, as the walker sees it in host memory."""
-    from nptcore.bits import ADDR_MASK, P, PS
-    out, todo = {}, [(vmm.npt_root(vm), 4)]
-    while todo:
-        t, lvl = todo.pop()
-        page = vmm.mem.read(t, 4096)
-        out[t] = page
-        if lvl > 1:
-            for i in range(512):
-                e = int.from_bytes(page[8 * i:8 * i + 8], "little")
-                if e & P and not e & PS:
-                    todo.append((e & ADDR_MASK, lvl - 1))
-    return out
+    return {t: vmm.mem.read(t, 4096) for t, _ in vmm.engine.table_pages(vmm.npt_root(vm))}
 
 
 @pytest.mark.parametrize("protect", ["digest", "none"])
